@@ -1,0 +1,98 @@
+// ttrpc server on an EventLoop. Methods answer through a one-shot Responder that may be called
+// later, from the loop thread, so a long call (a task Wait) never blocks other calls on the
+// same or other connections: concurrency without threads.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/base/result.h"
+#include "common/loop/event_loop.h"
+#include "common/ttrpc/connection.h"
+
+namespace peapod::ttrpc {
+
+using Metadata = std::map<std::string, std::vector<std::string>>;
+
+struct CallContext {
+  uint32_t stream_id = 0;
+  std::string service;
+  std::string method;
+  Metadata metadata;
+  // Set when the client sent timeout_nano; the server answers DEADLINE_EXCEEDED itself if the
+  // method has not answered by then.
+  std::optional<EventLoop::Clock::time_point> deadline;
+
+  // The first value of a metadata key, or empty.
+  std::string Get(const std::string& key) const;
+};
+
+// Answers one call. Copyable; only the first invocation counts and later ones are ignored, as
+// is any answer after the client's connection has gone. Loop thread only.
+class Responder {
+ public:
+  void operator()(Result<std::string> payload) const;
+  void operator()(std::string payload) const { (*this)(Result<std::string>(std::move(payload))); }
+  void operator()(Error error) const { (*this)(Result<std::string>(std::move(error))); }
+  bool answered() const;
+
+ private:
+  friend class Server;
+  struct State;
+  explicit Responder(std::shared_ptr<State> s) : state_(std::move(s)) {}
+  std::shared_ptr<State> state_;
+};
+
+using Method = std::function<void(const CallContext&, std::string payload, Responder)>;
+
+class Server {
+ public:
+  explicit Server(EventLoop* loop) : loop_(loop) {}
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  void Register(const std::string& service, const std::string& method, Method m);
+
+  // Accepts connections on a listening socket (owned by the server from now on).
+  Result<void> ServeListener(UniqueFd listen_fd);
+  // Listens on a unix socket path and serves it.
+  Result<void> Listen(const std::string& path);
+  // Serves one already connected stream (socketpair end, virtio-serial port).
+  Result<void> ServeConnection(UniqueFd fd);
+
+  // Stops accepting, lets in-flight calls finish (new requests get UNAVAILABLE), closes each
+  // connection once it has no call in flight, then runs done. Idempotent.
+  void Shutdown(std::function<void()> done = nullptr);
+
+  size_t connection_count() const { return conns_.size(); }
+  size_t in_flight() const;
+
+ private:
+  friend class Responder;
+  struct Conn;
+  void Accept();
+  void OnFrame(const std::shared_ptr<Conn>& conn, Frame&& frame);
+  void Dispatch(const std::shared_ptr<Conn>& conn, uint32_t stream_id, std::string&& payload);
+  void SendStatus(const std::shared_ptr<Conn>& conn, uint32_t stream_id, const Error& err);
+  void Finish(const std::shared_ptr<Conn>& conn, uint32_t stream_id);
+  void MaybeFinishShutdown();
+
+  EventLoop* loop_;
+  std::unordered_map<std::string, Method> methods_;  // key: "/service/method"
+  UniqueFd listen_fd_;
+  EventLoop::WatchId listen_watch_ = 0;
+  std::set<std::shared_ptr<Conn>> conns_;
+  bool shutting_down_ = false;
+  std::function<void()> shutdown_done_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+}  // namespace peapod::ttrpc

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything peapod needs on a Debian 12 machine. Idempotent: a second run
+# installs nothing and returns in a second or two. Run as root (CI and the dev machines are).
+#
+#   scripts/install-deps.sh            # Debian packages + the Go tools the tests need
+#   scripts/install-deps.sh --apt-only # Debian packages only
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+
+# Grouped by what needs them; every name is a Debian 12 package.
+pkgs=(
+  # toolchain
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  clang clang-format libclang-rt-14-dev libfuzzer-14-dev
+  # wire protocols
+  libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
+  # libraries the programs link
+  libnl-3-dev libnl-route-3-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libcap-ng-dev
+  libvirt-dev
+  # tests
+  libgtest-dev libgmock-dev googletest
+  # VM and guest tooling (issues 5 and 6 use them; cheap to have from day one)
+  qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu erofs-utils crun
+  cpio zstd busybox-static iproute2 kmod
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  # dpkg-query answers "install ok installed" only for fully installed packages.
+  if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]]; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${#missing[@]} Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Lists may be absent on a fresh machine; refresh them once per run when we need to install.
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "install-deps: Debian packages already present"
+fi
+
+if [[ "${1:-}" == "--apt-only" ]]; then
+  exit 0
+fi
+
+"$here/go-tools.sh" ttrpc-interop
