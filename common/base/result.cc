@@ -6,23 +6,40 @@ namespace peapod {
 
 std::string_view CodeName(Code code) {
   switch (code) {
-    case Code::kOk: return "OK";
-    case Code::kCancelled: return "CANCELLED";
-    case Code::kUnknown: return "UNKNOWN";
-    case Code::kInvalidArgument: return "INVALID_ARGUMENT";
-    case Code::kDeadlineExceeded: return "DEADLINE_EXCEEDED";
-    case Code::kNotFound: return "NOT_FOUND";
-    case Code::kAlreadyExists: return "ALREADY_EXISTS";
-    case Code::kPermissionDenied: return "PERMISSION_DENIED";
-    case Code::kResourceExhausted: return "RESOURCE_EXHAUSTED";
-    case Code::kFailedPrecondition: return "FAILED_PRECONDITION";
-    case Code::kAborted: return "ABORTED";
-    case Code::kOutOfRange: return "OUT_OF_RANGE";
-    case Code::kUnimplemented: return "UNIMPLEMENTED";
-    case Code::kInternal: return "INTERNAL";
-    case Code::kUnavailable: return "UNAVAILABLE";
-    case Code::kDataLoss: return "DATA_LOSS";
-    case Code::kUnauthenticated: return "UNAUTHENTICATED";
+    case Code::kOk:
+      return "OK";
+    case Code::kCancelled:
+      return "CANCELLED";
+    case Code::kUnknown:
+      return "UNKNOWN";
+    case Code::kInvalidArgument:
+      return "INVALID_ARGUMENT";
+    case Code::kDeadlineExceeded:
+      return "DEADLINE_EXCEEDED";
+    case Code::kNotFound:
+      return "NOT_FOUND";
+    case Code::kAlreadyExists:
+      return "ALREADY_EXISTS";
+    case Code::kPermissionDenied:
+      return "PERMISSION_DENIED";
+    case Code::kResourceExhausted:
+      return "RESOURCE_EXHAUSTED";
+    case Code::kFailedPrecondition:
+      return "FAILED_PRECONDITION";
+    case Code::kAborted:
+      return "ABORTED";
+    case Code::kOutOfRange:
+      return "OUT_OF_RANGE";
+    case Code::kUnimplemented:
+      return "UNIMPLEMENTED";
+    case Code::kInternal:
+      return "INTERNAL";
+    case Code::kUnavailable:
+      return "UNAVAILABLE";
+    case Code::kDataLoss:
+      return "DATA_LOSS";
+    case Code::kUnauthenticated:
+      return "UNAUTHENTICATED";
   }
   return "UNKNOWN";
 }
@@ -34,35 +51,46 @@ Code CodeFromInt(int value) {
 
 Code CodeFromErrno(int err) {
   switch (err) {
-    case 0: return Code::kUnknown;
+    case 0:
+      return Code::kUnknown;
     case ENOENT:
     case ESRCH:
     case ENODEV:
-    case ENXIO: return Code::kNotFound;
-    case EEXIST: return Code::kAlreadyExists;
+    case ENXIO:
+      return Code::kNotFound;
+    case EEXIST:
+      return Code::kAlreadyExists;
     case EACCES:
-    case EPERM: return Code::kPermissionDenied;
+    case EPERM:
+      return Code::kPermissionDenied;
     case EINVAL:
     case ENAMETOOLONG:
     case ENOTDIR:
     case EISDIR:
-    case EBADF: return Code::kInvalidArgument;
+    case EBADF:
+      return Code::kInvalidArgument;
     case ENOMEM:
     case ENOSPC:
     case EMFILE:
     case ENFILE:
-    case EDQUOT: return Code::kResourceExhausted;
-    case ETIMEDOUT: return Code::kDeadlineExceeded;
+    case EDQUOT:
+      return Code::kResourceExhausted;
+    case ETIMEDOUT:
+      return Code::kDeadlineExceeded;
     case EAGAIN:
     case EBUSY:
     case ECONNREFUSED:
     case ECONNRESET:
     case EPIPE:
-    case ENOTCONN: return Code::kUnavailable;
+    case ENOTCONN:
+      return Code::kUnavailable;
     case ENOSYS:
-    case EOPNOTSUPP: return Code::kUnimplemented;
-    case ECANCELED: return Code::kCancelled;
-    default: return Code::kInternal;
+    case EOPNOTSUPP:
+      return Code::kUnimplemented;
+    case ECANCELED:
+      return Code::kCancelled;
+    default:
+      return Code::kInternal;
   }
 }
 

@@ -138,23 +138,23 @@ inline Result<void> Ok() { return {}; }
 #define PEAPOD_CONCAT(a, b) PEAPOD_CONCAT_INNER(a, b)
 
 // Returns the error of a failed Result<...> from the enclosing function.
-#define PP_TRY(expr)                                          \
-  do {                                                        \
-    auto&& pp_try_result_ = (expr);                           \
+#define PP_TRY(expr)                                                    \
+  do {                                                                  \
+    auto&& pp_try_result_ = (expr);                                     \
     if (!pp_try_result_.ok()) return std::move(pp_try_result_).error(); \
   } while (0)
 
 // Like PP_TRY, but prepends context to the error.
-#define PP_TRY_CTX(expr, ctx)                                                  \
-  do {                                                                         \
-    auto&& pp_try_result_ = (expr);                                            \
+#define PP_TRY_CTX(expr, ctx)                                                     \
+  do {                                                                            \
+    auto&& pp_try_result_ = (expr);                                               \
     if (!pp_try_result_.ok()) return std::move(pp_try_result_).error().Wrap(ctx); \
   } while (0)
 
 // `PP_ASSIGN_OR_RETURN(auto fd, OpenFoo());` declares or assigns lhs from a Result's value.
 #define PP_ASSIGN_OR_RETURN(lhs, expr) \
   PP_ASSIGN_OR_RETURN_IMPL(PEAPOD_CONCAT(pp_result_, __LINE__), lhs, expr)
-#define PP_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr)      \
-  auto tmp = (expr);                                  \
-  if (!tmp.ok()) return std::move(tmp).error();       \
+#define PP_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
+  auto tmp = (expr);                             \
+  if (!tmp.ok()) return std::move(tmp).error();  \
   lhs = std::move(tmp).value()

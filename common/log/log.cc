@@ -16,8 +16,8 @@ Result<void> Init(const Options& opts) {
   std::shared_ptr<spdlog::logger> logger;
   try {
     if (opts.file.empty()) {
-      logger = std::make_shared<spdlog::logger>(
-          opts.program, std::make_shared<spdlog::sinks::stderr_sink_mt>());
+      logger = std::make_shared<spdlog::logger>(opts.program,
+                                                std::make_shared<spdlog::sinks::stderr_sink_mt>());
     } else {
       logger = std::make_shared<spdlog::logger>(
           opts.program, std::make_shared<spdlog::sinks::basic_file_sink_mt>(opts.file));

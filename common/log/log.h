@@ -9,9 +9,9 @@
 namespace peapod::log {
 
 struct Options {
-  std::string program;    // shown on every line
+  std::string program;         // shown on every line
   std::string level = "info";  // trace, debug, info, warn, error, off
-  std::string file;       // empty: stderr
+  std::string file;            // empty: stderr
 };
 
 // Installs the default logger. Bad level names or an unwritable file are errors, so a typo in

@@ -29,7 +29,8 @@ Client::~Client() {
 void Client::Call(const std::string& service, const std::string& method, std::string payload,
                   const CallOptions& opts, Callback cb) {
   if (closed()) {
-    cb(Error(Code::kUnavailable, fmt::format("{}.{}: ttrpc connection is closed", service, method)));
+    cb(Error(Code::kUnavailable,
+             fmt::format("{}.{}: ttrpc connection is closed", service, method)));
     return;
   }
   if (next_stream_ > UINT32_MAX) {
@@ -63,8 +64,8 @@ void Client::Call(const std::string& service, const std::string& method, std::st
       if (auto c = weak.lock()) {
         auto it = c->pending_.find(id);
         if (it != c->pending_.end()) it->second.timer = 0;
-        c->Complete(id, Error::Make(Code::kDeadlineExceeded, "{}: no answer before the deadline",
-                                    what));
+        c->Complete(
+            id, Error::Make(Code::kDeadlineExceeded, "{}: no answer before the deadline", what));
       }
     });
   }
@@ -100,10 +101,9 @@ void Client::OnFrame(Frame&& f) {
     return;
   }
   if (f.oversized) {
-    Complete(h.stream_id,
-             Error::Make(Code::kResourceExhausted,
-                         "response of {} bytes exceeds the ttrpc limit of {} bytes", h.length,
-                         kMaxMessageSize));
+    Complete(h.stream_id, Error::Make(Code::kResourceExhausted,
+                                      "response of {} bytes exceeds the ttrpc limit of {} bytes",
+                                      h.length, kMaxMessageSize));
     return;
   }
   ::ttrpc::Response resp;
@@ -112,8 +112,7 @@ void Client::OnFrame(Frame&& f) {
     return;
   }
   if (resp.has_status() && resp.status().code() != 0) {
-    Complete(h.stream_id,
-             Error(CodeFromInt(resp.status().code()), resp.status().message()));
+    Complete(h.stream_id, Error(CodeFromInt(resp.status().code()), resp.status().message()));
     return;
   }
   Complete(h.stream_id, std::move(*resp.mutable_payload()));

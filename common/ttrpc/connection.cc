@@ -15,15 +15,14 @@ Result<std::shared_ptr<Connection>> Connection::Create(EventLoop* loop, UniqueFd
   std::shared_ptr<Connection> c(
       new Connection(loop, std::move(fd), std::move(on_frame), std::move(on_close)));
   std::weak_ptr<Connection> weak = c;
-  PP_ASSIGN_OR_RETURN(c->watch_, loop->Watch(c->fd_.get(), EPOLLIN | EPOLLRDHUP,
-                                             [weak](uint32_t events) {
-                                               if (auto self = weak.lock()) self->OnEvents(events);
-                                             }));
+  PP_ASSIGN_OR_RETURN(c->watch_,
+                      loop->Watch(c->fd_.get(), EPOLLIN | EPOLLRDHUP, [weak](uint32_t events) {
+                        if (auto self = weak.lock()) self->OnEvents(events);
+                      }));
   return c;
 }
 
-Connection::Connection(EventLoop* loop, UniqueFd fd, FrameCallback on_frame,
-                       CloseCallback on_close)
+Connection::Connection(EventLoop* loop, UniqueFd fd, FrameCallback on_frame, CloseCallback on_close)
     : loop_(loop),
       fd_(std::move(fd)),
       on_frame_(std::move(on_frame)),

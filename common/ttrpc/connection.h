@@ -21,8 +21,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   using CloseCallback = std::function<void(const Error&)>;
 
   static Result<std::shared_ptr<Connection>> Create(EventLoop* loop, UniqueFd fd,
-                                                    FrameCallback on_frame,
-                                                    CloseCallback on_close);
+                                                    FrameCallback on_frame, CloseCallback on_close);
   ~Connection();
 
   // Queues one frame. A payload over kMaxMessageSize is refused with kResourceExhausted and

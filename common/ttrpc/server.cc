@@ -45,9 +45,8 @@ std::string EncodeResponse(const Result<std::string>& result) {
     // Tell the client why instead of leaving it waiting for a frame we cannot send.
     ::ttrpc::Response too_big;
     too_big.mutable_status()->set_code(static_cast<int>(Code::kResourceExhausted));
-    too_big.mutable_status()->set_message(
-        fmt::format("response of {} bytes exceeds the ttrpc limit of {} bytes", out.size(),
-                    kMaxMessageSize));
+    too_big.mutable_status()->set_message(fmt::format(
+        "response of {} bytes exceeds the ttrpc limit of {} bytes", out.size(), kMaxMessageSize));
     out = too_big.SerializeAsString();
   }
   return out;
@@ -113,19 +112,19 @@ Result<void> Server::ServeConnection(UniqueFd fd) {
   auto conn = std::make_shared<Conn>();
   std::weak_ptr<Conn> weak = conn;
   std::weak_ptr<bool> alive = alive_;
-  PP_ASSIGN_OR_RETURN(
-      conn->c, Connection::Create(
-                   loop_, std::move(fd),
-                   [this, weak, alive](Frame&& f) {
-                     auto c = weak.lock();
-                     if (c && !alive.expired()) OnFrame(c, std::move(f));
-                   },
-                   [this, weak, alive](const Error& why) {
-                     if (alive.expired()) return;
-                     spdlog::debug("ttrpc: server connection closed: {}", why.ToString());
-                     if (auto c = weak.lock()) conns_.erase(c);
-                     MaybeFinishShutdown();
-                   }));
+  PP_ASSIGN_OR_RETURN(conn->c, Connection::Create(
+                                   loop_, std::move(fd),
+                                   [this, weak, alive](Frame&& f) {
+                                     auto c = weak.lock();
+                                     if (c && !alive.expired()) OnFrame(c, std::move(f));
+                                   },
+                                   [this, weak, alive](const Error& why) {
+                                     if (alive.expired()) return;
+                                     spdlog::debug("ttrpc: server connection closed: {}",
+                                                   why.ToString());
+                                     if (auto c = weak.lock()) conns_.erase(c);
+                                     MaybeFinishShutdown();
+                                   }));
   conns_.insert(conn);
   return Ok();
 }
@@ -148,9 +147,9 @@ void Server::OnFrame(const std::shared_ptr<Conn>& conn, Frame&& frame) {
     return;
   }
   if (h.stream_id % 2 != 1) {
-    SendStatus(conn, h.stream_id,
-               Error::Invalid("stream id {} is even: client streams must use odd ids",
-                              h.stream_id));
+    SendStatus(
+        conn, h.stream_id,
+        Error::Invalid("stream id {} is even: client streams must use odd ids", h.stream_id));
     return;
   }
   if (h.stream_id <= conn->last_stream) {
@@ -189,11 +188,10 @@ void Server::Dispatch(const std::shared_ptr<Conn>& conn, uint32_t stream_id,
       if (name.compare(0, prefix.size(), prefix) == 0) service_known = true;
     }
     SendStatus(conn, stream_id,
-               service_known
-                   ? Error::Make(Code::kUnimplemented, "method {}.{} is not implemented",
-                                 req.service(), req.method())
-                   : Error::Make(Code::kUnimplemented, "service {} is not served here",
-                                 req.service()));
+               service_known ? Error::Make(Code::kUnimplemented, "method {}.{} is not implemented",
+                                           req.service(), req.method())
+                             : Error::Make(Code::kUnimplemented, "service {} is not served here",
+                                           req.service()));
     return;
   }
 
@@ -217,8 +215,8 @@ void Server::Dispatch(const std::shared_ptr<Conn>& conn, uint32_t stream_id,
     ctx.deadline = EventLoop::Clock::now() + timeout;
     state->deadline_timer = loop_->AddTimer(timeout, [responder, state, ctx_name = ctx.method]() {
       state->deadline_timer = 0;
-      responder(Error::Make(Code::kDeadlineExceeded, "{} did not finish before its deadline",
-                            ctx_name));
+      responder(
+          Error::Make(Code::kDeadlineExceeded, "{} did not finish before its deadline", ctx_name));
     });
   }
   it->second(ctx, std::move(*req.mutable_payload()), responder);

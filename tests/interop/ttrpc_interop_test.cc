@@ -111,8 +111,7 @@ StringValue Str(std::string v) {
 
 TEST_F(InteropTest, CppClientAgainstGoServer) {
   std::string sock = TempSocket("goserver");
-  Child server({InteropBinary(), "serve", "-socket", sock, "-lifetime", "120s"},
-                              sock + ".log");
+  Child server({InteropBinary(), "serve", "-socket", sock, "-lifetime", "120s"}, sock + ".log");
   for (int i = 0; i < 200 && !std::filesystem::exists(sock); ++i) std::this_thread::sleep_for(25ms);
   ASSERT_TRUE(std::filesystem::exists(sock)) << "Go server did not start: " << server.Output();
 

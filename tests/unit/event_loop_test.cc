@@ -41,7 +41,10 @@ TEST(EventLoop, FdReadiness) {
 TEST(EventLoop, TimersFireInOrderAndCancel) {
   auto loop = NewLoop();
   std::vector<int> order;
-  loop->AddTimer(30ms, [&] { order.push_back(3); loop->Stop(); });
+  loop->AddTimer(30ms, [&] {
+    order.push_back(3);
+    loop->Stop();
+  });
   loop->AddTimer(10ms, [&] { order.push_back(1); });
   auto cancelled = loop->AddTimer(20ms, [&] { order.push_back(2); });
   loop->AddTimer(0ms, [&] { order.push_back(0); });
@@ -104,10 +107,12 @@ TEST(EventLoop, HangupIsReported) {
   auto pair = SocketPair();
   ASSERT_TRUE(pair.ok());
   uint32_t seen = 0;
-  ASSERT_TRUE(loop->Watch(pair->second.get(), EPOLLIN | EPOLLRDHUP, [&](uint32_t ev) {
-                    seen = ev;
-                    loop->Stop();
-                  }).ok());
+  ASSERT_TRUE(loop->Watch(pair->second.get(), EPOLLIN | EPOLLRDHUP,
+                          [&](uint32_t ev) {
+                            seen = ev;
+                            loop->Stop();
+                          })
+                  .ok());
   pair->first.Reset();
   loop->Run();
   EXPECT_TRUE(seen & (EPOLLRDHUP | EPOLLHUP));

@@ -26,9 +26,8 @@ class TtrpcTest : public ::testing::Test {
     lt_ = std::make_unique<peapod::testing::LoopThread>();
     lt_->Sync([this] {
       server_ = std::make_unique<Server>(lt_->loop());
-      server_->Register(kSvc, "Echo", [](const CallContext&, std::string p, Responder r) {
-        r(std::move(p));
-      });
+      server_->Register(kSvc, "Echo",
+                        [](const CallContext&, std::string p, Responder r) { r(std::move(p)); });
       server_->Register(kSvc, "Fail", [](const CallContext&, std::string p, Responder r) {
         r(Error(Code::kFailedPrecondition, "failing on purpose: " + p));
       });
