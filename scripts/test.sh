@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test suite behind `make test` (and CI's .ci/run). Builds and runs, in order:
 #   format  clang-format check of every tracked C++ file
-#   unit    the regular build: CTest labels unit + interop (Go reference ttrpc)
-#   asan    the same tests built with AddressSanitizer + UndefinedBehaviorSanitizer
+#   unit    the regular build: CTest labels unit, interop (Go reference ttrpc), root (the agent
+#           in local mode with real crun) and vm (the guest image in QEMU under TCG)
+#   asan    unit, interop and root built with AddressSanitizer + UndefinedBehaviorSanitizer
 #   fuzz    libFuzzer targets (clang), PEAPOD_FUZZ_SECONDS each (default 60)
 # Tests that need what this host lacks (root, a VM, containerd) print why they skip.
 # Ends with one line: "make test: N passed, N failed, N skipped".
@@ -15,7 +16,8 @@ cd "$(dirname "$0")/.."
 only=""
 if [[ "${1:-}" == "--only" ]]; then only="${2:?--only needs a suite name}"; fi
 fuzz_seconds="${PEAPOD_FUZZ_SECONDS:-60}"
-labels='unit|interop'
+labels='unit|interop|root|vm'
+asan_labels='unit|interop|root'
 
 passed=0 failed=0 skipped=0
 failed_suites=()
@@ -63,7 +65,7 @@ fi
 if want asan; then
   build asan build-asan -DPEAPOD_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug &&
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-      run_ctest asan build-asan "$labels"
+      run_ctest asan build-asan "$asan_labels"
 fi
 
 if want fuzz; then

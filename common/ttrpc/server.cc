@@ -70,6 +70,13 @@ void Responder::operator()(Result<std::string> payload) const {
 
 bool Responder::answered() const { return state_->answered; }
 
+bool Responder::waiting() const {
+  const State& s = *state_;
+  if (s.answered || s.server_alive.expired()) return false;
+  auto conn = s.conn.lock();
+  return conn && !conn->c->closed();
+}
+
 Server::~Server() {
   *alive_ = false;
   if (listen_watch_ != 0) loop_->Unwatch(listen_watch_);
@@ -108,23 +115,24 @@ void Server::Accept() {
   }
 }
 
-Result<void> Server::ServeConnection(UniqueFd fd) {
+Result<void> Server::ServeConnection(UniqueFd fd, std::function<void()> on_closed) {
   auto conn = std::make_shared<Conn>();
   std::weak_ptr<Conn> weak = conn;
   std::weak_ptr<bool> alive = alive_;
-  PP_ASSIGN_OR_RETURN(conn->c, Connection::Create(
-                                   loop_, std::move(fd),
-                                   [this, weak, alive](Frame&& f) {
-                                     auto c = weak.lock();
-                                     if (c && !alive.expired()) OnFrame(c, std::move(f));
-                                   },
-                                   [this, weak, alive](const Error& why) {
-                                     if (alive.expired()) return;
-                                     spdlog::debug("ttrpc: server connection closed: {}",
-                                                   why.ToString());
-                                     if (auto c = weak.lock()) conns_.erase(c);
-                                     MaybeFinishShutdown();
-                                   }));
+  PP_ASSIGN_OR_RETURN(conn->c,
+                      Connection::Create(
+                          loop_, std::move(fd),
+                          [this, weak, alive](Frame&& f) {
+                            auto c = weak.lock();
+                            if (c && !alive.expired()) OnFrame(c, std::move(f));
+                          },
+                          [this, weak, alive, on_closed = std::move(on_closed)](const Error& why) {
+                            if (alive.expired()) return;
+                            spdlog::debug("ttrpc: server connection closed: {}", why.ToString());
+                            if (auto c = weak.lock()) conns_.erase(c);
+                            if (on_closed) on_closed();
+                            MaybeFinishShutdown();
+                          }));
   conns_.insert(conn);
   return Ok();
 }

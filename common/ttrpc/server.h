@@ -42,6 +42,9 @@ class Responder {
   void operator()(std::string payload) const { (*this)(Result<std::string>(std::move(payload))); }
   void operator()(Error error) const { (*this)(Result<std::string>(std::move(error))); }
   bool answered() const;
+  // True while an answer would still reach the caller: not answered (nor timed out by the
+  // server), and the connection is still open.
+  bool waiting() const;
 
  private:
   friend class Server;
@@ -51,6 +54,10 @@ class Responder {
 };
 
 using Method = std::function<void(const CallContext&, std::string payload, Responder)>;
+
+// Answers a typed method: an error, or the response message.
+template <typename Resp>
+using TypedResponder = std::function<void(Result<Resp>)>;
 
 class Server {
  public:
@@ -65,8 +72,9 @@ class Server {
   Result<void> ServeListener(UniqueFd listen_fd);
   // Listens on a unix socket path and serves it.
   Result<void> Listen(const std::string& path);
-  // Serves one already connected stream (socketpair end, virtio-serial port).
-  Result<void> ServeConnection(UniqueFd fd);
+  // Serves one already connected stream (socketpair end, virtio-serial port). on_closed runs
+  // when that connection ends, for whatever reason.
+  Result<void> ServeConnection(UniqueFd fd, std::function<void()> on_closed = nullptr);
 
   // Stops accepting, lets in-flight calls finish (new requests get UNAVAILABLE), closes each
   // connection once it has no call in flight, then runs done. Idempotent.
@@ -94,5 +102,29 @@ class Server {
   std::function<void()> shutdown_done_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
+
+// Registers a method whose request and response are protobuf messages. fn is called as
+// fn(const CallContext&, Req&&, TypedResponder<Resp>); a request that does not parse is answered
+// INVALID_ARGUMENT without calling fn.
+template <typename Req, typename Resp, typename Fn>
+void RegisterTyped(Server& server, const std::string& service, const std::string& method, Fn fn) {
+  server.Register(
+      service, method,
+      [fn = std::move(fn), method](const CallContext& ctx, std::string payload, Responder r) {
+        Req req;
+        if (!req.ParseFromString(payload)) {
+          r(Error::Invalid("{}: request is not a valid {}", method,
+                           Req::descriptor()->full_name()));
+          return;
+        }
+        fn(ctx, std::move(req), TypedResponder<Resp>([r](Result<Resp> resp) {
+             if (!resp.ok()) {
+               r(std::move(resp).error());
+             } else {
+               r(resp->SerializeAsString());
+             }
+           }));
+      });
+}
 
 }  // namespace peapod::ttrpc

@@ -1,0 +1,265 @@
+#include "podagent/agent_service.h"
+
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+
+#include <spdlog/spdlog.h>
+
+#include "peapod/agent/v1/agent.pb.h"
+#include "podagent/network.h"
+
+namespace peapod::agent {
+
+namespace v1 = peapod::agent::v1;
+using google::protobuf::Empty;
+
+namespace {
+
+std::string ReadLine(const std::string& path) {
+  std::ifstream f(path);
+  std::string line;
+  std::getline(f, line);
+  return line;
+}
+
+// Like ttrpc::RegisterTyped, for methods that may answer much later (Wait, reads): fn also gets
+// a predicate that tells whether the caller still waits, so data is never handed to a caller
+// that gave up (its deadline passed or its connection closed).
+template <typename Req, typename Resp, typename Fn>
+void RegisterLong(ttrpc::Server& server, const std::string& method, Fn fn) {
+  server.Register(kAgentService, method,
+                  [fn = std::move(fn), method](const ttrpc::CallContext&, std::string payload,
+                                               ttrpc::Responder r) {
+                    Req req;
+                    if (!req.ParseFromString(payload)) {
+                      r(Error::Invalid("{}: request is not a valid {}", method,
+                                       Req::descriptor()->full_name()));
+                      return;
+                    }
+                    fn(
+                        std::move(req), [r] { return r.waiting(); },
+                        [r](Result<Resp> resp) {
+                          if (!resp.ok()) {
+                            r(std::move(resp).error());
+                          } else {
+                            r(resp->SerializeAsString());
+                          }
+                        });
+                  });
+}
+
+// A method answered on the spot from a Result.
+template <typename Req, typename Resp, typename Fn>
+void RegisterSync(ttrpc::Server& server, const std::string& method, Fn fn) {
+  ttrpc::RegisterTyped<Req, Resp>(
+      server, kAgentService, method,
+      [fn = std::move(fn)](const ttrpc::CallContext&, Req&& req,
+                           ttrpc::TypedResponder<Resp> reply) { reply(fn(req)); });
+}
+
+// Adapts a Reply<void> to an Empty response.
+void EmptyReply(ttrpc::TypedResponder<Empty> reply,
+                std::function<void(std::function<void(Result<void>)>)> op) {
+  op([reply](Result<void> r) {
+    if (!r.ok()) return reply(std::move(r).error());
+    reply(Empty());
+  });
+}
+
+Result<Empty> ToEmpty(Result<void> r) {
+  if (!r.ok()) return std::move(r).error();
+  return Empty();
+}
+
+Result<void> SetupSandbox(const v1::CreateSandboxRequest& req, bool local) {
+  if (!local && !req.hostname().empty()) {
+    if (::sethostname(req.hostname().data(), req.hostname().size()) < 0) {
+      return Error::Errno("sethostname " + req.hostname());
+    }
+  }
+  if (!local) {
+    std::ofstream resolv("/etc/resolv.conf", std::ios::trunc);
+    for (const auto& s : req.dns_servers()) resolv << "nameserver " << s << "\n";
+    if (req.dns_searches_size()) {
+      resolv << "search";
+      for (const auto& s : req.dns_searches()) resolv << " " << s;
+      resolv << "\n";
+    }
+    if (req.dns_options_size()) {
+      resolv << "options";
+      for (const auto& s : req.dns_options()) resolv << " " << s;
+      resolv << "\n";
+    }
+    for (const auto& [key, value] : req.sysctls()) {
+      std::string path = "/proc/sys/" + key;
+      std::replace(path.begin() + 10, path.end(), '.', '/');
+      std::ofstream f(path);
+      if (!(f << value) || !f.flush()) {
+        return Error::Invalid("sysctl {}={}: cannot write {}", key, value, path);
+      }
+    }
+  }
+  return Ok();
+}
+
+}  // namespace
+
+void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManager* cm,
+                          ServiceOptions opts) {
+  ttrpc::RegisterTyped<v1::CheckRequest, v1::CheckResponse>(
+      server, kAgentService, "Check",
+      [](const ttrpc::CallContext&, v1::CheckRequest&&,
+         ttrpc::TypedResponder<v1::CheckResponse> reply) {
+        v1::CheckResponse resp;
+        resp.set_agent_version(PEAPOD_VERSION);
+        utsname u{};
+        if (::uname(&u) == 0) resp.set_kernel_release(u.release);
+        resp.set_boot_id(ReadLine("/proc/sys/kernel/random/boot_id"));
+        timespec ts{};
+        ::clock_gettime(CLOCK_BOOTTIME, &ts);
+        resp.set_uptime_ns(static_cast<uint64_t>(ts.tv_sec) * 1000000000ull +
+                           static_cast<uint64_t>(ts.tv_nsec));
+        reply(std::move(resp));
+      });
+
+  // Pod-wide setup. Storages are mounted with the containers that use them (shared by mount
+  // point), so CreateSandbox's own storages are not used yet.
+  RegisterSync<v1::CreateSandboxRequest, Empty>(
+      server, "CreateSandbox", [local = opts.local](const v1::CreateSandboxRequest& req) {
+        return ToEmpty(SetupSandbox(req, local));
+      });
+
+  RegisterSync<v1::ConfigureNetworkRequest, Empty>(
+      server, "ConfigureNetwork",
+      [local = opts.local](const v1::ConfigureNetworkRequest& req) -> Result<Empty> {
+        // A local agent shares the host's network: it must never rename or readdress it.
+        if (local) {
+          return Error::Make(Code::kUnimplemented, "ConfigureNetwork is refused in local mode");
+        }
+        return ToEmpty(ConfigureNetwork(req));
+      });
+
+  ttrpc::RegisterTyped<v1::DestroySandboxRequest, Empty>(
+      server, kAgentService, "DestroySandbox",
+      [loop, cm, shutdown = opts.shutdown](const ttrpc::CallContext&, v1::DestroySandboxRequest&&,
+                                           ttrpc::TypedResponder<Empty> reply) {
+        spdlog::info("agent: DestroySandbox: stopping {} containers and powering off", cm->size());
+        cm->KillAll();
+        reply(Empty());
+        // Let the answer reach the host before the VM goes away.
+        loop->AddTimer(std::chrono::milliseconds(50), shutdown);
+      });
+
+  ttrpc::RegisterTyped<v1::CreateContainerRequest, v1::CreateContainerResponse>(
+      server, kAgentService, "CreateContainer",
+      [cm](const ttrpc::CallContext&, v1::CreateContainerRequest&& req,
+           ttrpc::TypedResponder<v1::CreateContainerResponse> reply) {
+        cm->Create(std::move(req), std::move(reply));
+      });
+  ttrpc::RegisterTyped<v1::StartContainerRequest, v1::StartContainerResponse>(
+      server, kAgentService, "StartContainer",
+      [cm](const ttrpc::CallContext&, v1::StartContainerRequest&& req,
+           ttrpc::TypedResponder<v1::StartContainerResponse> reply) {
+        cm->Start(req.container_id(), std::move(reply));
+      });
+  ttrpc::RegisterTyped<v1::RemoveContainerRequest, Empty>(
+      server, kAgentService, "RemoveContainer",
+      [cm](const ttrpc::CallContext&, v1::RemoveContainerRequest&& req,
+           ttrpc::TypedResponder<Empty> reply) {
+        EmptyReply(reply, [&](auto done) { cm->Remove(req.container_id(), req.force(), done); });
+      });
+  ttrpc::RegisterTyped<v1::ExecProcessRequest, v1::ExecProcessResponse>(
+      server, kAgentService, "ExecProcess",
+      [cm](const ttrpc::CallContext&, v1::ExecProcessRequest&& req,
+           ttrpc::TypedResponder<v1::ExecProcessResponse> reply) {
+        cm->Exec(std::move(req), std::move(reply));
+      });
+  RegisterSync<v1::SignalProcessRequest, Empty>(
+      server, "SignalProcess",
+      [cm](const v1::SignalProcessRequest& req) { return ToEmpty(cm->Signal(req)); });
+  RegisterLong<v1::WaitProcessRequest, v1::WaitProcessResponse>(
+      server, "WaitProcess", [cm](v1::WaitProcessRequest&& req, auto waiting, auto reply) {
+        cm->Wait(req.container_id(), req.exec_id(), std::move(waiting), std::move(reply));
+      });
+  RegisterSync<v1::DeleteProcessRequest, Empty>(
+      server, "DeleteProcess", [cm](const v1::DeleteProcessRequest& req) {
+        return ToEmpty(cm->DeleteProcess(req.container_id(), req.exec_id()));
+      });
+  ttrpc::RegisterTyped<v1::ContainerRequest, Empty>(
+      server, kAgentService, "PauseContainer",
+      [cm](const ttrpc::CallContext&, v1::ContainerRequest&& req,
+           ttrpc::TypedResponder<Empty> reply) {
+        EmptyReply(reply, [&](auto done) { cm->Pause(req.container_id(), done); });
+      });
+  ttrpc::RegisterTyped<v1::ContainerRequest, Empty>(
+      server, kAgentService, "ResumeContainer",
+      [cm](const ttrpc::CallContext&, v1::ContainerRequest&& req,
+           ttrpc::TypedResponder<Empty> reply) {
+        EmptyReply(reply, [&](auto done) { cm->Resume(req.container_id(), done); });
+      });
+  ttrpc::RegisterTyped<v1::UpdateContainerRequest, Empty>(
+      server, kAgentService, "UpdateContainer",
+      [cm](const ttrpc::CallContext&, v1::UpdateContainerRequest&& req,
+           ttrpc::TypedResponder<Empty> reply) {
+        EmptyReply(reply,
+                   [&](auto done) { cm->Update(req.container_id(), req.resources(), done); });
+      });
+  RegisterSync<v1::ContainerRequest, v1::StatsContainerResponse>(
+      server, "StatsContainer",
+      [cm](const v1::ContainerRequest& req) { return cm->Stats(req.container_id()); });
+  RegisterSync<v1::ContainerRequest, v1::ListProcessesResponse>(
+      server, "ListProcesses",
+      [cm](const v1::ContainerRequest& req) { return cm->ListProcesses(req.container_id()); });
+  RegisterSync<v1::ContainerRequest, v1::StateContainerResponse>(
+      server, "StateContainer",
+      [cm](const v1::ContainerRequest& req) { return cm->State(req.container_id()); });
+  RegisterLong<v1::GetOOMEventRequest, v1::OOMEvent>(
+      server, "GetOOMEvent", [cm](v1::GetOOMEventRequest&&, auto waiting, auto reply) {
+        cm->NextOOMEvent(std::move(waiting), std::move(reply));
+      });
+
+  ttrpc::RegisterTyped<v1::WriteStreamRequest, v1::WriteStreamResponse>(
+      server, kAgentService, "WriteStdin",
+      [cm](const ttrpc::CallContext&, v1::WriteStreamRequest&& req,
+           ttrpc::TypedResponder<v1::WriteStreamResponse> reply) {
+        auto in = cm->Input(req.container_id(), req.exec_id());
+        if (!in.ok()) return reply(in.error());
+        (*in)->Write(std::move(*req.mutable_data()), [reply](Result<uint32_t> n) {
+          if (!n.ok()) return reply(n.error());
+          v1::WriteStreamResponse resp;
+          resp.set_len(*n);
+          reply(std::move(resp));
+        });
+      });
+  for (bool err : {false, true}) {
+    RegisterLong<v1::ReadStreamRequest, v1::ReadStreamResponse>(
+        server, err ? "ReadStderr" : "ReadStdout",
+        [cm, err](v1::ReadStreamRequest&& req, auto waiting, auto reply) {
+          auto out = cm->Output(req.container_id(), req.exec_id(), err);
+          if (!out.ok()) return reply(out.error());
+          size_t max = req.max_bytes() ? req.max_bytes() : OutputStream::kMaxRead;
+          (*out)->Read(
+              max, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
+                      v1::ReadStreamResponse resp;
+                      resp.set_data(std::move(data));
+                      resp.set_eof(eof);
+                      reply(std::move(resp));
+                    }});
+        });
+  }
+  RegisterSync<v1::ProcessRequest, Empty>(
+      server, "CloseStdin", [cm](const v1::ProcessRequest& req) -> Result<Empty> {
+        PP_ASSIGN_OR_RETURN(auto* in, cm->Input(req.container_id(), req.exec_id()));
+        in->Close();
+        return Empty();
+      });
+  RegisterSync<v1::ResizePtyRequest, Empty>(
+      server, "ResizePty",
+      [cm](const v1::ResizePtyRequest& req) { return ToEmpty(cm->ResizePty(req)); });
+}
+
+}  // namespace peapod::agent

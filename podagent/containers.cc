@@ -1,0 +1,853 @@
+#include "podagent/containers.h"
+
+#include <fcntl.h>
+#include <sys/inotify.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include <google/protobuf/util/time_util.h>
+#include <spdlog/spdlog.h>
+
+#include "common/oci/spec.h"
+#include "podagent/cgroup_stats.h"
+
+namespace peapod::agent {
+
+namespace fs = std::filesystem;
+using google::protobuf::Timestamp;
+using google::protobuf::util::TimeUtil;
+
+struct ContainerManager::Process {
+  std::string exec_id;
+  pid_t pid = 0;
+  bool terminal = false;
+  std::unique_ptr<InputStream> in;
+  std::unique_ptr<OutputStream> out;
+  std::unique_ptr<OutputStream> err;
+  UniqueFd console;           // pty master, for ResizePty
+  UniqueFd console_listener;  // crun connects here to hand over the pty master
+  std::optional<uint32_t> exit_code;
+  Timestamp exited_at;
+  struct Waiter {
+    std::function<bool()> waiting;
+    Reply<v1::WaitProcessResponse> reply;
+  };
+  std::vector<Waiter> waiters;
+
+  void Exited(uint32_t code) {
+    exit_code = code;
+    exited_at = TimeUtil::GetCurrentTime();
+    v1::WaitProcessResponse resp;
+    resp.set_exit_status(code);
+    *resp.mutable_exited_at() = exited_at;
+    auto ws = std::move(waiters);
+    waiters.clear();
+    for (auto& w : ws) {
+      if (w.waiting()) w.reply(resp);
+    }
+  }
+  void FailWaiters(const Error& e) {
+    auto ws = std::move(waiters);
+    waiters.clear();
+    for (auto& w : ws) w.reply(e);
+  }
+};
+
+struct ContainerManager::Container {
+  enum class Status { kCreating, kCreated, kRunning, kPaused, kStopped };
+  std::string id;
+  Status status = Status::kCreating;
+  bool busy = false;  // a crun helper (start/pause/resume/update/delete) is running
+  std::string dir;    // bundle and bookkeeping: run_dir/containers/<id>
+  std::string rootfs;
+  bool overlay = false;
+  std::vector<std::string> storages;  // acquired mount points
+  Process init;
+  std::map<std::string, std::unique_ptr<Process>> execs;
+  std::set<std::string> pending_execs;
+  uint64_t oom_kills = 0;
+  int oom_wd = -1;
+  int exec_seq = 0;
+};
+
+namespace {
+
+using Status = v1::StateContainerResponse;
+
+bool ValidId(const std::string& id) {
+  static const std::regex kId("[A-Za-z0-9][A-Za-z0-9_.-]{0,127}");
+  return std::regex_match(id, kId);
+}
+
+Result<std::string> ReadFile(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return Error::Errno("open " + path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+Result<void> WriteFile(const std::string& path, const std::string& data) {
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd) return Error::Errno("create " + path);
+  return WriteAll(fd.get(), data.data(), data.size());
+}
+
+Result<pid_t> ReadPidFile(const std::string& path) {
+  PP_ASSIGN_OR_RETURN(auto text, ReadFile(path));
+  try {
+    long pid = std::stol(text);
+    if (pid > 0) return static_cast<pid_t>(pid);
+  } catch (const std::exception&) {
+  }
+  return Error::Internal("pid file {} holds '{}', not a pid", path, text);
+}
+
+// Receives the pty master crun sends over the console socket.
+Result<UniqueFd> ReceiveConsole(int listener) {
+  UniqueFd conn(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
+  if (!conn) return Error::Errno("accept on console socket (crun sent no terminal)");
+  char data[256];
+  iovec iov{data, sizeof(data)};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  if (::recvmsg(conn.get(), &msg, MSG_CMSG_CLOEXEC) < 0) return Error::Errno("recvmsg console");
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c), sizeof(fd));
+      return UniqueFd(fd);
+    }
+  }
+  return Error::Internal("console socket: crun sent no file descriptor");
+}
+
+Error NotRunning(const std::string& id, const char* what) {
+  return Error::Make(Code::kFailedPrecondition, "container {} is not running: cannot {}", id, what);
+}
+
+}  // namespace
+
+ContainerManager::ContainerManager(EventLoop* loop, Reaper* reaper, ContainerOptions opts)
+    : loop_(loop), reaper_(reaper), opts_(std::move(opts)) {}
+
+ContainerManager::~ContainerManager() {
+  if (inotify_watch_) loop_->Unwatch(inotify_watch_);
+}
+
+Result<void> ContainerManager::Init() {
+  PP_TRY(MakeDirs(opts_.run_dir + "/containers"));
+  PP_TRY(MakeDirs(opts_.run_dir + "/sock"));
+  if (opts_.cgroup_root.empty()) return Ok();
+  // Containers live in cgroup_parent; the controllers they use must be enabled on every level
+  // above them. One write per controller: one that the kernel lacks must not block the others.
+  std::string dir = opts_.cgroup_root;
+  std::vector<std::string> levels = {dir};
+  for (const auto& part : fs::path(opts_.cgroup_parent)) {
+    if (part == "/" || part.empty()) continue;
+    dir += "/" + part.string();
+    levels.push_back(dir);
+  }
+  for (size_t i = 0; i < levels.size(); ++i) {
+    if (i > 0) PP_TRY(MakeDirs(levels[i]));
+    if (i + 1 == levels.size()) break;
+    for (const char* ctl : {"+cpu", "+memory", "+pids", "+io", "+cpuset", "+hugetlb"}) {
+      std::ofstream f(levels[i] + "/cgroup.subtree_control");
+      f << ctl;
+      f.flush();
+    }
+  }
+  inotify_.Reset(::inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+  if (!inotify_) return Error::Errno("inotify_init1");
+  PP_ASSIGN_OR_RETURN(inotify_watch_,
+                      loop_->Watch(inotify_.get(), EPOLLIN, [this](uint32_t) { OnInotify(); }));
+  return Ok();
+}
+
+std::vector<std::string> ContainerManager::CrunArgs(std::initializer_list<std::string> args) const {
+  std::vector<std::string> v = {opts_.crun, "--root=" + opts_.run_dir + "/crun"};
+  v.push_back(opts_.cgroup_root.empty() ? "--cgroup-manager=disabled"
+                                        : "--cgroup-manager=cgroupfs");
+  v.insert(v.end(), args);
+  return v;
+}
+
+std::string ContainerManager::CgroupDir(const std::string& id) const {
+  return opts_.cgroup_root + opts_.cgroup_parent + "/" + id;
+}
+
+Result<ContainerManager::ContainerPtr> ContainerManager::Find(const std::string& id) const {
+  auto it = containers_.find(id);
+  if (it == containers_.end()) return Error::NotFound("container {} not found", id);
+  return it->second;
+}
+
+Result<ContainerManager::Process*> ContainerManager::FindProcess(const std::string& id,
+                                                                 const std::string& exec_id) const {
+  PP_ASSIGN_OR_RETURN(auto c, Find(id));
+  if (exec_id.empty()) return &c->init;
+  auto it = c->execs.find(exec_id);
+  if (it == c->execs.end()) {
+    return Error::NotFound("exec {} not found in container {}", exec_id, id);
+  }
+  return it->second.get();
+}
+
+Result<std::string> ContainerManager::RewriteSpec(const std::string& id,
+                                                  const std::string& spec_json,
+                                                  const std::string& rootfs) const {
+  PP_ASSIGN_OR_RETURN(auto spec, oci::Spec::Parse(spec_json, "container " + id + " config.json"));
+  PP_TRY(spec.SetRootPath(rootfs));
+  const bool cgroups = !opts_.cgroup_root.empty();
+  const std::string cgroup_path = opts_.cgroup_parent + "/" + id;
+  PP_TRY(spec.Edit([&](oci::Json& d) {
+    // Host-side things that mean nothing (or harm) in the guest.
+    d.erase("hooks");
+    if (d.contains("process")) {
+      d["process"].erase("apparmorProfile");
+      d["process"].erase("selinuxLabel");
+    }
+    // The pod's network, IPC and UTS are the VM's own: join them by not creating new ones.
+    // The hostname then belongs to the pod (set once by CreateSandbox).
+    d.erase("hostname");
+    if (!d.contains("linux")) d["linux"] = oci::Json::object();
+    auto& linux_doc = d["linux"];
+    linux_doc.erase("mountLabel");
+    if (linux_doc.contains("namespaces")) {
+      oci::Json kept = oci::Json::array();
+      for (auto ns : linux_doc["namespaces"]) {
+        std::string type = ns.value("type", "");
+        if (type == "network" || type == "ipc" || type == "uts") continue;
+        // Paths name host namespaces (e.g. a pause container's): a new one in the guest.
+        ns.erase("path");
+        kept.push_back(ns);
+      }
+      linux_doc["namespaces"] = kept;
+    }
+    if (cgroups) {
+      linux_doc["cgroupsPath"] = cgroup_path;
+    } else {
+      linux_doc.erase("cgroupsPath");
+      linux_doc.erase("resources");
+    }
+  }));
+  return spec.Dump(2);
+}
+
+Result<void> ContainerManager::PrepareStdio(Process& p, const std::string& console_socket,
+                                            bool stdin, bool terminal,
+                                            std::vector<UniqueFd>& child_fds) {
+  p.terminal = terminal;
+  if (terminal) {
+    PP_ASSIGN_OR_RETURN(p.console_listener, ListenUnix(console_socket, 1));
+    return Ok();
+  }
+  auto make_pipe = [](UniqueFd& r, UniqueFd& w) -> Result<void> {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) < 0) return Error::Errno("pipe");
+    r.Reset(fds[0]);
+    w.Reset(fds[1]);
+    return Ok();
+  };
+  UniqueFd in_r, in_w, out_r, out_w, err_r, err_w;
+  if (stdin) PP_TRY(make_pipe(in_r, in_w));
+  PP_TRY(make_pipe(out_r, out_w));
+  PP_TRY(make_pipe(err_r, err_w));
+  if (stdin) p.in = std::make_unique<InputStream>(loop_, std::move(in_w));
+  p.out = std::make_unique<OutputStream>(loop_, std::move(out_r), false);
+  p.err = std::make_unique<OutputStream>(loop_, std::move(err_r), false);
+  child_fds.push_back(std::move(in_r));  // may be invalid: /dev/null
+  child_fds.push_back(std::move(out_w));
+  child_fds.push_back(std::move(err_w));
+  return Ok();
+}
+
+Result<void> ContainerManager::FinishStdio(Process& p, const std::string& console_socket) {
+  if (p.terminal) {
+    auto master = ReceiveConsole(p.console_listener.get());
+    p.console_listener.Reset();
+    ::unlink(console_socket.c_str());
+    PP_TRY(master);
+    p.console = std::move(*master);
+    UniqueFd out(::fcntl(p.console.get(), F_DUPFD_CLOEXEC, 3));
+    UniqueFd in(::fcntl(p.console.get(), F_DUPFD_CLOEXEC, 3));
+    if (!out || !in) return Error::Errno("dup pty master");
+    p.out = std::make_unique<OutputStream>(loop_, std::move(out), true);
+    p.in = std::make_unique<InputStream>(loop_, std::move(in));
+  }
+  PP_TRY(p.out->Start());
+  if (p.err) PP_TRY(p.err->Start());
+  return Ok();
+}
+
+void ContainerManager::Track(const ContainerPtr& c, Process* p) {
+  std::weak_ptr<Container> weak = c;
+  std::string exec_id = p->exec_id;
+  reaper_->OnExit(p->pid, [weak, exec_id](int status) {
+    auto c = weak.lock();
+    if (!c) return;
+    Process* proc = &c->init;
+    if (!exec_id.empty()) {
+      auto it = c->execs.find(exec_id);
+      if (it == c->execs.end()) return;
+      proc = it->second.get();
+    }
+    uint32_t code = ExitCodeFromWaitStatus(status);
+    spdlog::info("agent: container {}{}{} pid {} exited with {}", c->id,
+                 exec_id.empty() ? "" : " exec ", exec_id, proc->pid, code);
+    if (exec_id.empty()) c->status = Container::Status::kStopped;
+    proc->Exited(code);
+  });
+}
+
+void ContainerManager::CleanupFailedCreate(const ContainerPtr& c) {
+  if (c->overlay) Unmount(c->rootfs);
+  for (const auto& s : c->storages) storage_.Release(s);
+  std::error_code ec;
+  fs::remove_all(c->dir, ec);
+  containers_.erase(c->id);
+}
+
+void ContainerManager::Create(v1::CreateContainerRequest req,
+                              Reply<v1::CreateContainerResponse> reply) {
+  const std::string id = req.container_id();
+  if (!ValidId(id)) {
+    return reply(Error::Invalid(
+        "container id '{}' is invalid: use 1-128 of [A-Za-z0-9_.-], starting alphanumeric", id));
+  }
+  if (containers_.count(id)) {
+    return reply(Error::Make(Code::kAlreadyExists, "container {} already exists", id));
+  }
+  auto c = std::make_shared<Container>();
+  c->id = id;
+  c->dir = opts_.run_dir + "/containers/" + id;
+  containers_[id] = c;
+  auto fail = [this, c, &reply](Error e) {
+    CleanupFailedCreate(c);
+    reply(std::move(e).Wrap("create container " + c->id));
+  };
+
+  std::error_code ec;
+  fs::remove_all(c->dir, ec);
+  if (auto r = MakeDirs(c->dir); !r.ok()) return fail(r.error());
+
+  // Rootfs: the layers stacked under a writable upper, or (no layers) the spec's root path as
+  // the host already arranged it in the guest.
+  for (const auto& s : req.layers()) {
+    if (auto r = storage_.Acquire(s); !r.ok()) return fail(r.error());
+    c->storages.push_back(s.mount_point());
+  }
+  for (const auto& s : req.mounts()) {
+    if (auto r = storage_.Acquire(s); !r.ok()) return fail(r.error());
+    c->storages.push_back(s.mount_point());
+  }
+  if (req.layers_size() > 0) {
+    std::vector<std::string> lower;
+    for (const auto& s : req.layers()) lower.push_back(s.mount_point());
+    std::string rw = req.upper_dir().empty() ? c->dir + "/rw" : req.upper_dir();
+    c->rootfs = c->dir + "/rootfs";
+    if (auto r = MountOverlay(lower, rw + "/upper", rw + "/work", c->rootfs); !r.ok()) {
+      return fail(r.error());
+    }
+    c->overlay = true;
+  } else {
+    auto spec = oci::Spec::Parse(req.oci_spec(), "container " + id + " config.json");
+    if (!spec.ok()) return fail(spec.error());
+    c->rootfs = spec->root().path;
+    if (c->rootfs.empty() || c->rootfs[0] != '/') {
+      return fail(Error::Invalid("no layers given and root.path '{}' is not an absolute guest path",
+                                 c->rootfs));
+    }
+  }
+
+  auto spec = RewriteSpec(id, req.oci_spec(), c->rootfs);
+  if (!spec.ok()) return fail(spec.error());
+  if (auto r = WriteFile(c->dir + "/config.json", *spec); !r.ok()) return fail(r.error());
+  bool terminal = false;
+  if (auto parsed = oci::Spec::Parse(*spec); parsed.ok() && parsed->process()) {
+    terminal = parsed->process()->terminal;
+  }
+
+  const std::string console = fmt::format("{}/sock/{}.sock", opts_.run_dir, id.substr(0, 64));
+  std::vector<UniqueFd> child_fds;
+  if (auto r = PrepareStdio(c->init, console, req.stdin(), terminal, child_fds); !r.ok()) {
+    return fail(r.error());
+  }
+  const std::string pid_file = c->dir + "/init.pid";
+  SpawnOptions so;
+  so.argv = CrunArgs(
+      {"--log=" + c->dir + "/crun.log", "create", "--bundle=" + c->dir, "--pid-file=" + pid_file});
+  if (opts_.no_pivot) so.argv.push_back("--no-pivot");
+  if (terminal) so.argv.push_back("--console-socket=" + console);
+  so.argv.push_back(id);
+  if (!terminal) {
+    so.stdin_fd = child_fds[0].get();
+    so.stdout_fd = child_fds[1].get();
+    so.stderr_fd = child_fds[2].get();
+  }
+  RunCommand(loop_, reaper_, so,
+             [this, c, console, pid_file, reply](Result<std::string> r) mutable {
+               auto fail = [&](Error e) {
+                 auto log = ReadFile(c->dir + "/crun.log");
+                 if (log.ok() && !log->empty()) {
+                   e = Error(e.code(), e.message() + ": " + log->substr(0, 2000));
+                 }
+                 CleanupFailedCreate(c);
+                 reply(std::move(e).Wrap("create container " + c->id));
+               };
+               if (!r.ok()) return fail(r.error());
+               auto pid = ReadPidFile(pid_file);
+               if (!pid.ok()) return fail(pid.error());
+               c->init.pid = *pid;
+               if (auto s = FinishStdio(c->init, console); !s.ok()) {
+                 ::kill(*pid, SIGKILL);
+                 return fail(s.error());
+               }
+               c->status = Container::Status::kCreated;
+               Track(c, &c->init);
+               WatchOOM(c);
+               spdlog::info("agent: created container {} pid {}", c->id, *pid);
+               v1::CreateContainerResponse resp;
+               resp.set_pid(static_cast<uint32_t>(*pid));
+               reply(std::move(resp));
+             });
+  // The child's ends are the child's now.
+}
+
+void ContainerManager::Start(const std::string& id, Reply<v1::StartContainerResponse> reply) {
+  auto c = Find(id);
+  if (!c.ok()) return reply(c.error());
+  auto& ct = *c;
+  if (ct->status != Container::Status::kCreated || ct->busy) {
+    return reply(Error::Make(Code::kFailedPrecondition,
+                             "container {} cannot be started: it is not in the created state", id));
+  }
+  ct->busy = true;
+  RunCommand(loop_, reaper_, {.argv = CrunArgs({"start", id})}, [ct, reply](Result<std::string> r) {
+    ct->busy = false;
+    if (!r.ok()) return reply(std::move(r).error().Wrap("start container " + ct->id));
+    // It may already have exited (and been reaped) by now.
+    if (ct->status == Container::Status::kCreated) {
+      ct->status = Container::Status::kRunning;
+    }
+    v1::StartContainerResponse resp;
+    resp.set_pid(static_cast<uint32_t>(ct->init.pid));
+    reply(std::move(resp));
+  });
+}
+
+void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessResponse> reply) {
+  auto c = Find(req.container_id());
+  if (!c.ok()) return reply(c.error());
+  auto ct = *c;
+  const std::string eid = req.exec_id();
+  if (ct->status != Container::Status::kRunning) {
+    return reply(NotRunning(ct->id, "exec"));
+  }
+  if (!ValidId(eid)) {
+    return reply(Error::Invalid("exec id '{}' is invalid: use 1-128 of [A-Za-z0-9_.-]", eid));
+  }
+  if (ct->execs.count(eid) || ct->pending_execs.count(eid)) {
+    return reply(
+        Error::Make(Code::kAlreadyExists, "exec {} already exists in container {}", eid, ct->id));
+  }
+  auto proc = oci::ParseProcess(req.process(), "exec " + eid + " process");
+  if (!proc.ok()) return reply(proc.error());
+
+  int seq = ++ct->exec_seq;
+  const std::string base = fmt::format("{}/exec-{}", ct->dir, seq);
+  if (auto r = WriteFile(base + ".json", req.process()); !r.ok()) return reply(r.error());
+  auto p = std::make_unique<Process>();
+  p->exec_id = eid;
+  const std::string console =
+      fmt::format("{}/sock/{}-{}.sock", opts_.run_dir, ct->id.substr(0, 40), seq);
+  std::vector<UniqueFd> child_fds;
+  if (auto r = PrepareStdio(*p, console, req.stdin(), proc->terminal, child_fds); !r.ok()) {
+    return reply(r.error());
+  }
+  SpawnOptions so;
+  so.argv = CrunArgs({"--log=" + base + ".log", "exec", "--detach", "--pid-file=" + base + ".pid",
+                      "--process=" + base + ".json"});
+  if (proc->terminal) so.argv.push_back("--console-socket=" + console);
+  so.argv.push_back(ct->id);
+  if (!proc->terminal) {
+    so.stdin_fd = child_fds[0].get();
+    so.stdout_fd = child_fds[1].get();
+    so.stderr_fd = child_fds[2].get();
+  }
+  ct->pending_execs.insert(eid);
+  auto shared = std::shared_ptr<Process>(std::move(p));
+  RunCommand(loop_, reaper_, so,
+             [this, ct, shared, base, console, eid, reply](Result<std::string> r) {
+               ct->pending_execs.erase(eid);
+               auto fail = [&](Error e) {
+                 auto log = ReadFile(base + ".log");
+                 if (log.ok() && !log->empty()) {
+                   e = Error(e.code(), e.message() + ": " + log->substr(0, 2000));
+                 }
+                 ::unlink(console.c_str());
+                 reply(std::move(e).Wrap("exec " + eid + " in container " + ct->id));
+               };
+               if (!r.ok()) return fail(r.error());
+               auto pid = ReadPidFile(base + ".pid");
+               if (!pid.ok()) return fail(pid.error());
+               auto proc = std::make_unique<Process>(std::move(*shared));
+               proc->pid = *pid;
+               if (auto s = FinishStdio(*proc, console); !s.ok()) {
+                 ::kill(*pid, SIGKILL);
+                 return fail(s.error());
+               }
+               Process* raw = proc.get();
+               ct->execs[eid] = std::move(proc);
+               Track(ct, raw);
+               v1::ExecProcessResponse resp;
+               resp.set_pid(static_cast<uint32_t>(*pid));
+               reply(std::move(resp));
+             });
+}
+
+Result<void> ContainerManager::Signal(const v1::SignalProcessRequest& req) {
+  PP_ASSIGN_OR_RETURN(auto* p, FindProcess(req.container_id(), req.exec_id()));
+  int sig = static_cast<int>(req.signal());
+  if (sig <= 0 || sig >= NSIG) return Error::Invalid("signal {} is not a valid signal", sig);
+  if (req.all() && req.exec_id().empty() && !opts_.cgroup_root.empty()) {
+    auto procs = ReadFile(CgroupDir(req.container_id()) + "/cgroup.procs");
+    if (procs.ok()) {
+      std::istringstream ss(*procs);
+      pid_t pid;
+      while (ss >> pid) ::kill(pid, sig);
+      return Ok();
+    }
+  }
+  if (p->exit_code || p->pid <= 0) {
+    return Error::NotFound("process {} of container {} has already exited",
+                           req.exec_id().empty() ? "init" : req.exec_id(), req.container_id());
+  }
+  if (::kill(p->pid, sig) < 0) return Error::Errno(fmt::format("kill {} {}", p->pid, sig));
+  return Ok();
+}
+
+void ContainerManager::Wait(const std::string& id, const std::string& exec_id,
+                            std::function<bool()> waiting, Reply<v1::WaitProcessResponse> reply) {
+  auto p = FindProcess(id, exec_id);
+  if (!p.ok()) return reply(p.error());
+  Process* proc = *p;
+  if (proc->exit_code) {
+    v1::WaitProcessResponse resp;
+    resp.set_exit_status(*proc->exit_code);
+    *resp.mutable_exited_at() = proc->exited_at;
+    return reply(std::move(resp));
+  }
+  // Drop waiters whose callers gave up, so a poller with short deadlines cannot grow the list.
+  std::erase_if(proc->waiters, [](const Process::Waiter& w) { return !w.waiting(); });
+  proc->waiters.push_back({std::move(waiting), std::move(reply)});
+}
+
+Result<void> ContainerManager::DeleteProcess(const std::string& id, const std::string& exec_id) {
+  if (exec_id.empty()) {
+    return Error::Invalid("DeleteProcess removes exec processes; remove the container instead");
+  }
+  PP_ASSIGN_OR_RETURN(auto c, Find(id));
+  auto it = c->execs.find(exec_id);
+  if (it == c->execs.end())
+    return Error::NotFound("exec {} not found in container {}", exec_id, id);
+  if (!it->second->exit_code) {
+    return Error::Make(Code::kFailedPrecondition, "exec {} in container {} is still running",
+                       exec_id, id);
+  }
+  c->execs.erase(it);
+  return Ok();
+}
+
+void ContainerManager::Pause(const std::string& id, Reply<void> reply) {
+  auto c = Find(id);
+  if (!c.ok()) return reply(c.error());
+  auto ct = *c;
+  if (opts_.cgroup_root.empty()) {
+    return reply(Error::Make(Code::kUnimplemented, "pause needs cgroup v2 (not in local mode)"));
+  }
+  if (ct->status != Container::Status::kRunning || ct->busy) return reply(NotRunning(id, "pause"));
+  ct->busy = true;
+  RunCommand(loop_, reaper_, {.argv = CrunArgs({"pause", id})}, [ct, reply](Result<std::string> r) {
+    ct->busy = false;
+    if (!r.ok()) return reply(std::move(r).error().Wrap("pause container " + ct->id));
+    if (ct->status == Container::Status::kRunning) ct->status = Container::Status::kPaused;
+    reply(Ok());
+  });
+}
+
+void ContainerManager::Resume(const std::string& id, Reply<void> reply) {
+  auto c = Find(id);
+  if (!c.ok()) return reply(c.error());
+  auto ct = *c;
+  if (ct->status != Container::Status::kPaused || ct->busy) {
+    return reply(Error::Make(Code::kFailedPrecondition, "container {} is not paused", id));
+  }
+  ct->busy = true;
+  RunCommand(loop_, reaper_, {.argv = CrunArgs({"resume", id})},
+             [ct, reply](Result<std::string> r) {
+               ct->busy = false;
+               if (!r.ok()) return reply(std::move(r).error().Wrap("resume container " + ct->id));
+               if (ct->status == Container::Status::kPaused)
+                 ct->status = Container::Status::kRunning;
+               reply(Ok());
+             });
+}
+
+void ContainerManager::Update(const std::string& id, const std::string& resources_json,
+                              Reply<void> reply) {
+  auto c = Find(id);
+  if (!c.ok()) return reply(c.error());
+  auto ct = *c;
+  if (opts_.cgroup_root.empty()) {
+    return reply(Error::Make(Code::kUnimplemented, "update needs cgroup v2 (not in local mode)"));
+  }
+  if (ct->status == Container::Status::kStopped || ct->status == Container::Status::kCreating ||
+      ct->busy) {
+    return reply(NotRunning(id, "update resources"));
+  }
+  // Validate through the spec parser: wrap the resources in a minimal spec.
+  oci::Json doc;
+  try {
+    doc = {{"ociVersion", "1.0.2"},
+           {"root", {{"path", "/"}}},
+           {"linux", {{"resources", oci::Json::parse(resources_json)}}}};
+  } catch (const std::exception& e) {
+    return reply(Error::Invalid("update container {}: resources are not JSON: {}", id, e.what()));
+  }
+  if (auto v = oci::Spec::FromJson(doc, "resources"); !v.ok()) return reply(v.error());
+  const std::string file = ct->dir + "/resources.json";
+  if (auto r = WriteFile(file, resources_json); !r.ok()) return reply(r.error());
+  ct->busy = true;
+  RunCommand(loop_, reaper_, {.argv = CrunArgs({"update", "--resources=" + file, id})},
+             [ct, reply](Result<std::string> r) {
+               ct->busy = false;
+               if (!r.ok()) return reply(std::move(r).error().Wrap("update container " + ct->id));
+               reply(Ok());
+             });
+}
+
+Result<v1::StatsContainerResponse> ContainerManager::Stats(const std::string& id) {
+  PP_ASSIGN_OR_RETURN(auto c, Find(id));
+  if (opts_.cgroup_root.empty()) {
+    return Error::Make(Code::kUnimplemented, "stats need cgroup v2 (not in local mode)");
+  }
+  if (c->status == Container::Status::kCreating) return NotRunning(id, "read stats");
+  v1::StatsContainerResponse resp;
+  PP_TRY(ReadCgroupMetrics(CgroupDir(id), resp.mutable_metrics()));
+  return resp;
+}
+
+Result<v1::ListProcessesResponse> ContainerManager::ListProcesses(const std::string& id) {
+  PP_ASSIGN_OR_RETURN(auto c, Find(id));
+  v1::ListProcessesResponse resp;
+  std::map<pid_t, std::string> exec_of;
+  for (const auto& [eid, p] : c->execs) {
+    if (!p->exit_code) exec_of[p->pid] = eid;
+  }
+  std::vector<pid_t> pids;
+  if (!opts_.cgroup_root.empty()) {
+    auto procs = ReadFile(CgroupDir(id) + "/cgroup.procs");
+    if (procs.ok()) {
+      std::istringstream ss(*procs);
+      pid_t pid;
+      while (ss >> pid) pids.push_back(pid);
+    }
+  } else {
+    if (!c->init.exit_code && c->init.pid > 0) pids.push_back(c->init.pid);
+    for (const auto& [pid, eid] : exec_of) pids.push_back(pid);
+  }
+  for (pid_t pid : pids) {
+    auto* info = resp.add_processes();
+    info->set_pid(static_cast<uint32_t>(pid));
+    if (auto it = exec_of.find(pid); it != exec_of.end()) info->set_exec_id(it->second);
+  }
+  return resp;
+}
+
+Result<v1::StateContainerResponse> ContainerManager::State(const std::string& id) {
+  PP_ASSIGN_OR_RETURN(auto c, Find(id));
+  v1::StateContainerResponse resp;
+  switch (c->status) {
+    case Container::Status::kCreating:
+      resp.set_status(Status::UNKNOWN);
+      break;
+    case Container::Status::kCreated:
+      resp.set_status(Status::CREATED);
+      break;
+    case Container::Status::kRunning:
+      resp.set_status(Status::RUNNING);
+      break;
+    case Container::Status::kPaused:
+      resp.set_status(Status::PAUSED);
+      break;
+    case Container::Status::kStopped:
+      resp.set_status(Status::STOPPED);
+      break;
+  }
+  resp.set_pid(static_cast<uint32_t>(c->init.pid));
+  if (c->init.exit_code) {
+    resp.set_exit_status(*c->init.exit_code);
+    *resp.mutable_exited_at() = c->init.exited_at;
+  }
+  return resp;
+}
+
+void ContainerManager::Remove(const std::string& id, bool force, Reply<void> reply) {
+  auto c = Find(id);
+  if (!c.ok()) return reply(c.error());
+  auto ct = *c;
+  if (ct->status == Container::Status::kCreating || ct->busy) {
+    return reply(Error::Make(Code::kFailedPrecondition,
+                             "container {} is busy (being created or changed); retry", id));
+  }
+  bool live = ct->status == Container::Status::kRunning || ct->status == Container::Status::kPaused;
+  if (live && !force) {
+    return reply(Error::Make(Code::kFailedPrecondition,
+                             "container {} is running: kill it first, or remove with force", id));
+  }
+  ct->busy = true;
+  RunCommand(loop_, reaper_, {.argv = CrunArgs({"delete", "--force", id})},
+             [this, ct, reply](Result<std::string> r) {
+               ct->busy = false;
+               if (!r.ok()) {
+                 spdlog::warn("agent: {}", r.error().ToString());
+                 // crun already forgot it (state dir gone) is fine; anything else is not.
+                 if (r.error().message().find("does not exist") == std::string::npos &&
+                     r.error().message().find("No such file") == std::string::npos) {
+                   return reply(std::move(r).error().Wrap("remove container " + ct->id));
+                 }
+               }
+               Error gone(Code::kNotFound, "container " + ct->id + " was removed");
+               ct->init.FailWaiters(gone);
+               for (auto& [eid, p] : ct->execs) p->FailWaiters(gone);
+               if (ct->oom_wd >= 0 && inotify_) {
+                 ::inotify_rm_watch(inotify_.get(), ct->oom_wd);
+                 oom_watches_.erase(ct->oom_wd);
+               }
+               CleanupFailedCreate(ct);
+               spdlog::info("agent: removed container {}", ct->id);
+               reply(Ok());
+             });
+}
+
+void ContainerManager::WatchOOM(const ContainerPtr& c) {
+  if (!inotify_) return;
+  std::string events = CgroupDir(c->id) + "/memory.events";
+  int wd = ::inotify_add_watch(inotify_.get(), events.c_str(), IN_MODIFY);
+  if (wd < 0) {
+    spdlog::warn("agent: cannot watch {}: {}", events, std::strerror(errno));
+    return;
+  }
+  c->oom_wd = wd;
+  oom_watches_[wd] = c->id;
+  c->oom_kills = ReadOOMKills(events).value_or(0);
+}
+
+void ContainerManager::OnInotify() {
+  alignas(inotify_event) char buf[4096];
+  std::set<std::string> changed;
+  for (;;) {
+    ssize_t n = ::read(inotify_.get(), buf, sizeof(buf));
+    if (n <= 0) break;
+    for (char* p = buf; p < buf + n;) {
+      auto* ev = reinterpret_cast<inotify_event*>(p);
+      if (auto it = oom_watches_.find(ev->wd); it != oom_watches_.end()) {
+        if (ev->mask & IN_IGNORED) {
+          oom_watches_.erase(it);
+        } else {
+          changed.insert(it->second);
+        }
+      }
+      p += sizeof(inotify_event) + ev->len;
+    }
+  }
+  for (const auto& id : changed) {
+    auto it = containers_.find(id);
+    if (it == containers_.end()) continue;
+    auto kills = ReadOOMKills(CgroupDir(id) + "/memory.events");
+    if (!kills || *kills <= it->second->oom_kills) continue;
+    it->second->oom_kills = *kills;
+    spdlog::info("agent: container {} OOM-killed ({} kills)", id, *kills);
+    oom_events_.push_back(id);
+  }
+  while (!oom_events_.empty() && !oom_waiters_.empty()) {
+    auto w = std::move(oom_waiters_.front());
+    oom_waiters_.pop_front();
+    if (!w.waiting()) continue;
+    v1::OOMEvent ev;
+    ev.set_container_id(oom_events_.front());
+    oom_events_.pop_front();
+    w.reply(std::move(ev));
+  }
+}
+
+void ContainerManager::NextOOMEvent(std::function<bool()> waiting, Reply<v1::OOMEvent> reply) {
+  if (!oom_events_.empty()) {
+    v1::OOMEvent ev;
+    ev.set_container_id(oom_events_.front());
+    oom_events_.pop_front();
+    return reply(std::move(ev));
+  }
+  std::erase_if(oom_waiters_, [](const OOMWaiter& w) { return !w.waiting(); });
+  oom_waiters_.push_back({std::move(waiting), std::move(reply)});
+}
+
+Result<OutputStream*> ContainerManager::Output(const std::string& id, const std::string& exec_id,
+                                               bool stderr) {
+  PP_ASSIGN_OR_RETURN(auto* p, FindProcess(id, exec_id));
+  OutputStream* s = stderr ? p->err.get() : p->out.get();
+  if (!s) {
+    return Error::Make(Code::kFailedPrecondition, "{} of {} has no {}: {}",
+                       exec_id.empty() ? "init" : exec_id, id, stderr ? "stderr" : "stdout",
+                       p->terminal ? "a terminal process writes everything to stdout"
+                                   : "the process is not started yet");
+  }
+  return s;
+}
+
+Result<InputStream*> ContainerManager::Input(const std::string& id, const std::string& exec_id) {
+  PP_ASSIGN_OR_RETURN(auto* p, FindProcess(id, exec_id));
+  if (!p->in) {
+    return Error::Make(Code::kFailedPrecondition, "{} of {} was created without stdin",
+                       exec_id.empty() ? "init" : exec_id, id);
+  }
+  return p->in.get();
+}
+
+Result<void> ContainerManager::ResizePty(const v1::ResizePtyRequest& req) {
+  PP_ASSIGN_OR_RETURN(auto* p, FindProcess(req.container_id(), req.exec_id()));
+  if (!p->console) {
+    return Error::Make(Code::kFailedPrecondition, "process has no terminal to resize");
+  }
+  winsize ws{};
+  ws.ws_col = static_cast<unsigned short>(req.width());
+  ws.ws_row = static_cast<unsigned short>(req.height());
+  if (::ioctl(p->console.get(), TIOCSWINSZ, &ws) < 0) return Error::Errno("TIOCSWINSZ");
+  return Ok();
+}
+
+void ContainerManager::KillAll() {
+  for (auto& [id, c] : containers_) {
+    if (!c->init.exit_code && c->init.pid > 0) ::kill(c->init.pid, SIGKILL);
+    for (auto& [eid, p] : c->execs) {
+      if (!p->exit_code && p->pid > 0) ::kill(p->pid, SIGKILL);
+    }
+  }
+}
+
+}  // namespace peapod::agent

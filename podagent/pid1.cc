@@ -1,0 +1,159 @@
+#include "podagent/pid1.h"
+
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <net/if.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <memory>
+
+#include <spdlog/spdlog.h>
+
+#include "common/base/unique_fd.h"
+
+namespace peapod::agent {
+
+namespace {
+
+struct MountSpec {
+  const char* source;
+  const char* target;
+  const char* fstype;
+  unsigned long flags;
+  const char* data;
+};
+
+Result<void> MountOne(const MountSpec& m) {
+  if (::mkdir(m.target, 0755) < 0 && errno != EEXIST) {
+    return Error::Errno(fmt::format("mkdir {}", m.target));
+  }
+  if (::mount(m.source, m.target, m.fstype, m.flags, m.data) < 0 && errno != EBUSY) {
+    return Error::Errno(fmt::format("mount {} on {}", m.fstype, m.target));
+  }
+  return Ok();
+}
+
+}  // namespace
+
+Result<void> MountBasics() {
+  constexpr unsigned long kNoExec = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+  const MountSpec mounts[] = {
+      {"proc", "/proc", "proc", kNoExec, nullptr},
+      {"sysfs", "/sys", "sysfs", kNoExec, nullptr},
+      {"devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"},
+      {"devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+       "newinstance,ptmxmode=0666,mode=0620"},
+      {"shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
+      {"cgroup2", "/sys/fs/cgroup", "cgroup2", kNoExec, "nsdelegate"},
+      {"tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
+      {"tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"},
+  };
+  for (const auto& m : mounts) PP_TRY(MountOne(m));
+  // /dev/ptmx must point at this devpts instance for crun's console sockets.
+  ::unlink("/dev/ptmx");
+  if (::symlink("pts/ptmx", "/dev/ptmx") < 0) return Error::Errno("symlink /dev/ptmx");
+  return Ok();
+}
+
+Result<int> LoadModules(const std::string& list_path) {
+  std::ifstream list(list_path);
+  if (!list) return Error::Errno(fmt::format("open module list {}", list_path));
+  int loaded = 0;
+  std::string path;
+  while (std::getline(list, path)) {
+    if (path.empty() || path[0] == '#') continue;
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return Error::Errno(fmt::format("open module {}", path));
+    if (::syscall(SYS_finit_module, fd.get(), "", 0) < 0) {
+      if (errno == EEXIST) continue;
+      return Error::Errno(fmt::format("load module {}", path));
+    }
+    ++loaded;
+  }
+  return loaded;
+}
+
+Result<void> LeaveInitramfs() {
+  constexpr char kNewRoot[] = "/.peapod-root";
+  if (::mkdir(kNewRoot, 0755) < 0 && errno != EEXIST) return Error::Errno("mkdir /.peapod-root");
+  if (::mount("/", kNewRoot, nullptr, MS_BIND, nullptr) < 0) {
+    return Error::Errno("bind-mount / on /.peapod-root");
+  }
+  if (::chdir(kNewRoot) < 0) return Error::Errno("chdir /.peapod-root");
+  if (::mount(".", "/", nullptr, MS_MOVE, nullptr) < 0) return Error::Errno("move root mount");
+  if (::chroot(".") < 0) return Error::Errno("chroot into the root mount");
+  if (::chdir("/") < 0) return Error::Errno("chdir /");
+  return Ok();
+}
+
+Result<void> PrivateCgroup2() {
+  struct statfs st {};
+  if (::statfs("/sys/fs/cgroup", &st) == 0 && st.f_type == CGROUP2_SUPER_MAGIC) return Ok();
+  if (::unshare(CLONE_NEWNS) < 0) return Error::Errno("unshare mount namespace");
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) < 0) {
+    return Error::Errno("make mounts private");
+  }
+  ::umount2("/sys/fs/cgroup", MNT_DETACH);
+  if (::mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) <
+      0) {
+    return Error::Errno("mount cgroup2 on /sys/fs/cgroup");
+  }
+  return Ok();
+}
+
+Result<void> LoopbackUp() {
+  UniqueFd sock(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!sock) return Error::Errno("socket for loopback");
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+  if (::ioctl(sock.get(), SIOCGIFFLAGS, &ifr) < 0) return Error::Errno("SIOCGIFFLAGS lo");
+  ifr.ifr_flags = static_cast<short>(ifr.ifr_flags | IFF_UP);
+  if (::ioctl(sock.get(), SIOCSIFFLAGS, &ifr) < 0) return Error::Errno("bring lo up");
+  return Ok();
+}
+
+void PowerOff() {
+  ::sync();
+  ::reboot(RB_POWER_OFF);
+  // Only reached when not PID 1 or without CAP_SYS_BOOT.
+  ::_exit(1);
+}
+
+Result<void> WatchSignals(EventLoop* loop, bool pid1, Reaper* reaper) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGCHLD);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  if (::sigprocmask(SIG_BLOCK, &set, nullptr) < 0) return Error::Errno("sigprocmask");
+  auto fd = std::make_shared<UniqueFd>(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!*fd) return Error::Errno("signalfd");
+  PP_TRY(loop->Watch(fd->get(), EPOLLIN, [fd, loop, pid1, reaper](uint32_t) {
+    signalfd_siginfo info;
+    while (::read(fd->get(), &info, sizeof(info)) == sizeof(info)) {
+      if (info.ssi_signo == SIGCHLD) {
+        reaper->Reap();
+      } else {
+        spdlog::info("agent: signal {} received, stopping", info.ssi_signo);
+        if (pid1) PowerOff();
+        loop->Stop();
+      }
+    }
+  }));
+  return Ok();
+}
+
+}  // namespace peapod::agent

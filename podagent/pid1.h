@@ -1,0 +1,42 @@
+// What peapod-agent does as the guest's PID 1: mount the basics, load the kernel modules the
+// image lists, reap orphans, and power the VM off.
+#pragma once
+
+#include <string>
+
+#include "common/base/result.h"
+#include "common/loop/event_loop.h"
+#include "podagent/process.h"
+
+namespace peapod::agent {
+
+// Mounts proc, sys, dev (devtmpfs), devpts, /dev/shm, cgroup2, /tmp and /run.
+Result<void> MountBasics();
+// Loads every module listed (one path per line, dependencies first) with finit_module.
+// Already-loaded modules are fine. Returns how many were loaded.
+Result<int> LoadModules(const std::string& list_path);
+// Local mode on a host whose /sys/fs/cgroup is not a pure cgroup v2 mount (crun refuses
+// hybrid hierarchies): moves the agent into a private mount namespace with cgroup2 mounted
+// there, so the crun it runs (with --cgroup-manager=disabled) sees a v2-only host. No-op on
+// v2 hosts. Must run before any thread starts.
+Result<void> PrivateCgroup2();
+
+// Brings the loopback interface up (the pod's localhost).
+Result<void> LoopbackUp();
+// Syncs and powers off. Never returns when running as PID 1.
+[[noreturn]] void PowerOff();
+
+// crun cannot pivot_root when the current root is the initramfs (rootfs, the one mount
+// without a parent). Rather than run every container with --no-pivot (a chroot, which a
+// process with CAP_SYS_CHROOT can leave), the agent bind-mounts the initramfs onto a
+// subdirectory, moves that mount over / and chroots into it: the new root is an ordinary
+// mount whose parent is rootfs, which pivot_root accepts, and nothing is copied. Must run
+// before anything else is mounted.
+Result<void> LeaveInitramfs();
+
+// Routes exit statuses of every exited child (PID 1 inherits all orphans; a local agent is a
+// child subreaper) to reaper, from a signalfd on the loop; stops (powers off as PID 1) on
+// SIGTERM/SIGINT. Blocks SIGCHLD/SIGTERM/SIGINT for the process.
+Result<void> WatchSignals(EventLoop* loop, bool pid1, Reaper* reaper);
+
+}  // namespace peapod::agent

@@ -1,0 +1,145 @@
+#include "podagent/stream.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+namespace peapod::agent {
+
+OutputStream::OutputStream(EventLoop* loop, UniqueFd fd, bool pty)
+    : loop_(loop), fd_(std::move(fd)), pty_(pty) {}
+
+OutputStream::~OutputStream() {
+  if (watch_) loop_->Unwatch(watch_);
+}
+
+Result<void> OutputStream::Start() {
+  PP_TRY(SetNonBlocking(fd_.get()));
+  PP_ASSIGN_OR_RETURN(watch_, loop_->Watch(fd_.get(), EPOLLIN, [this](uint32_t) { OnReadable(); }));
+  watching_in_ = true;
+  return Ok();
+}
+
+void OutputStream::OnReadable() {
+  char buf[16384];
+  while (!closed_ && buf_.size() < kMaxBuffered) {
+    size_t want = std::min(sizeof(buf), kMaxBuffered - buf_.size());
+    ssize_t n = ::read(fd_.get(), buf, want);
+    if (n > 0) {
+      buf_.append(buf, static_cast<size_t>(n));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) break;
+    // 0 is EOF on a pipe; a pty master reads EIO once the last slave fd is closed.
+    if (n < 0 && !(pty_ && errno == EIO)) {
+      spdlog::warn("agent: reading process output: {}", std::strerror(errno));
+    }
+    closed_ = true;
+    loop_->Unwatch(watch_);
+    watch_ = 0;
+    fd_.Reset();
+  }
+  UpdateWatch();
+  Serve();
+}
+
+void OutputStream::Read(size_t max, Reader reader) {
+  readers_.push_back({std::clamp<size_t>(max, 1, kMaxRead), std::move(reader)});
+  Serve();
+}
+
+void OutputStream::Serve() {
+  while (!readers_.empty()) {
+    Pending& p = readers_.front();
+    if (!p.reader.waiting()) {
+      readers_.pop_front();
+      continue;
+    }
+    if (buf_.empty() && !closed_) break;
+    size_t n = std::min(p.max, buf_.size());
+    std::string data = buf_.substr(0, n);
+    buf_.erase(0, n);
+    auto deliver = std::move(p.reader.deliver);
+    readers_.pop_front();
+    deliver(std::move(data), closed_ && buf_.empty());
+  }
+  UpdateWatch();
+}
+
+void OutputStream::UpdateWatch() {
+  if (!watch_) return;
+  bool want = buf_.size() < kMaxBuffered;
+  if (want == watching_in_) return;
+  if (auto r = loop_->Modify(watch_, want ? uint32_t{EPOLLIN} : 0u); r.ok()) watching_in_ = want;
+}
+
+InputStream::InputStream(EventLoop* loop, UniqueFd fd) : loop_(loop), fd_(std::move(fd)) {
+  (void)SetNonBlocking(fd_.get());
+}
+
+InputStream::~InputStream() {
+  if (watch_) loop_->Unwatch(watch_);
+  Fail(Error::Make(Code::kUnavailable, "stdin closed: the process is gone"));
+}
+
+void InputStream::Write(std::string data, std::function<void(Result<uint32_t>)> done) {
+  if (!fd_ || close_requested_) {
+    done(Error::Make(Code::kFailedPrecondition, "stdin is closed"));
+    return;
+  }
+  pending_.push_back({std::move(data), 0, std::move(done)});
+  Flush();
+}
+
+void InputStream::Close() {
+  close_requested_ = true;
+  Flush();
+}
+
+void InputStream::Flush() {
+  while (fd_ && !pending_.empty()) {
+    Pending& p = pending_.front();
+    while (p.written < p.data.size()) {
+      ssize_t n = ::write(fd_.get(), p.data.data() + p.written, p.data.size() - p.written);
+      if (n > 0) {
+        p.written += static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) {
+        if (!watch_) {
+          auto w = loop_->Watch(fd_.get(), EPOLLOUT, [this](uint32_t) { Flush(); });
+          if (!w.ok()) return Fail(w.error());
+          watch_ = *w;
+        }
+        return;
+      }
+      return Fail(Error::Errno("write to process stdin"));
+    }
+    auto done = std::move(p.done);
+    uint32_t len = static_cast<uint32_t>(p.written);
+    pending_.pop_front();
+    done(len);
+  }
+  if (watch_) {
+    loop_->Unwatch(watch_);
+    watch_ = 0;
+  }
+  if (close_requested_ && pending_.empty()) fd_.Reset();
+}
+
+void InputStream::Fail(const Error& e) {
+  if (watch_) {
+    loop_->Unwatch(watch_);
+    watch_ = 0;
+  }
+  fd_.Reset();
+  auto pending = std::move(pending_);
+  pending_.clear();
+  for (auto& p : pending) p.done(e);
+}
+
+}  // namespace peapod::agent

@@ -1,0 +1,98 @@
+// A process's stdio inside the agent: output pulled by the host, input pushed by it.
+//
+// Back-pressure: an OutputStream buffers at most kMaxBuffered bytes, then stops reading its
+// pipe until the host has pulled some. A container that writes faster than its shim reads
+// blocks in write(2), like on a full pipe, instead of filling the guest's memory or the channel
+// that every other container's stdio shares.
+//
+// Nothing written before exit is lost: EOF is reported only once the pipe (or pty) is closed by
+// every writer and the buffer is empty.
+#pragma once
+
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/base/result.h"
+#include "common/base/unique_fd.h"
+#include "common/loop/event_loop.h"
+
+namespace peapod::agent {
+
+class OutputStream {
+ public:
+  static constexpr size_t kMaxBuffered = 256 << 10;
+  static constexpr size_t kMaxRead = 1 << 20;
+
+  struct Reader {
+    // False once the caller no longer waits (deadline passed, connection gone): the data is
+    // then kept for the next reader instead of being handed to nobody.
+    std::function<bool()> waiting;
+    std::function<void(std::string data, bool eof)> deliver;
+  };
+
+  // fd: the read end of a pipe, or a pty master (where EIO means the other side closed).
+  OutputStream(EventLoop* loop, UniqueFd fd, bool pty);
+  ~OutputStream();
+  OutputStream(const OutputStream&) = delete;
+  OutputStream& operator=(const OutputStream&) = delete;
+
+  Result<void> Start();
+  // Answers as soon as there is data (at most max bytes) or EOF.
+  void Read(size_t max, Reader reader);
+  bool eof() const { return closed_ && buf_.empty(); }
+  size_t buffered() const { return buf_.size(); }
+
+ private:
+  void OnReadable();
+  void Serve();
+  void UpdateWatch();
+
+  EventLoop* loop_;
+  UniqueFd fd_;
+  bool pty_;
+  EventLoop::WatchId watch_ = 0;
+  bool watching_in_ = false;
+  bool closed_ = false;
+  std::string buf_;
+  struct Pending {
+    size_t max;
+    Reader reader;
+  };
+  std::deque<Pending> readers_;
+};
+
+class InputStream {
+ public:
+  // fd: the write end of a pipe, or a dup of a pty master.
+  InputStream(EventLoop* loop, UniqueFd fd);
+  ~InputStream();
+  InputStream(const InputStream&) = delete;
+  InputStream& operator=(const InputStream&) = delete;
+
+  // Writes data, waiting while the pipe is full; answers how much was written (all of it,
+  // unless the reader went away, which is an error).
+  void Write(std::string data, std::function<void(Result<uint32_t>)> done);
+  // Closes the fd once queued writes are done, so the process sees EOF.
+  void Close();
+  bool closed() const { return !fd_ && pending_.empty(); }
+
+ private:
+  void Flush();
+  void Fail(const Error& e);
+
+  EventLoop* loop_;
+  UniqueFd fd_;
+  EventLoop::WatchId watch_ = 0;
+  bool close_requested_ = false;
+  struct Pending {
+    std::string data;
+    size_t written = 0;
+    std::function<void(Result<uint32_t>)> done;
+  };
+  std::deque<Pending> pending_;
+};
+
+}  // namespace peapod::agent

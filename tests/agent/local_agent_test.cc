@@ -1,0 +1,200 @@
+// peapod-agent in local mode: the real agent binary as a host process serving a unix socket,
+// running real crun containers on the host's kernel (no VM, no cgroup limits). Covers the
+// agent's request handling, stdio and error paths in seconds; what needs the guest kernel
+// (cgroups, OOM, network) is covered by the vm tests.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "tests/common/agent_client.h"
+#include "tests/unit/loop_fixture.h"
+
+namespace peapod::agenttest {
+namespace {
+
+namespace fs = std::filesystem;
+
+class LocalAgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root (crun, mounts)";
+    if (::access("/usr/bin/crun", X_OK) != 0) GTEST_SKIP() << "crun is not installed";
+    dir_ = fs::temp_directory_path() / ("peapod-localagent-" + std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    if (auto why = BuildBusyboxRoot(dir_ + "/busybox"); !why.empty()) GTEST_SKIP() << why;
+    std::string sock = dir_ + "/agent.sock";
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::string log = dir_ + "/agent.log";
+      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      ::execl(PEAPOD_AGENT_BINARY, PEAPOD_AGENT_BINARY, "--listen", sock.c_str(), "--run-dir",
+              (dir_ + "/run").c_str(), "--log-level", "debug", nullptr);
+      ::_exit(127);
+    }
+    std::shared_ptr<ttrpc::Client> client;
+    for (int i = 0; i < 500 && !client; ++i) {
+      if (auto fd = ConnectUnix(sock); fd.ok()) {
+        client = lt_.Sync([&] { return *ttrpc::Client::Create(lt_.loop(), std::move(*fd)); });
+      } else {
+        std::this_thread::sleep_for(10ms);
+      }
+    }
+    ASSERT_NE(client, nullptr) << "agent did not listen; log:\n" << Log();
+    v1::Storage layer;
+    layer.set_driver(v1::Storage::BIND);
+    layer.set_source(dir_ + "/busybox");
+    layer.add_options("ro");
+    layer.set_mount_point(dir_ + "/run/layers/busybox");
+    agent_ = std::make_unique<AgentClient>(std::move(client), layer);
+  }
+
+  void TearDown() override {
+    if (agent_) lt_.Sync([&] { agent_.reset(); });
+    if (pid_ > 0) {
+      // A clean exit on SIGTERM: also how sanitizer reports from the agent fail the test.
+      ::kill(pid_, SIGTERM);
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "agent exit status " << status;
+    }
+    if (HasFailure() && !dir_.empty()) std::printf("agent log:\n%s\n", Log().c_str());
+    if (!dir_.empty()) fs::remove_all(dir_);
+  }
+
+  std::string Log() {
+    std::ifstream f(dir_ + "/agent.log");
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  }
+
+  peapod::testing::LoopThread lt_;
+  std::string dir_;
+  pid_t pid_ = -1;
+  std::unique_ptr<AgentClient> agent_;
+};
+
+TEST_F(LocalAgentTest, RunsAContainerWithItsOutputAndExitCode) {
+  auto pid = agent_->Create("c1", Spec({"sh", "-c", "echo out; echo err >&2; exit 3"}));
+  ASSERT_TRUE(pid.ok()) << pid.error().ToString();
+  EXPECT_GT(*pid, 0u);
+  EXPECT_EQ(agent_->State("c1"), v1::StateContainerResponse::CREATED);
+  ASSERT_TRUE(agent_->Start("c1").ok());
+  EXPECT_EQ(agent_->ReadAll("c1"), "out\n");
+  EXPECT_EQ(agent_->ReadAll("c1", "", true), "err\n");
+  EXPECT_EQ(*agent_->Wait("c1"), 3u);
+  EXPECT_EQ(agent_->State("c1"), v1::StateContainerResponse::STOPPED);
+  // Waiting again answers at once with the same status.
+  EXPECT_EQ(*agent_->Wait("c1"), 3u);
+  ASSERT_TRUE(agent_->Remove("c1").ok());
+  EXPECT_EQ(agent_->State("c1"), v1::StateContainerResponse::UNKNOWN);
+}
+
+TEST_F(LocalAgentTest, StdinReachesTheProcessAndCloseGivesItEof) {
+  ASSERT_TRUE(agent_->Create("cat", Spec({"cat"}), /*stdin=*/true).ok());
+  ASSERT_TRUE(agent_->Start("cat").ok());
+  v1::WriteStreamRequest w;
+  w.set_container_id("cat");
+  w.set_data("ping\n");
+  auto n = agent_->Call<v1::WriteStreamResponse>("WriteStdin", w);
+  ASSERT_TRUE(n.ok()) << n.error().ToString();
+  EXPECT_EQ(n->len(), 5u);
+  v1::ProcessRequest close;
+  close.set_container_id("cat");
+  ASSERT_TRUE(agent_->Call<Empty>("CloseStdin", close).ok());
+  EXPECT_EQ(agent_->ReadAll("cat"), "ping\n");
+  EXPECT_EQ(*agent_->Wait("cat"), 0u);
+  ASSERT_TRUE(agent_->Remove("cat").ok());
+}
+
+TEST_F(LocalAgentTest, AChattyContainerDoesNotStarveAnother) {
+  // "chatty" writes without end and nobody reads it: its buffer fills and it blocks, while the
+  // quiet container's output still arrives promptly over the same connection.
+  ASSERT_TRUE(agent_->Create("chatty", Spec({"sh", "-c", "while :; do echo spam; done"})).ok());
+  ASSERT_TRUE(agent_->Start("chatty").ok());
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(agent_->Create("quiet", Spec({"sh", "-c", "echo hello; exit 0"})).ok());
+  ASSERT_TRUE(agent_->Start("quiet").ok());
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(agent_->ReadAll("quiet"), "hello\n");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 20s);
+  EXPECT_EQ(*agent_->Wait("quiet"), 0u);
+  // The chatty one's output is intact when finally read.
+  auto first = agent_->ReadOnce("chatty");
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(first->data().substr(0, 5), "spam\n");
+  EXPECT_TRUE(agent_->Remove("chatty", true).ok());
+  EXPECT_TRUE(agent_->Remove("quiet").ok());
+}
+
+TEST_F(LocalAgentTest, ExecWithAndWithoutATerminal) {
+  ASSERT_TRUE(agent_->Create("svc", Spec({"sleep", "100"})).ok());
+  ASSERT_TRUE(agent_->Start("svc").ok());
+  ASSERT_TRUE(agent_->Exec("svc", "e1", {"sh", "-c", "echo from-exec; exit 5"}).ok());
+  EXPECT_EQ(agent_->ReadAll("svc", "e1"), "from-exec\n");
+  EXPECT_EQ(*agent_->Wait("svc", "e1"), 5u);
+  auto tty = agent_->Exec("svc", "t1", {"sh", "-c", "tty"}, true);
+  ASSERT_TRUE(tty.ok()) << tty.error().ToString();
+  EXPECT_NE(agent_->ReadAll("svc", "t1").find("/dev/pts/"), std::string::npos);
+  EXPECT_EQ(*agent_->Wait("svc", "t1"), 0u);
+  // A terminal process has no separate stderr.
+  EXPECT_EQ(agent_->ReadOnce("svc", "t1", true).error().code(), Code::kFailedPrecondition);
+  // A running exec cannot be deleted; a finished one can, once.
+  ASSERT_TRUE(agent_->Exec("svc", "long", {"sleep", "100"}).ok());
+  v1::DeleteProcessRequest del;
+  del.set_container_id("svc");
+  del.set_exec_id("long");
+  EXPECT_EQ(agent_->Call<Empty>("DeleteProcess", del).error().code(), Code::kFailedPrecondition);
+  ASSERT_TRUE(agent_->Signal("svc", "long", SIGKILL).ok());
+  EXPECT_EQ(*agent_->Wait("svc", "long"), 128u + SIGKILL);
+  EXPECT_TRUE(agent_->Call<Empty>("DeleteProcess", del).ok());
+  EXPECT_EQ(agent_->Call<Empty>("DeleteProcess", del).error().code(), Code::kNotFound);
+  EXPECT_EQ(agent_->Signal("svc", "long", SIGTERM).error().code(), Code::kNotFound);
+  EXPECT_TRUE(agent_->Remove("svc", true).ok());
+}
+
+TEST_F(LocalAgentTest, BadRequestsGetClearErrorsAndChangeNothing) {
+  auto bad_json = agent_->Create("bad", "{not json");
+  ASSERT_FALSE(bad_json.ok());
+  EXPECT_EQ(bad_json.error().code(), Code::kInvalidArgument);
+  EXPECT_NE(bad_json.error().message().find("config.json"), std::string::npos);
+  auto bad_id = agent_->Create("../escape", Spec({"true"}));
+  EXPECT_EQ(bad_id.error().code(), Code::kInvalidArgument);
+  auto bad_cmd = agent_->Create("nocmd", Spec({"/bin/does-not-exist"}));
+  // crun reports a missing executable at create or start, never silently.
+  if (bad_cmd.ok()) {
+    EXPECT_FALSE(agent_->Start("nocmd").ok());
+    EXPECT_TRUE(agent_->Remove("nocmd", true).ok());
+  } else {
+    EXPECT_NE(bad_cmd.error().message().find("does-not-exist"), std::string::npos)
+        << bad_cmd.error().message();
+  }
+  EXPECT_EQ(agent_->Start("nosuch").error().code(), Code::kNotFound);
+  EXPECT_EQ(agent_->Wait("nosuch").error().code(), Code::kNotFound);
+  EXPECT_EQ(agent_->Remove("nosuch").error().code(), Code::kNotFound);
+
+  ASSERT_TRUE(agent_->Create("dup", Spec({"sleep", "100"})).ok());
+  EXPECT_EQ(agent_->Create("dup", Spec({"true"})).error().code(), Code::kAlreadyExists);
+  EXPECT_EQ(agent_->Exec("dup", "e", {"true"}).error().code(), Code::kFailedPrecondition)
+      << "exec before start";
+  ASSERT_TRUE(agent_->Start("dup").ok());
+  EXPECT_EQ(agent_->Start("dup").error().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(agent_->Remove("dup").error().code(), Code::kFailedPrecondition);
+  // Garbage bytes for a request.
+  auto garbage = agent_->raw()->CallSync(kAgent, "CreateContainer", "\xff\xff\xff");
+  EXPECT_EQ(garbage.error().code(), Code::kInvalidArgument);
+  // Still serving, and the failed creates left nothing behind: the ids are free again.
+  EXPECT_TRUE(agent_->Call<v1::CheckResponse>("Check", v1::CheckRequest()).ok());
+  ASSERT_TRUE(agent_->Create("bad", Spec({"true"})).ok());
+  EXPECT_TRUE(agent_->Remove("bad", true).ok());
+  EXPECT_TRUE(agent_->Remove("dup", true).ok());
+  EXPECT_TRUE(fs::is_empty(dir_ + "/run/containers"));
+}
+
+}  // namespace
+}  // namespace peapod::agenttest

@@ -1,0 +1,244 @@
+// The agent's process plumbing without a VM or crun: stdio streams with back-pressure, the
+// reaper, helper commands, mount option parsing.
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <future>
+
+#include "podagent/process.h"
+#include "podagent/storage.h"
+#include "podagent/stream.h"
+#include "tests/unit/loop_fixture.h"
+
+namespace peapod::agent {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Pipe {
+  UniqueFd r, w;
+  Pipe() {
+    int fds[2];
+    EXPECT_EQ(::pipe2(fds, O_CLOEXEC), 0);
+    r.Reset(fds[0]);
+    w.Reset(fds[1]);
+  }
+};
+
+// Reads once from the stream on the loop thread and waits for the answer.
+std::pair<std::string, bool> ReadOnce(peapod::testing::LoopThread& lt, OutputStream& s,
+                                      size_t max = OutputStream::kMaxRead) {
+  std::promise<std::pair<std::string, bool>> p;
+  auto f = p.get_future();
+  lt.Sync([&] {
+    s.Read(max, {.waiting = [] { return true; },
+                 .deliver =
+                     [&p](std::string d, bool eof) {
+                       p.set_value({std::move(d), eof});
+                     }});
+  });
+  EXPECT_EQ(f.wait_for(10s), std::future_status::ready);
+  return f.get();
+}
+
+TEST(OutputStreamTest, DeliversEverythingThenEof) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  OutputStream s(lt.loop(), std::move(pipe.r), false);
+  ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
+  ASSERT_TRUE(WriteAll(pipe.w.get(), "hello ", 6).ok());
+  ASSERT_TRUE(WriteAll(pipe.w.get(), "world", 5).ok());
+  pipe.w.Reset();
+  std::string got;
+  bool eof = false;
+  while (!eof) {
+    auto [data, e] = ReadOnce(lt, s, 4);
+    EXPECT_LE(data.size(), 4u);
+    got += data;
+    eof = e;
+  }
+  EXPECT_EQ(got, "hello world");
+  lt.Sync([&] { EXPECT_TRUE(s.eof()); });
+}
+
+TEST(OutputStreamTest, StopsReadingWhenItsBufferIsFullSoTheWriterBlocks) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  int wfd = pipe.w.get();
+  ASSERT_TRUE(SetNonBlocking(wfd).ok());
+  OutputStream s(lt.loop(), std::move(pipe.r), false);
+  ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
+  // Write until the pipe is full: the stream must not absorb more than its bound.
+  std::string chunk(64 << 10, 'x');
+  size_t written = 0;
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  int stalls = 0;
+  while (std::chrono::steady_clock::now() < deadline && stalls < 50) {
+    ssize_t n = ::write(wfd, chunk.data(), chunk.size());
+    if (n > 0) {
+      written += static_cast<size_t>(n);
+      stalls = 0;
+    } else {
+      ++stalls;
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+  size_t buffered = lt.Sync([&] { return s.buffered(); });
+  EXPECT_EQ(buffered, OutputStream::kMaxBuffered);
+  EXPECT_LT(written, OutputStream::kMaxBuffered + (4u << 20)) << "writer was never blocked";
+  // Draining lets the writer go on, and nothing is lost.
+  pipe.w.Reset();
+  size_t total = 0;
+  bool eof = false;
+  while (!eof) {
+    auto [data, e] = ReadOnce(lt, s);
+    total += data.size();
+    eof = e;
+  }
+  EXPECT_EQ(total, written);
+}
+
+TEST(OutputStreamTest, DataIsKeptForTheNextReaderWhenACallerGaveUp) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  OutputStream s(lt.loop(), std::move(pipe.r), false);
+  ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
+  bool delivered_to_gone = false;
+  lt.Sync([&] {
+    s.Read(100, {.waiting = [] { return false; },
+                 .deliver = [&](std::string, bool) { delivered_to_gone = true; }});
+  });
+  ASSERT_TRUE(WriteAll(pipe.w.get(), "kept", 4).ok());
+  auto [data, eof] = ReadOnce(lt, s);
+  EXPECT_EQ(data, "kept");
+  EXPECT_FALSE(eof);
+  EXPECT_FALSE(delivered_to_gone);
+}
+
+TEST(InputStreamTest, WritesThenClosesSoTheReaderSeesEof) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  InputStream in(lt.loop(), std::move(pipe.w));
+  std::promise<Result<uint32_t>> p;
+  auto f = p.get_future();
+  lt.Sync([&] { in.Write("abc", [&](Result<uint32_t> n) { p.set_value(std::move(n)); }); });
+  auto n = f.get();
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 3u);
+  lt.Sync([&] { in.Close(); });
+  char buf[8];
+  EXPECT_EQ(::read(pipe.r.get(), buf, sizeof(buf)), 3);
+  EXPECT_EQ(::read(pipe.r.get(), buf, sizeof(buf)), 0);
+  // Writing after close is a clear error.
+  std::promise<Result<uint32_t>> p2;
+  lt.Sync([&] { in.Write("x", [&](Result<uint32_t> r) { p2.set_value(std::move(r)); }); });
+  EXPECT_EQ(p2.get_future().get().error().code(), Code::kFailedPrecondition);
+}
+
+TEST(InputStreamTest, AWriteToAFullPipeWaitsForTheReader) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  InputStream in(lt.loop(), std::move(pipe.w));
+  std::string big(1 << 20, 'y');  // more than a pipe holds
+  std::promise<Result<uint32_t>> p;
+  auto f = p.get_future();
+  lt.Sync([&] { in.Write(big, [&](Result<uint32_t> n) { p.set_value(std::move(n)); }); });
+  EXPECT_EQ(f.wait_for(100ms), std::future_status::timeout);
+  std::string got;
+  char buf[65536];
+  while (got.size() < big.size()) {
+    ssize_t n = ::read(pipe.r.get(), buf, sizeof(buf));
+    ASSERT_GT(n, 0);
+    got.append(buf, static_cast<size_t>(n));
+  }
+  ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(*f.get(), big.size());
+  EXPECT_EQ(got, big);
+}
+
+// Reaps from the loop thread every few ms: a test binary cannot own SIGCHLD the way the agent
+// (single-threaded, signalfd) does.
+struct ReaperThread {
+  peapod::testing::LoopThread lt;
+  Reaper reaper;
+  std::atomic<bool> stop{false};
+  void Tick() {
+    reaper.Reap();
+    if (!stop) lt.loop()->AddTimer(5ms, [this] { Tick(); });
+  }
+  ReaperThread() {
+    lt.Sync([&] { Tick(); });
+  }
+  ~ReaperThread() {
+    stop = true;
+    lt.Sync([] {});
+  }
+};
+
+TEST(ReaperTest, ExitCodesAndExitsThatArriveBeforeAnyoneAsks) {
+  ReaperThread rt;
+  auto pid = Spawn({.argv = {"/bin/sh", "-c", "exit 3"}});
+  ASSERT_TRUE(pid.ok()) << pid.error().ToString();
+  // Let it exit and be reaped before anyone asks for it.
+  std::this_thread::sleep_for(200ms);
+  std::promise<int> p;
+  rt.lt.Sync([&] { rt.reaper.OnExit(*pid, [&](int status) { p.set_value(status); }); });
+  auto f = p.get_future();
+  ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(ExitCodeFromWaitStatus(f.get()), 3u);
+
+  auto sleeper = Spawn({.argv = {"/bin/sleep", "100"}});
+  ASSERT_TRUE(sleeper.ok());
+  std::promise<int> p2;
+  rt.lt.Sync([&] { rt.reaper.OnExit(*sleeper, [&](int status) { p2.set_value(status); }); });
+  ::kill(*sleeper, SIGTERM);
+  auto f2 = p2.get_future();
+  ASSERT_EQ(f2.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(ExitCodeFromWaitStatus(f2.get()), 128u + SIGTERM);
+}
+
+TEST(RunCommandTest, OutputOnSuccessAndStderrInTheError) {
+  ReaperThread rt;
+  std::promise<Result<std::string>> ok, bad, missing;
+  rt.lt.Sync([&] {
+    RunCommand(rt.lt.loop(), &rt.reaper, {.argv = {"/bin/sh", "-c", "echo out; echo err >&2"}},
+               [&](Result<std::string> r) { ok.set_value(std::move(r)); });
+    RunCommand(rt.lt.loop(), &rt.reaper,
+               {.argv = {"/bin/sh", "-c", "echo container not found >&2; exit 4"}},
+               [&](Result<std::string> r) { bad.set_value(std::move(r)); });
+    RunCommand(rt.lt.loop(), &rt.reaper, {.argv = {"/nonexistent/crun", "state"}},
+               [&](Result<std::string> r) { missing.set_value(std::move(r)); });
+  });
+  auto r1 = ok.get_future().get();
+  ASSERT_TRUE(r1.ok()) << r1.error().ToString();
+  EXPECT_EQ(*r1, "out\n");
+  auto r2 = bad.get_future().get();
+  ASSERT_FALSE(r2.ok());
+  EXPECT_NE(r2.error().message().find("exit status 4"), std::string::npos);
+  EXPECT_NE(r2.error().message().find("container not found"), std::string::npos)
+      << r2.error().message();
+  auto r3 = missing.get_future().get();
+  ASSERT_FALSE(r3.ok());
+  EXPECT_NE(r3.error().message().find("exit status 127"), std::string::npos)
+      << r3.error().message();
+}
+
+TEST(MountOptionsTest, FlagsAndData) {
+  auto o = ParseMountOptions({"ro", "nosuid", "nodev", "size=64k", "mode=755", "defaults"});
+  EXPECT_EQ(o.flags, static_cast<unsigned long>(MS_RDONLY | MS_NOSUID | MS_NODEV));
+  EXPECT_EQ(o.data, "size=64k,mode=755");
+  EXPECT_EQ(ParseMountOptions({"ro", "rw"}).flags, 0ul);
+  EXPECT_EQ(ParseMountOptions({"rbind"}).flags, static_cast<unsigned long>(MS_BIND | MS_REC));
+}
+
+TEST(ScsiTest, AddressesAreValidated) {
+  EXPECT_EQ(FindScsiDisk("sda", 0ms).error().code(), Code::kInvalidArgument);
+  EXPECT_EQ(FindScsiDisk("0:1:2", 0ms).error().code(), Code::kInvalidArgument);
+  EXPECT_EQ(FindScsiDisk("0:77", 0ms).error().code(), Code::kNotFound);
+}
+
+}  // namespace
+}  // namespace peapod::agent
