@@ -36,6 +36,14 @@ inline std::string FindQemu() {
   return "";
 }
 
+// The command line vm-images chose for this kernel.
+inline std::string KernelCmdline() {
+  std::ifstream f(ImageDir() + "/cmdline");
+  std::string line;
+  std::getline(f, line);
+  return line.empty() ? "console=ttyS0 panic=-1 quiet" : line;
+}
+
 // TCG unless PEAPOD_TEST_ACCEL says otherwise: a /dev/kvm that exists is not always one that
 // works (on the CI machines it exists, and the guest hangs after the firmware).
 inline std::string Accel() {
@@ -55,8 +63,8 @@ class Vm {
     console_ = dir + "/console.log";
     std::vector<std::string> argv = {
         FindQemu(), "-M", "q35", "-accel", Accel(), "-m", "512", "-smp", "1", "-nodefaults",
-        "-no-user-config", "-nographic", "-no-reboot", "-kernel", ImageDir() + "/vmlinuz",
-        "-initrd", ImageDir() + "/initrd.img", "-append", "console=ttyS0 panic=-1 quiet", "-serial",
+        "-no-user-config", "-nographic", "-no-reboot", "-kernel", ImageDir() + "/vmlinux",
+        "-initrd", ImageDir() + "/initrd.img", "-append", KernelCmdline(), "-serial",
         "file:" + console_, "-device", "virtio-serial-pci", "-chardev",
         "socket,id=agent,path=" + sock_ + ",server=on,wait=off", "-device",
         "virtserialport,chardev=agent,name=io.peapod.agent.0",
@@ -130,7 +138,7 @@ class AgentVmTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (FindQemu().empty()) GTEST_SKIP() << "qemu-system-x86_64 is not installed";
-    if (!fs::exists(ImageDir() + "/vmlinuz") || !fs::exists(ImageDir() + "/initrd.img")) {
+    if (!fs::exists(ImageDir() + "/vmlinux") || !fs::exists(ImageDir() + "/initrd.img")) {
       GTEST_SKIP() << "no guest image in " << ImageDir() << " (the vm-images target builds it)";
     }
     dir_ = fs::temp_directory_path() / ("peapod-vmtest-" + std::to_string(::getpid()));
