@@ -30,7 +30,6 @@ std::string CallContext::Get(const std::string& key) const {
   return it->second.front();
 }
 
-namespace {
 std::string EncodeResponse(const Result<std::string>& result) {
   ::ttrpc::Response resp;
   auto* status = resp.mutable_status();
@@ -51,7 +50,7 @@ std::string EncodeResponse(const Result<std::string>& result) {
   }
   return out;
 }
-}  // namespace
+
 
 void Responder::operator()(Result<std::string> payload) const {
   State& s = *state_;

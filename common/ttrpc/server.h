@@ -59,6 +59,10 @@ using Method = std::function<void(const CallContext&, std::string payload, Respo
 template <typename Resp>
 using TypedResponder = std::function<void(Result<Resp>)>;
 
+// A ttrpc Response message: the payload, or the error as a google.rpc.Status. A response that
+// would exceed kMaxMessageSize becomes a RESOURCE_EXHAUSTED status instead.
+std::string EncodeResponse(const Result<std::string>& result);
+
 class Server {
  public:
   explicit Server(EventLoop* loop) : loop_(loop) {}
