@@ -24,15 +24,14 @@ Result<void> AgentMux::AttachUpstream(UniqueFd fd) {
     old->Close(Error(Code::kUnavailable, "agent channel replaced"));
   }
   std::weak_ptr<bool> alive = alive_;
-  PP_ASSIGN_OR_RETURN(
-      auto conn, ttrpc::Connection::Create(
-                     loop_, std::move(fd),
-                     [this, alive](Frame&& f) {
-                       if (!alive.expired()) OnUpstreamFrame(std::move(f));
-                     },
-                     [this, alive](const Error& why) {
-                       if (!alive.expired()) OnUpstreamClosed(why);
-                     }));
+  PP_ASSIGN_OR_RETURN(auto conn, ttrpc::Connection::Create(
+                                     loop_, std::move(fd),
+                                     [this, alive](Frame&& f) {
+                                       if (!alive.expired()) OnUpstreamFrame(std::move(f));
+                                     },
+                                     [this, alive](const Error& why) {
+                                       if (!alive.expired()) OnUpstreamClosed(why);
+                                     }));
   upstream_ = std::move(conn);
   return Ok();
 }
@@ -56,19 +55,18 @@ Result<void> AgentMux::AddClient(UniqueFd fd) {
   auto client = std::make_shared<Client>();
   std::weak_ptr<Client> weak = client;
   std::weak_ptr<bool> alive = alive_;
-  PP_ASSIGN_OR_RETURN(client->conn,
-                      ttrpc::Connection::Create(
-                          loop_, std::move(fd),
-                          [this, alive, weak](Frame&& f) {
-                            auto c = weak.lock();
-                            if (c && !alive.expired()) OnClientFrame(c, std::move(f));
-                          },
-                          [this, alive, weak](const Error&) {
-                            if (alive.expired()) return;
-                            // Its in-flight calls stay routed to a dead weak_ptr: their
-                            // responses are dropped when they come.
-                            if (auto c = weak.lock()) clients_.erase(c);
-                          }));
+  PP_ASSIGN_OR_RETURN(client->conn, ttrpc::Connection::Create(
+                                        loop_, std::move(fd),
+                                        [this, alive, weak](Frame&& f) {
+                                          auto c = weak.lock();
+                                          if (c && !alive.expired()) OnClientFrame(c, std::move(f));
+                                        },
+                                        [this, alive, weak](const Error&) {
+                                          if (alive.expired()) return;
+                                          // Its in-flight calls stay routed to a dead weak_ptr:
+                                          // their responses are dropped when they come.
+                                          if (auto c = weak.lock()) clients_.erase(c);
+                                        }));
   clients_.insert(client);
   return Ok();
 }

@@ -51,7 +51,6 @@ std::string EncodeResponse(const Result<std::string>& result) {
   return out;
 }
 
-
 void Responder::operator()(Result<std::string> payload) const {
   State& s = *state_;
   if (s.answered) return;

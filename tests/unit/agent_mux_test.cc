@@ -5,8 +5,8 @@
 #include "common/ttrpc/client.h"
 #include "common/ttrpc/server.h"
 #include "sandboxer/agent_mux.h"
-#include "ttrpc/request.pb.h"
 #include "tests/unit/loop_fixture.h"
+#include "ttrpc/request.pb.h"
 
 namespace peapod::sandboxer {
 namespace {
@@ -16,8 +16,9 @@ using namespace std::chrono_literals;
 // An "agent" with Echo (answers at once) and Hold (answers only when released).
 struct FakeAgent {
   explicit FakeAgent(EventLoop* loop) : server(loop) {
-    server.Register("t.Agent", "Echo", [](const ttrpc::CallContext&, std::string p,
-                                          ttrpc::Responder r) { r("echo:" + p); });
+    server.Register(
+        "t.Agent", "Echo",
+        [](const ttrpc::CallContext&, std::string p, ttrpc::Responder r) { r("echo:" + p); });
     server.Register("t.Agent", "Hold",
                     [this](const ttrpc::CallContext&, std::string p, ttrpc::Responder r) {
                       held.push_back({std::move(p), r});
@@ -64,9 +65,8 @@ class AgentMuxTest : public ::testing::Test {
     auto p = std::make_shared<std::promise<Result<std::string>>>();
     auto f = p->get_future();
     lt_.Sync([&] {
-      c->Call("t.Agent", method, payload, {}, [p](Result<std::string> r) {
-        p->set_value(std::move(r));
-      });
+      c->Call("t.Agent", method, payload, {},
+              [p](Result<std::string> r) { p->set_value(std::move(r)); });
     });
     return f;
   }
