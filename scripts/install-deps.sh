@@ -17,7 +17,7 @@ pkgs=(
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   # libraries the programs link
   libnl-3-dev libnl-route-3-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libcap-ng-dev
-  libvirt-dev
+  libvirt-dev libxml2-dev
   # tests
   libgtest-dev libgmock-dev googletest
   # VM and guest tooling (issues 5 and 6 use them; cheap to have from day one)
@@ -41,6 +41,15 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "install-deps: Debian packages already present"
+fi
+
+# libvirt's QEMU driver looks up its build-time default user before it reads qemu.conf, so the
+# embedded driver fails to start ("Failed to parse user 'libvirt-qemu'") unless it exists.
+# libvirt-daemon-system would create it along with a daemon we do not want.
+if ! getent passwd libvirt-qemu >/dev/null; then
+  echo "install-deps: creating system user libvirt-qemu"
+  useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt \
+    --shell /usr/sbin/nologin libvirt-qemu
 fi
 
 if [[ "${1:-}" == "--apt-only" ]]; then

@@ -36,7 +36,7 @@ inline std::string BuildBusyboxRoot(const std::string& root) {
   }
   fs::copy_file("/bin/busybox", root + "/bin/busybox", fs::copy_options::overwrite_existing);
   for (const char* applet : {"sh", "cat", "echo", "sleep", "dd", "seq", "uname", "readlink", "tty",
-                             "true", "ls", "head", "ip", "hostname", "wc"}) {
+                             "true", "ls", "head", "ip", "hostname", "wc", "stty"}) {
     std::error_code ec;
     fs::create_symlink("busybox", root + "/bin/" + applet, ec);
   }

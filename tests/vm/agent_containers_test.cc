@@ -206,6 +206,30 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   EXPECT_GT(stats->metrics().memory().usage(), 0u);
   EXPECT_GT(stats->metrics().pids().current(), 0u);
 
+  // Resources updated in place.
+  v1::UpdateContainerRequest update;
+  update.set_container_id("svc");
+  update.set_resources(R"({"memory": {"limit": 67108864}, "pids": {"limit": 50}})");
+  auto updated = agent_->Call<Empty>("UpdateContainer", update);
+  ASSERT_TRUE(updated.ok()) << updated.error().ToString();
+  auto after = agent_->Call<v1::StatsContainerResponse>("StatsContainer", creq);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->metrics().memory().usage_limit(), 64u << 20);
+  EXPECT_EQ(after->metrics().pids().limit(), 50u);
+  update.set_resources("{\"memory\": {\"limit\": \"lots\"}}");
+  EXPECT_EQ(agent_->Call<Empty>("UpdateContainer", update).error().code(), Code::kInvalidArgument);
+
+  // A terminal resized while its process runs.
+  ASSERT_TRUE(agent_->Exec("svc", "sized", {"sh", "-c", "sleep 2; stty size"}, true).ok());
+  v1::ResizePtyRequest resize;
+  resize.set_container_id("svc");
+  resize.set_exec_id("sized");
+  resize.set_width(123);
+  resize.set_height(45);
+  ASSERT_TRUE(agent_->Call<Empty>("ResizePty", resize).ok());
+  EXPECT_NE(agent_->ReadAll("svc", "sized").find("45 123"), std::string::npos);
+  EXPECT_EQ(*agent_->Wait("svc", "sized"), 0u);
+
   // Pause and resume.
   ASSERT_TRUE(agent_->Call<Empty>("PauseContainer", creq).ok());
   EXPECT_EQ(agent_->State("svc"), v1::StateContainerResponse::PAUSED);

@@ -152,9 +152,15 @@ class AgentVmTest : public ::testing::Test {
   std::shared_ptr<ttrpc::Client> ConnectAndCheck(peapod::testing::LoopThread& lt, Vm& vm,
                                                  v1::CheckResponse* out,
                                                  std::chrono::seconds budget = 120s) {
+    return ConnectAndCheck(lt, vm.socket(), out, budget);
+  }
+  // The same for any socket that leads to an agent (QEMU's chardev, a mux).
+  std::shared_ptr<ttrpc::Client> ConnectAndCheck(peapod::testing::LoopThread& lt,
+                                                 const std::string& socket, v1::CheckResponse* out,
+                                                 std::chrono::seconds budget = 120s) {
     auto end = std::chrono::steady_clock::now() + budget;
     while (std::chrono::steady_clock::now() < end) {
-      auto fd = ConnectUnix(vm.socket());
+      auto fd = ConnectUnix(socket);
       if (!fd.ok()) {
         std::this_thread::sleep_for(20ms);
         continue;

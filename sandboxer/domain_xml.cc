@@ -1,0 +1,112 @@
+#include "sandboxer/domain_xml.h"
+
+#include <libxml/xmlwriter.h>
+
+#include <memory>
+
+namespace peapod::sandboxer {
+
+namespace {
+
+// A thin RAII layer over libxml2's xmlTextWriter: it escapes text and attributes, so names and
+// paths from requests cannot change the document's structure.
+class Writer {
+ public:
+  Writer() : buf_(xmlBufferCreate()), w_(xmlNewTextWriterMemory(buf_, 0)) {
+    xmlTextWriterSetIndent(w_, 1);
+    xmlTextWriterSetIndentString(w_, BAD_CAST "  ");
+  }
+  ~Writer() {
+    if (w_) xmlFreeTextWriter(w_);
+    if (buf_) xmlBufferFree(buf_);
+  }
+  Writer(const Writer&) = delete;
+  Writer& operator=(const Writer&) = delete;
+
+  Writer& Open(const char* name) {
+    ok_ &= xmlTextWriterStartElement(w_, BAD_CAST name) >= 0;
+    return *this;
+  }
+  Writer& Attr(const char* name, const std::string& value) {
+    ok_ &= xmlTextWriterWriteAttribute(w_, BAD_CAST name, BAD_CAST value.c_str()) >= 0;
+    return *this;
+  }
+  Writer& Text(const std::string& text) {
+    ok_ &= xmlTextWriterWriteString(w_, BAD_CAST text.c_str()) >= 0;
+    return *this;
+  }
+  Writer& Close() {
+    ok_ &= xmlTextWriterEndElement(w_) >= 0;
+    return *this;
+  }
+  // <name attrs...>text</name>
+  Writer& Element(const char* name, const std::string& text) {
+    return Open(name).Text(text).Close();
+  }
+
+  Result<std::string> Finish() {
+    ok_ &= xmlTextWriterEndDocument(w_) >= 0;
+    xmlFreeTextWriter(w_);
+    w_ = nullptr;
+    if (!ok_) return Error::Internal("building domain XML failed");
+    return std::string(reinterpret_cast<const char*>(xmlBufferContent(buf_)));
+  }
+
+ private:
+  xmlBufferPtr buf_;
+  xmlTextWriterPtr w_;
+  bool ok_ = true;
+};
+
+}  // namespace
+
+Result<std::string> DomainXml(const VmSpec& s) {
+  if (s.name.empty() || s.kernel.empty() || s.initrd.empty() || s.agent_socket.empty()) {
+    return Error::Invalid("VM spec needs a name, kernel, initrd and agent socket");
+  }
+  Writer w;
+  w.Open("domain").Attr("type", s.kvm ? "kvm" : "qemu");
+  w.Element("name", s.name);
+  w.Open("memory").Attr("unit", "MiB").Text(std::to_string(s.memory_mib)).Close();
+  w.Element("vcpu", std::to_string(s.vcpus));
+  w.Open("os");
+  w.Open("type").Attr("arch", "x86_64").Attr("machine", "q35").Text("hvm").Close();
+  w.Element("kernel", s.kernel);
+  w.Element("initrd", s.initrd);
+  w.Element("cmdline", s.cmdline);
+  w.Close();
+  // Guest power-off ends the domain; so does a crash: the sandboxer decides what happens next.
+  w.Element("on_poweroff", "destroy");
+  w.Element("on_reboot", "destroy");
+  w.Element("on_crash", "destroy");
+  w.Open("features").Open("acpi").Close().Close();
+  if (s.kvm) {
+    w.Open("cpu").Attr("mode", "host-passthrough").Close();
+  }
+  w.Open("devices");
+  // Nothing by default that the pod does not need: no USB, graphics, sound or balloon.
+  w.Open("controller").Attr("type", "usb").Attr("model", "none").Close();
+  w.Open("memballoon").Attr("model", "none").Close();
+  w.Open("serial").Attr("type", "file");
+  w.Open("source").Attr("path", s.console_log).Close();
+  w.Open("target").Attr("port", "0").Close();
+  w.Close();
+  w.Open("channel").Attr("type", "unix");
+  w.Open("source").Attr("mode", "bind").Attr("path", s.agent_socket).Close();
+  w.Open("target").Attr("type", "virtio").Attr("name", "io.peapod.agent.0").Close();
+  w.Close();
+  // Hot-added layer and scratch disks go here.
+  w.Open("controller").Attr("type", "scsi").Attr("index", "0").Attr("model", "virtio-scsi").Close();
+  if (!s.share_dir.empty()) {
+    w.Open("filesystem").Attr("type", "mount").Attr("accessmode", "passthrough");
+    w.Open("driver").Attr("type", "path").Close();
+    w.Open("source").Attr("dir", s.share_dir).Close();
+    w.Open("target").Attr("dir", "peapod-share").Close();
+    w.Close();
+  }
+  w.Close();  // devices
+  w.Close();  // domain
+  return w.Finish();
+}
+
+}  // namespace peapod::sandboxer

@@ -1,0 +1,232 @@
+#include "sandboxer/libvirt_backend.h"
+
+#include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <spdlog/spdlog.h>
+
+#include "common/base/unique_fd.h"
+#include "sandboxer/domain_xml.h"
+
+namespace peapod::sandboxer {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+Error LibvirtError(const std::string& what) {
+  const virError* e = virGetLastError();
+  std::string msg = e && e->message ? e->message : "unknown libvirt error";
+  Code code = Code::kInternal;
+  if (e && (e->code == VIR_ERR_NO_DOMAIN)) code = Code::kNotFound;
+  if (e && (e->code == VIR_ERR_OPERATION_INVALID)) code = Code::kFailedPrecondition;
+  return Error(code, what + ": " + msg);
+}
+
+// The embedded driver reads <root>/etc/qemu.conf. Written on every start so a changed peapod
+// gets its settings; QEMU runs as root with every capability cleared (libvirt's default) and
+// libvirt's seccomp sandbox, and never chowns the shared kernel/initrd (dynamic ownership off).
+Result<void> WriteQemuConf(const std::string& root) {
+  std::error_code ec;
+  fs::create_directories(root + "/etc", ec);
+  if (ec) return Error::Errno("mkdir " + root + "/etc", ec.value());
+  std::ofstream f(root + "/etc/qemu.conf", std::ios::trunc);
+  f << "# Written by peapod-sandboxer for libvirt's embedded QEMU driver.\n"
+       "stdio_handler = \"file\"\n"
+       "user = \"root\"\n"
+       "group = \"root\"\n"
+       "dynamic_ownership = 0\n"
+       "remember_owner = 0\n"
+       "clear_emulator_capabilities = 1\n"
+       "seccomp_sandbox = 1\n"
+       "security_driver = \"none\"\n"
+       "namespaces = [ ]\n";
+  f.flush();
+  if (!f) return Error::Errno("write " + root + "/etc/qemu.conf");
+  return Ok();
+}
+
+void EventTimer(int, void*) {}
+
+int OnLifecycle(virConnectPtr, virDomainPtr dom, int event, int, void* opaque) {
+  if (event == VIR_DOMAIN_EVENT_STOPPED) {
+    const char* name = virDomainGetName(dom);
+    static_cast<std::function<void(const std::string&)>*>(opaque)->operator()(name ? name : "");
+  }
+  return 0;
+}
+
+struct ReapCtx {
+  pid_t pid;
+  int fd;
+  int watch = -1;
+};
+
+void OnPidfd(int watch, int, int, void* opaque) {
+  auto* ctx = static_cast<ReapCtx*>(opaque);
+  ::waitpid(ctx->pid, nullptr, WNOHANG);
+  virEventRemoveHandle(watch);
+}
+
+void FreeReapCtx(void* opaque) {
+  auto* ctx = static_cast<ReapCtx*>(opaque);
+  ::close(ctx->fd);
+  delete ctx;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<LibvirtBackend>> LibvirtBackend::Open(const LibvirtOptions& opts) {
+  static std::once_flag once;
+  static int registered = -1;
+  std::call_once(once, [] { registered = virEventRegisterDefaultImpl(); });
+  if (registered < 0) return LibvirtError("libvirt event loop");
+
+  std::unique_ptr<LibvirtBackend> b(new LibvirtBackend());
+  b->uri_ = opts.uri.empty() ? "qemu:///embed?root=" + opts.embed_root : opts.uri;
+  b->embed_root_ = opts.uri.empty() ? opts.embed_root : "";
+  if (!b->embed_root_.empty()) {
+    PP_TRY(WriteQemuConf(b->embed_root_));
+    // QEMU is our child with the embedded driver: adopt what it leaves so we can reap it.
+    if (::prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) return Error::Errno("PR_SET_CHILD_SUBREAPER");
+  }
+  b->conn_ = virConnectOpen(b->uri_.c_str());
+  if (!b->conn_) {
+    auto e = LibvirtError("connect to " + b->uri_);
+    if (e.message().find("Failed to parse user") != std::string::npos) {
+      return Error(e.code(), e.message() +
+                                 " (libvirt's QEMU driver needs its default user to exist even "
+                                 "when qemu.conf names another: scripts/install-deps.sh creates "
+                                 "it)");
+    }
+    return e;
+  }
+  // Wakes the loop regularly so the thread notices quit_.
+  b->wake_timer_ = virEventAddTimeout(200, EventTimer, nullptr, nullptr);
+  b->event_thread_ = std::thread([raw = b.get()] {
+    while (!raw->quit_) virEventRunDefaultImpl();
+  });
+  auto* cb = new std::function<void(const std::string&)>(
+      [raw = b.get()](const std::string& name) { raw->Stopped(name); });
+  b->lifecycle_cb_ = virConnectDomainEventRegisterAny(
+      b->conn_, nullptr, VIR_DOMAIN_EVENT_ID_LIFECYCLE, VIR_DOMAIN_EVENT_CALLBACK(OnLifecycle), cb,
+      [](void* p) { delete static_cast<std::function<void(const std::string&)>*>(p); });
+  if (b->lifecycle_cb_ < 0) return LibvirtError("register domain events");
+  spdlog::info("libvirt: connected to {}", b->uri_);
+  return b;
+}
+
+LibvirtBackend::~LibvirtBackend() {
+  if (conn_ && lifecycle_cb_ >= 0) virConnectDomainEventDeregisterAny(conn_, lifecycle_cb_);
+  quit_ = true;
+  if (event_thread_.joinable()) event_thread_.join();
+  if (wake_timer_ >= 0) virEventRemoveTimeout(wake_timer_);
+  if (conn_) virConnectClose(conn_);
+}
+
+void LibvirtBackend::SetOnStopped(std::function<void(const std::string&)> cb) {
+  std::lock_guard<std::mutex> l(mu_);
+  on_stopped_ = std::move(cb);
+}
+
+void LibvirtBackend::Stopped(const std::string& name) {
+  std::function<void(const std::string&)> cb;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    cb = on_stopped_;
+  }
+  spdlog::info("libvirt: domain {} stopped", name);
+  if (cb) cb(name);
+}
+
+Result<pid_t> LibvirtBackend::FindQemuPid(const std::string& name) {
+  // libvirt writes QEMU's pid next to its runtime state.
+  for (const std::string& dir : {embed_root_ + "/run/qemu", embed_root_ + "/run/libvirt/qemu",
+                                 std::string("/run/libvirt/qemu")}) {
+    std::ifstream f(dir + "/" + name + ".pid");
+    pid_t pid = 0;
+    if (f >> pid && pid > 0) return pid;
+  }
+  return Error::NotFound("no pid file for domain {}", name);
+}
+
+void LibvirtBackend::ReapWhenExits(const std::string& name, pid_t pid) {
+  if (embed_root_.empty()) return;  // qemu:///system: libvirtd's child, not ours
+  int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) {
+    spdlog::warn("libvirt: pidfd for {} (pid {}): {}", name, pid, std::strerror(errno));
+    return;
+  }
+  auto* ctx = new ReapCtx{pid, fd};
+  ctx->watch = virEventAddHandle(fd, VIR_EVENT_HANDLE_READABLE, OnPidfd, ctx, FreeReapCtx);
+  if (ctx->watch < 0) FreeReapCtx(ctx);
+}
+
+Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec) {
+  PP_ASSIGN_OR_RETURN(auto xml, DomainXml(spec));
+  // Checked here, not left to QEMU: libvirt takes tens of seconds to give up on a QEMU that
+  // fails at startup, and its message does not say which setting to fix.
+  for (const auto& [what, path] : {std::pair{"kernel", spec.kernel}, {"initrd", spec.initrd}}) {
+    if (::access(path.c_str(), R_OK) != 0) {
+      return Error::Errno(
+          fmt::format("VM {}: guest {} {} is not readable (build it with the "
+                      "vm-images target, or fix the image paths in the config)",
+                      spec.name, what, path));
+    }
+  }
+  virDomainPtr dom = virDomainCreateXML(conn_, xml.c_str(), VIR_DOMAIN_NONE);
+  if (!dom) return LibvirtError("start VM " + spec.name);
+  virDomainFree(dom);
+  VmInfo info{spec.name, 0};
+  if (auto pid = FindQemuPid(spec.name); pid.ok()) {
+    info.pid = *pid;
+    ReapWhenExits(spec.name, *pid);
+  } else {
+    spdlog::warn("libvirt: {}", pid.error().ToString());
+  }
+  return info;
+}
+
+Result<void> LibvirtBackend::Destroy(const std::string& name) {
+  virDomainPtr dom = virDomainLookupByName(conn_, name.c_str());
+  if (!dom) {
+    auto e = LibvirtError("look up VM " + name);
+    if (e.code() == Code::kNotFound) return Ok();
+    return e;
+  }
+  int r = virDomainDestroy(dom);
+  virDomainFree(dom);
+  if (r < 0) {
+    auto e = LibvirtError("stop VM " + name);
+    if (e.code() == Code::kNotFound || e.code() == Code::kFailedPrecondition) return Ok();
+    return e;
+  }
+  return Ok();
+}
+
+Result<std::vector<VmInfo>> LibvirtBackend::List() {
+  virDomainPtr* doms = nullptr;
+  int n = virConnectListAllDomains(conn_, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+  if (n < 0) return LibvirtError("list VMs");
+  std::vector<VmInfo> out;
+  for (int i = 0; i < n; ++i) {
+    const char* name = virDomainGetName(doms[i]);
+    if (name && std::string(name).rfind("peapod-", 0) == 0) {
+      VmInfo info{name, 0};
+      if (auto pid = FindQemuPid(name); pid.ok()) info.pid = *pid;
+      out.push_back(info);
+    }
+    virDomainFree(doms[i]);
+  }
+  free(doms);
+  return out;
+}
+
+}  // namespace peapod::sandboxer

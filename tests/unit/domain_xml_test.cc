@@ -1,0 +1,58 @@
+// The pod VM's libvirt domain XML.
+#include <gtest/gtest.h>
+
+#include "sandboxer/domain_xml.h"
+
+namespace peapod::sandboxer {
+namespace {
+
+VmSpec Good() {
+  VmSpec s;
+  s.name = "peapod-abc";
+  s.kernel = "/img/vmlinux";
+  s.initrd = "/img/initrd.img";
+  s.cmdline = "console=ttyS0 quiet";
+  s.vcpus = 2;
+  s.memory_mib = 768;
+  s.agent_socket = "/run/peapod/pods/abc/vm-agent.sock";
+  s.console_log = "/run/peapod/pods/abc/console.log";
+  s.share_dir = "/run/peapod/pods/abc/share";
+  return s;
+}
+
+TEST(DomainXmlTest, DescribesTheGuest) {
+  auto xml = DomainXml(Good());
+  ASSERT_TRUE(xml.ok()) << xml.error().ToString();
+  for (const char* want :
+       {"<domain type=\"qemu\">", "<name>peapod-abc</name>", "<memory unit=\"MiB\">768</memory>",
+        "<vcpu>2</vcpu>", "machine=\"q35\"", "<kernel>/img/vmlinux</kernel>",
+        "<initrd>/img/initrd.img</initrd>", "<cmdline>console=ttyS0 quiet</cmdline>",
+        "path=\"/run/peapod/pods/abc/vm-agent.sock\"", "name=\"io.peapod.agent.0\"",
+        "model=\"virtio-scsi\"", "<target dir=\"peapod-share\"/>",
+        "<on_poweroff>destroy</on_poweroff>", "<memballoon model=\"none\"/>"}) {
+    EXPECT_NE(xml->find(want), std::string::npos) << want << " missing in\n" << *xml;
+  }
+  auto kvm = Good();
+  kvm.kvm = true;
+  EXPECT_NE(DomainXml(kvm)->find("<domain type=\"kvm\">"), std::string::npos);
+}
+
+TEST(DomainXmlTest, EscapesWhatComesFromRequests) {
+  auto s = Good();
+  s.cmdline = "a</cmdline><devices><disk/>&\"";
+  s.share_dir = "/x\"/><hostdev";
+  auto xml = DomainXml(s);
+  ASSERT_TRUE(xml.ok());
+  EXPECT_EQ(xml->find("<disk/>"), std::string::npos) << *xml;
+  EXPECT_EQ(xml->find("<hostdev"), std::string::npos) << *xml;
+  EXPECT_NE(xml->find("&lt;/cmdline&gt;"), std::string::npos) << *xml;
+}
+
+TEST(DomainXmlTest, RefusesAnIncompleteSpec) {
+  auto s = Good();
+  s.kernel.clear();
+  EXPECT_EQ(DomainXml(s).error().code(), Code::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace peapod::sandboxer

@@ -1,0 +1,154 @@
+// The sandboxer's libvirt backend: the guest image booted by libvirt's embedded QEMU driver (no
+// daemon), reached through the agent channel mux, stopped, and noticed when it dies.
+#include <csignal>
+#include <future>
+
+#include "sandboxer/agent_mux.h"
+#include "sandboxer/domain_xml.h"
+#include "sandboxer/libvirt_backend.h"
+#include "tests/vm/vm_fixture.h"
+
+namespace peapod::vmtest {
+namespace {
+
+using sandboxer::LibvirtBackend;
+using sandboxer::VmSpec;
+
+class LibvirtBackendTest : public AgentVmTest {
+ protected:
+  void SetUp() override {
+    AgentVmTest::SetUp();
+    if (IsSkipped()) return;
+    if (::geteuid() != 0) GTEST_SKIP() << "the embedded libvirt driver needs root here";
+    const char* root = std::getenv("PEAPOD_TEST_LIBVIRT_ROOT");
+    auto b = LibvirtBackend::Open(
+        {.uri = "", .embed_root = root && *root ? root : "/var/lib/peapod/test-libvirt"});
+    ASSERT_TRUE(b.ok()) << b.error().ToString();
+    backend_ = std::move(*b);
+    backend_->SetOnStopped([this](const std::string& name) {
+      std::lock_guard<std::mutex> l(mu_);
+      stopped_.push_back(name);
+      cv_.notify_all();
+    });
+  }
+  void TearDown() override {
+    if (backend_) {
+      for (auto& n : started_) (void)backend_->Destroy(n);
+      backend_.reset();
+    }
+    AgentVmTest::TearDown();
+  }
+
+  VmSpec Spec(const std::string& name) {
+    VmSpec s;
+    s.name = name;
+    s.kernel = ImageDir() + "/vmlinux";
+    s.initrd = ImageDir() + "/initrd.img";
+    s.cmdline = KernelCmdline();
+    s.kvm = Accel() == "kvm";
+    s.agent_socket = dir_ + "/" + name + ".agent.sock";
+    s.console_log = dir_ + "/" + name + ".console.log";
+    s.share_dir = dir_;
+    started_.push_back(name);
+    return s;
+  }
+
+  bool WaitStopped(const std::string& name, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, timeout, [&] {
+      return std::find(stopped_.begin(), stopped_.end(), name) != stopped_.end();
+    });
+  }
+
+  std::string ConsoleOf(const std::string& name) {
+    std::ifstream f(dir_ + "/" + name + ".console.log");
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  }
+
+  std::unique_ptr<LibvirtBackend> backend_;
+  std::vector<std::string> started_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::string> stopped_;
+};
+
+TEST_F(LibvirtBackendTest, BootsThroughLibvirtAnswersThroughTheMuxAndStops) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto vm = backend_->Start(Spec("peapod-lv1"));
+  ASSERT_TRUE(vm.ok()) << vm.error().ToString();
+  auto started_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+          .count();
+  EXPECT_GT(vm->pid, 0);
+  EXPECT_EQ(::kill(vm->pid, 0), 0) << "QEMU pid " << vm->pid << " is not running";
+
+  // Two shims through the mux, as the sandboxer will serve them on the pod's agent.sock.
+  peapod::testing::LoopThread lt;
+  std::unique_ptr<sandboxer::AgentMux> mux;
+  std::string mux_sock = dir_ + "/mux.sock";
+  // QEMU's chardev socket exists once QEMU runs.
+  auto upstream = ConnectUnix(dir_ + "/peapod-lv1.agent.sock");
+  ASSERT_TRUE(upstream.ok()) << upstream.error().ToString();
+  lt.Sync([&] {
+    mux = std::make_unique<sandboxer::AgentMux>(lt.loop());
+    ASSERT_TRUE(mux->AttachUpstream(std::move(*upstream)).ok());
+    ASSERT_TRUE(mux->ServeListener(*ListenUnix(mux_sock)).ok());
+  });
+  v1::CheckResponse a, b;
+  auto shim1 = ConnectAndCheck(lt, mux_sock, &a);
+  ASSERT_NE(shim1, nullptr) << "agent never answered through the mux; console:\n"
+                            << ConsoleOf("peapod-lv1");
+  auto shim2 = ConnectAndCheck(lt, mux_sock, &b, 30s);
+  ASSERT_NE(shim2, nullptr);
+  EXPECT_EQ(a.boot_id(), b.boot_id());
+  std::printf("libvirt createXML took %lld ms; agent answered through the mux %.2f s after\n",
+              static_cast<long long>(started_ms),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+
+  auto listed = backend_->List();
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].name, "peapod-lv1");
+
+  // The guest powers off on request; libvirt reports the domain stopped.
+  auto off = shim1->CallSyncTyped<google::protobuf::Empty>(kAgent, "DestroySandbox",
+                                                           v1::DestroySandboxRequest());
+  EXPECT_TRUE(off.ok()) << off.error().ToString();
+  EXPECT_TRUE(WaitStopped("peapod-lv1", 30s));
+  EXPECT_TRUE(backend_->List()->empty());
+  // Stopping what is already gone is fine.
+  EXPECT_TRUE(backend_->Destroy("peapod-lv1").ok());
+  lt.Sync([&] {
+    shim1.reset();
+    shim2.reset();
+    mux.reset();
+  });
+}
+
+TEST_F(LibvirtBackendTest, AKilledQemuIsNoticedWithinTwoSeconds) {
+  auto vm = backend_->Start(Spec("peapod-lv2"));
+  ASSERT_TRUE(vm.ok()) << vm.error().ToString();
+  ASSERT_GT(vm->pid, 0);
+  ASSERT_EQ(::kill(vm->pid, SIGKILL), 0);
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(WaitStopped("peapod-lv2", 2s)) << "no stopped event 2 s after kill -9 of QEMU";
+  std::printf("stopped event %.2f s after kill -9\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  // Reaped: no zombie left behind.
+  std::this_thread::sleep_for(200ms);
+  EXPECT_NE(::kill(vm->pid, 0), 0);
+}
+
+TEST_F(LibvirtBackendTest, BadSpecsAreClearErrors) {
+  auto missing = Spec("peapod-lv3");
+  missing.kernel = dir_ + "/no-such-vmlinux";
+  auto r = backend_->Start(missing);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("no-such-vmlinux"), std::string::npos) << r.error().message();
+  EXPECT_TRUE(backend_->List()->empty());
+  VmSpec empty;
+  EXPECT_EQ(backend_->Start(empty).error().code(), Code::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace peapod::vmtest
