@@ -106,6 +106,11 @@ Result<std::unique_ptr<LibvirtBackend>> LibvirtBackend::Open(const LibvirtOption
                                  "when qemu.conf names another: scripts/install-deps.sh creates "
                                  "it)");
     }
+    if (e.message().find("Failed to acquire pid file") != std::string::npos) {
+      return Error(Code::kFailedPrecondition, e.message() + " (another peapod-sandboxer is using " +
+                                                  b->embed_root_ +
+                                                  "; one sandboxer per libvirt root)");
+    }
     return e;
   }
   // Wakes the loop regularly so the thread notices quit_.

@@ -1,0 +1,32 @@
+// peapod-sandboxer's configuration: a JSON file (default /etc/peapod/sandboxer.json); every key
+// is optional and falls back to the documented default (docs/sandboxer.md).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/base/result.h"
+
+namespace peapod::sandboxer {
+
+struct Config {
+  std::string listen = "/run/peapod/sandboxer.sock";  // containerd's proxy plugin address
+  std::string state_dir = "/var/lib/peapod";          // pod records (survive reboots of us)
+  std::string run_dir = "/run/peapod";                // per-pod sockets, share dirs
+  std::string libvirt_uri;                            // empty: embedded driver
+  std::string libvirt_root;                           // empty: <state_dir>/libvirt
+  std::string image_dir = "/usr/local/share/peapod";  // vmlinux, initrd.img, cmdline
+  std::string kernel;                                 // empty: <image_dir>/vmlinux
+  std::string initrd;                                 // empty: <image_dir>/initrd.img
+  std::string cmdline;                                // empty: <image_dir>/cmdline's line
+  unsigned vcpus = 1;
+  uint64_t memory_mib = 512;
+  std::string accel = "auto";  // auto: kvm if /dev/kvm opens, else tcg; or "kvm" / "tcg"
+  unsigned boot_timeout_seconds = 120;
+  std::string log_level = "info";
+
+  // Reads path (missing file: defaults, unless required) and fills derived defaults.
+  static Result<Config> Load(const std::string& path, bool required);
+};
+
+}  // namespace peapod::sandboxer

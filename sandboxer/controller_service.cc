@@ -1,0 +1,149 @@
+#include "sandboxer/controller_service.h"
+
+#include <future>
+
+#include <google/protobuf/util/time_util.h>
+#include <spdlog/spdlog.h>
+
+namespace peapod::sandboxer {
+
+using google::protobuf::util::TimeUtil;
+
+grpc::Status ToGrpc(const Error& e) {
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(e.code())), e.ToString());
+}
+
+namespace {
+
+// Runs op(reply) on the loop and blocks this gRPC thread until reply is called.
+template <typename T, typename Op>
+Result<T> OnLoop(EventLoop* loop, Op op) {
+  auto p = std::make_shared<std::promise<Result<T>>>();
+  auto f = p->get_future();
+  loop->Post(
+      [op = std::move(op), p]() mutable { op([p](Result<T> r) { p->set_value(std::move(r)); }); });
+  return f.get();
+}
+
+void FillStatus(const PodStatus& s, sbv1::ControllerStatusResponse* resp) {
+  resp->set_sandbox_id(s.id);
+  resp->set_pid(static_cast<uint32_t>(s.pid));
+  // CRI's vocabulary: containerd compares these strings.
+  resp->set_state(s.ready ? "SANDBOX_READY" : "SANDBOX_NOTREADY");
+  if (s.created_at_ns)
+    *resp->mutable_created_at() = TimeUtil::NanosecondsToTimestamp(s.created_at_ns);
+  if (s.exited_at_ns) *resp->mutable_exited_at() = TimeUtil::NanosecondsToTimestamp(s.exited_at_ns);
+  resp->set_address(s.address);
+  resp->set_version(2);
+}
+
+}  // namespace
+
+grpc::Status ControllerService::Create(grpc::ServerContext*,
+                                       const sbv1::ControllerCreateRequest* req,
+                                       sbv1::ControllerCreateResponse* resp) {
+  spdlog::info("controller: Create {} netns={}", req->sandbox_id(), req->netns_path());
+  std::string id = req->sandbox_id(), netns = req->netns_path();
+  auto r = OnLoop<bool>(loop_, [this, id, netns](auto done) {
+    pods_->Create(id, netns, [done](Result<void> r) {
+      if (!r.ok()) return done(std::move(r).error());
+      done(true);
+    });
+  });
+  if (!r.ok()) return ToGrpc(r.error());
+  resp->set_sandbox_id(id);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControllerService::Start(grpc::ServerContext*, const sbv1::ControllerStartRequest* req,
+                                      sbv1::ControllerStartResponse* resp) {
+  spdlog::info("controller: Start {}", req->sandbox_id());
+  std::string id = req->sandbox_id();
+  auto r = OnLoop<PodStatus>(loop_, [this, id](auto done) { pods_->Start(id, done); });
+  if (!r.ok()) return ToGrpc(r.error());
+  resp->set_sandbox_id(id);
+  resp->set_pid(static_cast<uint32_t>(r->pid));
+  *resp->mutable_created_at() = TimeUtil::NanosecondsToTimestamp(r->created_at_ns);
+  // Version 2: containerd starts our shim for each container (and ignores the address, which
+  // must still be non-empty).
+  resp->set_address(r->address);
+  resp->set_version(2);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControllerService::Platform(grpc::ServerContext*,
+                                         const sbv1::ControllerPlatformRequest*,
+                                         sbv1::ControllerPlatformResponse* resp) {
+  resp->mutable_platform()->set_os("linux");
+  resp->mutable_platform()->set_architecture("amd64");
+  return grpc::Status::OK;
+}
+
+grpc::Status ControllerService::Stop(grpc::ServerContext*, const sbv1::ControllerStopRequest* req,
+                                     sbv1::ControllerStopResponse*) {
+  spdlog::info("controller: Stop {} timeout={}s", req->sandbox_id(), req->timeout_secs());
+  std::string id = req->sandbox_id();
+  uint32_t t = req->timeout_secs();
+  auto r = OnLoop<bool>(loop_, [this, id, t](auto done) {
+    pods_->Stop(id, t, [done](Result<void> r) {
+      if (!r.ok()) return done(std::move(r).error());
+      done(true);
+    });
+  });
+  return r.ok() ? grpc::Status::OK : ToGrpc(r.error());
+}
+
+grpc::Status ControllerService::Wait(grpc::ServerContext*, const sbv1::ControllerWaitRequest* req,
+                                     sbv1::ControllerWaitResponse* resp) {
+  std::string id = req->sandbox_id();
+  auto r = OnLoop<PodExit>(loop_, [this, id](auto done) { pods_->Wait(id, done); });
+  if (!r.ok()) return ToGrpc(r.error());
+  resp->set_exit_status(r->exit_status);
+  *resp->mutable_exited_at() = TimeUtil::NanosecondsToTimestamp(r->exited_at_ns);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControllerService::Status(grpc::ServerContext*,
+                                       const sbv1::ControllerStatusRequest* req,
+                                       sbv1::ControllerStatusResponse* resp) {
+  std::string id = req->sandbox_id();
+  auto r = OnLoop<PodStatus>(loop_, [this, id](auto done) { done(pods_->Status(id)); });
+  if (!r.ok()) return ToGrpc(r.error());
+  FillStatus(*r, resp);
+  if (req->verbose()) (*resp->mutable_info())["phase"] = r->phase;
+  return grpc::Status::OK;
+}
+
+grpc::Status ControllerService::Shutdown(grpc::ServerContext*,
+                                         const sbv1::ControllerShutdownRequest* req,
+                                         sbv1::ControllerShutdownResponse*) {
+  spdlog::info("controller: Shutdown {}", req->sandbox_id());
+  std::string id = req->sandbox_id();
+  auto r = OnLoop<bool>(loop_, [this, id](auto done) {
+    pods_->Shutdown(id, [done](Result<void> r) {
+      if (!r.ok()) return done(std::move(r).error());
+      done(true);
+    });
+  });
+  return r.ok() ? grpc::Status::OK : ToGrpc(r.error());
+}
+
+grpc::Status ControllerService::Metrics(grpc::ServerContext*,
+                                        const sbv1::ControllerMetricsRequest* req,
+                                        sbv1::ControllerMetricsResponse*) {
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                      "sandbox metrics are not implemented yet (container stats come from each "
+                      "container's shim); sandbox " +
+                          req->sandbox_id());
+}
+
+grpc::Status ControllerService::Update(grpc::ServerContext*,
+                                       const sbv1::ControllerUpdateRequest* req,
+                                       sbv1::ControllerUpdateResponse*) {
+  // Labels and extensions live in containerd's own store; nothing of ours depends on them.
+  std::string id = req->sandbox_id();
+  auto r = OnLoop<PodStatus>(loop_, [this, id](auto done) { done(pods_->Status(id)); });
+  return r.ok() ? grpc::Status::OK : ToGrpc(r.error());
+}
+
+}  // namespace peapod::sandboxer

@@ -1,0 +1,141 @@
+// peapod-sandboxer: the host side of peapod pods. Serves containerd's sandbox Controller API
+// (gRPC, proxy plugin) and owns every pod's VM (libvirt), agent channel mux and state.
+// Stopping it (SIGTERM) leaves pods running: a restart re-adopts them.
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/resource_quota.h>
+#include <spdlog/spdlog.h>
+
+#include "common/log/log.h"
+#include "common/loop/event_loop.h"
+#include "sandboxer/config.h"
+#include "sandboxer/controller_service.h"
+#include "sandboxer/libvirt_backend.h"
+#include "sandboxer/pods.h"
+
+namespace {
+
+constexpr char kDefaultConfig[] = "/etc/peapod/sandboxer.json";
+
+void Usage(FILE* out) {
+  std::fprintf(out,
+               "usage: peapod-sandboxer [--config FILE] [--log-level LEVEL]\n"
+               "       peapod-sandboxer --version | --help\n"
+               "\n"
+               "Serves containerd.services.sandbox.v1.Controller on a unix socket for\n"
+               "containerd 2.x ([proxy_plugins.peapod] type = \"sandbox\") and runs one VM per\n"
+               "pod through libvirt. Config: JSON, default %s (optional; see\n"
+               "docs/sandboxer.md for every key and its default).\n",
+               kDefaultConfig);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace peapod;
+  std::string config_path = kDefaultConfig;
+  bool config_given = false;
+  std::string level;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--config" && i + 1 < argc) {
+      config_path = argv[++i];
+      config_given = true;
+    } else if (a == "--log-level" && i + 1 < argc) {
+      level = argv[++i];
+    } else if (a == "--version") {
+      std::printf("peapod-sandboxer %s\n", PEAPOD_VERSION);
+      return 0;
+    } else if (a == "--help" || a == "-h") {
+      Usage(stdout);
+      return 0;
+    } else {
+      std::fprintf(stderr, "peapod-sandboxer: unknown argument '%s'\n", a.c_str());
+      Usage(stderr);
+      return 2;
+    }
+  }
+  auto cfg = sandboxer::Config::Load(config_path, config_given);
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "peapod-sandboxer: %s\n", cfg.error().ToString().c_str());
+    return 2;
+  }
+  if (!level.empty()) cfg->log_level = level;
+  if (auto r = log::Init({.program = "peapod-sandboxer", .level = cfg->log_level, .file = ""});
+      !r.ok()) {
+    std::fprintf(stderr, "peapod-sandboxer: %s\n", r.error().ToString().c_str());
+    return 2;
+  }
+
+  // Signals are taken by a signalfd on the loop; block them before any thread starts.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  auto backend =
+      sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri, .embed_root = cfg->libvirt_root});
+  if (!backend.ok()) {
+    spdlog::critical("sandboxer: {}", backend.error().ToString());
+    return 1;
+  }
+  auto loop_or = EventLoop::Create();
+  if (!loop_or.ok()) {
+    spdlog::critical("sandboxer: {}", loop_or.error().ToString());
+    return 1;
+  }
+  EventLoop* loop = loop_or->get();
+  sandboxer::PodManager pods(loop, *cfg, backend->get());
+  (*backend)->SetOnStopped([&pods](const std::string& name) { pods.VmStopped(name); });
+  if (auto r = pods.Recover(); !r.ok()) {
+    spdlog::critical("sandboxer: recovering state from {}: {}", cfg->state_dir,
+                     r.error().ToString());
+    return 1;
+  }
+
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(cfg->listen).parent_path(), ec);
+  std::filesystem::remove(cfg->listen, ec);
+  sandboxer::ControllerService service(loop, &pods);
+  grpc::ServerBuilder builder;
+  grpc::ResourceQuota quota("peapod-sandboxer");
+  quota.SetMaxThreads(256);  // every pod holds one in Wait
+  builder.SetResourceQuota(quota);
+  builder.AddListeningPort("unix://" + cfg->listen, grpc::InsecureServerCredentials());
+  builder.RegisterService(&service);
+  auto server = builder.BuildAndStart();
+  if (!server) {
+    spdlog::critical("sandboxer: cannot serve gRPC on {}", cfg->listen);
+    return 1;
+  }
+  ::chmod(cfg->listen.c_str(), 0600);
+  spdlog::info("sandboxer: serving {} (state {}, libvirt {})", cfg->listen, cfg->state_dir,
+               (*backend)->uri());
+
+  UniqueFd sfd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!sfd) {
+    spdlog::critical("sandboxer: signalfd: {}", std::strerror(errno));
+    return 1;
+  }
+  (void)loop->Watch(sfd.get(), EPOLLIN, [&](uint32_t) {
+    signalfd_siginfo info;
+    while (::read(sfd.get(), &info, sizeof(info)) == sizeof(info)) {
+      spdlog::info("sandboxer: signal {}: exiting; pods keep running", info.ssi_signo);
+      loop->Stop();
+    }
+  });
+  loop->Run();
+  // Waits blocked in gRPC threads cannot finish once the loop is gone: cancel them.
+  server->Shutdown(std::chrono::system_clock::now());
+  return 0;
+}

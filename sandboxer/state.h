@@ -1,0 +1,45 @@
+// Pod records: what the sandboxer must remember across its own restarts. Written atomically
+// (temp file, fsync, rename, fsync of the directory) before the action they describe.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/base/result.h"
+
+namespace peapod::sandboxer {
+
+struct PodRecord {
+  enum class Phase { kCreated, kStarting, kRunning, kStopped };
+  std::string id;
+  std::string netns;
+  std::string domain;  // libvirt domain name
+  Phase phase = Phase::kCreated;
+  int64_t created_at_ns = 0;
+  int64_t exited_at_ns = 0;
+  uint32_t exit_status = 0;
+  int pid = 0;  // QEMU's
+};
+
+std::string PhaseName(PodRecord::Phase p);
+
+class StateStore {
+ public:
+  explicit StateStore(std::string dir) : dir_(std::move(dir)) {}
+  Result<void> Init();
+  Result<void> Save(const PodRecord& rec);
+  Result<void> Remove(const std::string& id);
+  // Every record; unreadable ones are reported and skipped (never deleted: a person may want
+  // to look at them).
+  Result<std::vector<PodRecord>> LoadAll();
+  std::string PodDir(const std::string& id) const { return dir_ + "/pods/" + id; }
+
+ private:
+  std::string dir_;
+};
+
+// Writes data to path atomically: path never holds a partial file, even after a crash.
+Result<void> WriteFileAtomic(const std::string& path, const std::string& data);
+
+}  // namespace peapod::sandboxer
