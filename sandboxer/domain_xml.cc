@@ -97,6 +97,13 @@ Result<std::string> DomainXml(const VmSpec& s) {
   w.Close();
   // Hot-added layer and scratch disks go here.
   w.Open("controller").Attr("type", "scsi").Attr("index", "0").Attr("model", "virtio-scsi").Close();
+  if (!s.tap.empty()) {
+    w.Open("interface").Attr("type", "ethernet");
+    if (!s.mac.empty()) w.Open("mac").Attr("address", s.mac).Close();
+    w.Open("target").Attr("dev", s.tap).Attr("managed", "no").Close();
+    w.Open("model").Attr("type", "virtio").Close();
+    w.Close();
+  }
   if (!s.share_dir.empty()) {
     w.Open("filesystem").Attr("type", "mount").Attr("accessmode", "passthrough");
     w.Open("driver").Attr("type", "path").Close();

@@ -8,12 +8,14 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <regex>
 #include <set>
 
 #include <spdlog/spdlog.h>
 
 #include "peapod/agent/v1/agent.pb.h"
+#include "sandboxer/network.h"
 
 namespace peapod::sandboxer {
 
@@ -66,6 +68,7 @@ struct PodManager::Pod {
   std::unique_ptr<AgentMux> mux;
   std::shared_ptr<ttrpc::Client> agent;  // the sandboxer's own client, through the mux
   std::vector<Reply<PodExit>> waiters;
+  std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
 };
 
 namespace {
@@ -225,10 +228,6 @@ void PodManager::Create(const std::string& id, const std::string& netns, Reply<v
     (void)store_.Remove(id);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
   }
-  if (!netns.empty()) {
-    spdlog::warn("pod {}: netns {} recorded; pod networking is not plumbed yet (loopback only)", id,
-                 netns);
-  }
   spdlog::info("pod {}: created", id);
   pods_[id] = std::move(pod);
   reply(Ok());
@@ -250,31 +249,56 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
     return reply(r.error());
   }
   VmSpec spec = SpecFor(*pod);
+  std::string netns = pod->rec.netns;
   std::weak_ptr<bool> alive = alive_;
   auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
-  workers_.Run([this, alive, spec, id, reply, deadline] {
-    auto vm = backend_->Start(spec);
-    loop_->Post([this, alive, vm = std::move(vm), id, reply, deadline]() mutable {
-      if (alive.expired()) return;
-      Pod* pod = Find(id);
-      if (!pod) return reply(UnknownPod(id));
-      auto fail = [&](Error e) {
-        pod->busy = false;
-        pod->rec.phase = Phase::kCreated;
-        pod->rec.pid = 0;
-        pod->mux.reset();
-        pod->agent.reset();
-        (void)Save(*pod);
-        reply(std::move(e).Wrap("start sandbox " + id));
-      };
-      if (!vm.ok()) return fail(vm.error());
-      pod->rec.pid = vm->pid;
-      if (auto r = AttachChannel(*pod); !r.ok()) {
-        (void)backend_->Destroy(pod->rec.domain);
-        return fail(r.error());
+  workers_.Run([this, alive, spec, id, netns, reply, deadline]() mutable {
+    // The pod network first (the domain opens the TAP), then the VM, then the TAP joins the
+    // CNI interface. Any failure undoes what was done.
+    std::optional<PodNetwork> net;
+    Result<VmInfo> vm = Error(Code::kUnknown, "not started");
+    if (!netns.empty()) {
+      auto n = PrepareTap(id, netns);
+      if (!n.ok()) {
+        vm = std::move(n).error().Wrap("pod network");
+      } else {
+        net = std::move(*n);
+        spec.tap = net->tap;
+        spec.mac = net->mac;
       }
-      WaitForAgent(id, deadline, reply);
-    });
+    }
+    if (netns.empty() || net) vm = backend_->Start(spec);
+    if (vm.ok() && net) {
+      if (auto a = AttachTap(*net); !a.ok()) {
+        (void)backend_->Destroy(spec.name);
+        vm = std::move(a).error().Wrap("pod network");
+      }
+    }
+    if (!vm.ok() && net) RemoveTap(net->tap, netns);
+    loop_->Post(
+        [this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline]() mutable {
+          if (alive.expired()) return;
+          Pod* pod = Find(id);
+          if (!pod) return reply(UnknownPod(id));
+          auto fail = [&](Error e) {
+            pod->busy = false;
+            pod->rec.phase = Phase::kCreated;
+            pod->rec.pid = 0;
+            pod->mux.reset();
+            pod->agent.reset();
+            (void)Save(*pod);
+            reply(std::move(e).Wrap("start sandbox " + id));
+          };
+          if (!vm.ok()) return fail(vm.error());
+          pod->rec.pid = vm->pid;
+          pod->net = std::move(net);
+          if (auto r = AttachChannel(*pod); !r.ok()) {
+            (void)backend_->Destroy(pod->rec.domain);
+            if (pod->net) RemoveTap(pod->net->tap, pod->rec.netns);
+            return fail(r.error());
+          }
+          WaitForAgent(id, deadline, reply);
+        });
   });
 }
 
@@ -286,13 +310,19 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
     Pod* p = Find(id);
     if (!p) return reply(UnknownPod(id));
     std::string domain = p->rec.domain;
+    std::string tap = p->rec.netns.empty() ? "" : TapName(id);
+    std::string netns = p->rec.netns;
+    p->net.reset();
     p->busy = false;
     p->rec.phase = Phase::kCreated;
     p->rec.pid = 0;
     p->mux.reset();
     p->agent.reset();
     (void)Save(*p);
-    workers_.Run([this, domain] { (void)backend_->Destroy(domain); });
+    workers_.Run([this, domain, tap, netns] {
+      (void)backend_->Destroy(domain);
+      if (!tap.empty()) RemoveTap(tap, netns);
+    });
     reply(std::move(e).Wrap("start sandbox " + id));
   };
   if (EventLoop::Clock::now() >= deadline) {
@@ -307,38 +337,51 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
   ttrpc::CallOptions opts;
   opts.timeout = 1s;
   std::weak_ptr<bool> alive = alive_;
-  pod->agent->Call(kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
-                   [this, alive, id, deadline, reply, fail](Result<std::string> r) {
-                     if (alive.expired()) return;
-                     Pod* pod = Find(id);
-                     if (!pod) return reply(UnknownPod(id));
-                     if (!r.ok()) {
-                       // Not up yet: the agent answers once it has opened its end of the channel.
-                       loop_->AddTimer(200ms, [this, alive, id, deadline, reply] {
-                         if (!alive.expired()) WaitForAgent(id, deadline, reply);
-                       });
-                       return;
-                     }
-                     v1::CreateSandboxRequest sb;
-                     sb.set_sandbox_id(id);
-                     sb.set_hostname(id.substr(0, 63));
-                     ttrpc::CallOptions o;
-                     o.timeout = 30s;
-                     pod->agent->Call(kAgentService, "CreateSandbox", sb.SerializeAsString(), o,
-                                      [this, alive, id, reply, fail](Result<std::string> r) {
-                                        if (alive.expired()) return;
-                                        Pod* pod = Find(id);
-                                        if (!pod) return reply(UnknownPod(id));
-                                        if (!r.ok())
-                                          return fail(std::move(r).error().Wrap("set up guest"));
-                                        pod->busy = false;
-                                        pod->rec.phase = Phase::kRunning;
-                                        (void)Save(*pod);
-                                        spdlog::info("pod {}: ready (QEMU pid {})", id,
-                                                     pod->rec.pid);
-                                        reply(StatusOf(*pod));
-                                      });
-                   });
+  pod->agent->Call(
+      kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
+      [this, alive, id, deadline, reply, fail](Result<std::string> r) {
+        if (alive.expired()) return;
+        Pod* pod = Find(id);
+        if (!pod) return reply(UnknownPod(id));
+        if (!r.ok()) {
+          // Not up yet: the agent answers once it has opened its end of the channel.
+          loop_->AddTimer(200ms, [this, alive, id, deadline, reply] {
+            if (!alive.expired()) WaitForAgent(id, deadline, reply);
+          });
+          return;
+        }
+        v1::CreateSandboxRequest sb;
+        sb.set_sandbox_id(id);
+        sb.set_hostname(id.substr(0, 63));
+        ttrpc::CallOptions o;
+        o.timeout = 30s;
+        if (pod->net) {
+          // Addresses and routes first: containers must find the pod network up.
+          v1::ConfigureNetworkRequest net = pod->net->guest;
+          pod->net.reset();
+          pod->agent->Call(kAgentService, "ConfigureNetwork", net.SerializeAsString(), o,
+                           [this, alive, id, deadline, reply, fail](Result<std::string> r) {
+                             if (alive.expired()) return;
+                             if (!r.ok()) {
+                               return fail(std::move(r).error().Wrap("configure guest network"));
+                             }
+                             WaitForAgent(id, deadline, reply);  // Check again, then set up
+                           });
+          return;
+        }
+        pod->agent->Call(kAgentService, "CreateSandbox", sb.SerializeAsString(), o,
+                         [this, alive, id, reply, fail](Result<std::string> r) {
+                           if (alive.expired()) return;
+                           Pod* pod = Find(id);
+                           if (!pod) return reply(UnknownPod(id));
+                           if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
+                           pod->busy = false;
+                           pod->rec.phase = Phase::kRunning;
+                           (void)Save(*pod);
+                           spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
+                           reply(StatusOf(*pod));
+                         });
+      });
 }
 
 void PodManager::MarkStopped(Pod& pod, uint32_t status) {
@@ -454,6 +497,7 @@ void PodManager::Shutdown(const std::string& id, Reply<void> reply) {
     if (!pod) return reply(Ok());
     // Anyone still waiting learns the pod is gone.
     MarkStopped(*pod, pod->rec.exit_status);
+    if (!pod->rec.netns.empty()) RemoveTap(TapName(id), pod->rec.netns);
     std::error_code ec;
     fs::remove_all(cfg_.run_dir + "/pods/" + id, ec);
     if (auto s = store_.Remove(id); !s.ok()) return reply(s.error());

@@ -26,6 +26,10 @@ struct VmSpec {
   std::string agent_socket;
   // Exported to the guest over 9p with mount tag "peapod-share" (empty: none).
   std::string share_dir;
+  // The pod NIC: a TAP that exists (in our netns) for QEMU to open, and the MAC the guest
+  // NIC takes (the CNI interface's). Empty tap: no NIC (loopback only).
+  std::string tap;
+  std::string mac;
   // What the guest prints on its serial console.
   std::string console_log;
 };

@@ -22,7 +22,7 @@ pkgs=(
   libgtest-dev libgmock-dev googletest
   # VM and guest tooling (issues 5 and 6 use them; cheap to have from day one)
   qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu erofs-utils crun
-  cpio xz-utils zstd busybox-static iproute2 kmod
+  cpio xz-utils zstd busybox-static iproute2 iputils-ping kmod
 )
 
 missing=()

@@ -38,7 +38,7 @@ class SandboxerTest : public AgentVmTest {
 
   void TearDown() override {
     if (stub_) {
-      for (const char* id : {"pod1", "pod2"}) {
+      for (const char* id : {"pod1", "pod2", "pod3"}) {
         grpc::ClientContext ctx;
         sbv1::ControllerShutdownRequest req;
         req.set_sandbox_id(id);
@@ -215,6 +215,69 @@ TEST_F(SandboxerTest, AKilledQemuMakesThePodNotReadyAndWaitReturns) {
   ASSERT_TRUE(Status("pod2", &st).ok());
   EXPECT_EQ(st.state(), "SANDBOX_NOTREADY");
   EXPECT_TRUE(Shutdown("pod2").ok());
+}
+
+// A pod netns as CNI leaves it: a veth end named eth0 with an address and a default route.
+class PodNetns {
+ public:
+  explicit PodNetns(const std::string& name) : name_(name) {
+    Run("ip netns add " + name_);
+    Run("ip link add " + name_ + "-h type veth peer name eth0 netns " + name_);
+    Run("ip addr add 10.98.0.1/24 dev " + name_ + "-h");
+    Run("ip link set " + name_ + "-h up");
+    Run("ip -n " + name_ + " addr add 10.98.0.2/24 dev eth0");
+    Run("ip -n " + name_ + " link set eth0 up");
+    Run("ip -n " + name_ + " link set lo up");
+    Run("ip -n " + name_ + " route add default via 10.98.0.1");
+  }
+  ~PodNetns() {
+    Run("ip netns del " + name_ + " 2>/dev/null");
+    Run("ip link del " + name_ + "-h 2>/dev/null");
+  }
+  std::string path() const { return "/var/run/netns/" + name_; }
+  bool ok() const { return ok_; }
+
+ private:
+  void Run(const std::string& cmd) {
+    if (std::system(cmd.c_str()) != 0 && cmd.find("2>/dev/null") == std::string::npos) {
+      ok_ = false;
+      ADD_FAILURE() << "test setup failed: " << cmd;
+    }
+  }
+  std::string name_;
+  bool ok_ = true;
+};
+
+TEST_F(SandboxerTest, TheGuestAnswersAsThePodOnTheCniNetwork) {
+  if (std::system("command -v ip >/dev/null") != 0) GTEST_SKIP() << "iproute2 is not installed";
+  PodNetns ns("pp-test-" + std::to_string(::getpid() % 100000));
+  ASSERT_TRUE(ns.ok());
+  ASSERT_TRUE(Create("pod3", ns.path()).ok());
+  sbv1::ControllerStartResponse started;
+  auto s = Start("pod3", &started);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\nlog:\n" << Log();
+  // From the host end of the veth: the pod IP answers, and it is the guest: tc redirects every
+  // frame to the TAP, and to be sure the netns's own stack cannot answer, its copy of the
+  // address is removed first (the guest took it at Start).
+  std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
+  ASSERT_EQ(std::system(flush.c_str()), 0);
+  int ping = std::system("ping -c 3 -W 5 -i 0.3 10.98.0.2 >/dev/null");
+  if (ping != 0) {
+    std::string ns_name = ns.path().substr(15);
+    std::string diag = "ip netns exec " + ns_name +
+                       " sh -c 'ip -s link; tc -s qdisc; for d in $(ls /sys/class/net); do tc -s "
+                       "filter show dev $d ingress; done' 2>&1";
+    std::system(diag.c_str());
+    std::ifstream console(dir_ + "/state/pods/pod3/console.log");
+    ADD_FAILURE() << "the guest did not answer ping through the TAP; console:\n"
+                  << std::string(std::istreambuf_iterator<char>(console), {}) << "\nlog:\n"
+                  << Log();
+  }
+  ASSERT_TRUE(Shutdown("pod3").ok());
+  // The TAP is gone from both namespaces.
+  std::string tap_check = "ip netns exec " + ns.path().substr(15) + " ip link | grep -q ' pp'";
+  EXPECT_NE(std::system(tap_check.c_str()), 0) << "TAP left in the pod netns";
+  EXPECT_NE(std::system("ip link | grep -q ' pp[0-9a-f]\\{12\\}'"), 0) << "TAP left on host";
 }
 
 TEST_F(SandboxerTest, UnknownSandboxesAreClearErrors) {
