@@ -280,51 +280,46 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
           if (alive.expired()) return;
           Pod* pod = Find(id);
           if (!pod) return reply(UnknownPod(id));
-          auto fail = [&](Error e) {
-            pod->busy = false;
-            pod->rec.phase = Phase::kCreated;
-            pod->rec.pid = 0;
-            pod->mux.reset();
-            pod->agent.reset();
-            (void)Save(*pod);
-            reply(std::move(e).Wrap("start sandbox " + id));
-          };
-          if (!vm.ok()) return fail(vm.error());
+          // The worker already undid its own steps when the VM did not start.
+          if (!vm.ok()) return FailStart(id, vm.error(), /*vm_started=*/false, reply);
           pod->rec.pid = vm->pid;
           pod->net = std::move(net);
           if (auto r = AttachChannel(*pod); !r.ok()) {
-            (void)backend_->Destroy(pod->rec.domain);
-            if (pod->net) RemoveTap(pod->net->tap, pod->rec.netns);
-            return fail(r.error());
+            return FailStart(id, r.error(), /*vm_started=*/true, reply);
           }
           WaitForAgent(id, deadline, reply);
         });
   });
 }
 
+void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
+                           Reply<PodStatus> reply) {
+  Pod* p = Find(id);
+  if (!p) return reply(UnknownPod(id));
+  // Back to "created", as if Start had not been called: a failed request changes nothing.
+  std::string domain = p->rec.domain;
+  std::string netns = p->rec.netns;
+  p->net.reset();
+  p->busy = false;
+  p->rec.phase = Phase::kCreated;
+  p->rec.pid = 0;
+  p->mux.reset();
+  p->agent.reset();
+  (void)Save(*p);
+  if (vm_started) {
+    workers_.Run([this, domain, id, netns] {
+      (void)backend_->Destroy(domain);
+      if (!netns.empty()) RemoveTap(TapName(id), netns);
+    });
+  }
+  reply(std::move(e).Wrap("start sandbox " + id));
+}
+
 void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,
                               Reply<PodStatus> reply) {
   Pod* pod = Find(id);
   if (!pod || !pod->agent) return reply(UnknownPod(id));
-  auto fail = [this, id, reply](Error e) {
-    Pod* p = Find(id);
-    if (!p) return reply(UnknownPod(id));
-    std::string domain = p->rec.domain;
-    std::string tap = p->rec.netns.empty() ? "" : TapName(id);
-    std::string netns = p->rec.netns;
-    p->net.reset();
-    p->busy = false;
-    p->rec.phase = Phase::kCreated;
-    p->rec.pid = 0;
-    p->mux.reset();
-    p->agent.reset();
-    (void)Save(*p);
-    workers_.Run([this, domain, tap, netns] {
-      (void)backend_->Destroy(domain);
-      if (!tap.empty()) RemoveTap(tap, netns);
-    });
-    reply(std::move(e).Wrap("start sandbox " + id));
-  };
+  auto fail = [this, id, reply](Error e) { FailStart(id, std::move(e), true, reply); };
   if (EventLoop::Clock::now() >= deadline) {
     return fail(Error::Make(Code::kDeadlineExceeded,
                             "the guest agent did not answer within {} s (see {}/console.log)",

@@ -87,6 +87,8 @@ class PodManager {
   Result<void> Save(Pod& pod);
   Result<void> PreparePodFiles(const std::string& id);
   Result<void> AttachChannel(Pod& pod);
+  // Undoes a Start that failed (destroying the VM and TAP if they exist) and answers reply.
+  void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
   void WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,
                     Reply<PodStatus> reply);
   void MarkStopped(Pod& pod, uint32_t status);
