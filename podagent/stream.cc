@@ -13,6 +13,14 @@ OutputStream::OutputStream(EventLoop* loop, UniqueFd fd, bool pty)
 
 OutputStream::~OutputStream() {
   if (watch_) loop_->Unwatch(watch_);
+  // The process is being removed: whoever still reads gets what is left and EOF, not silence.
+  auto readers = std::move(readers_);
+  for (auto& p : readers) {
+    if (!p.reader.waiting()) continue;
+    std::string data = std::move(buf_);
+    buf_.clear();
+    p.reader.deliver(std::move(data), true);
+  }
 }
 
 Result<void> OutputStream::Start() {

@@ -395,6 +395,16 @@ void PodManager::MarkStopped(Pod& pod, uint32_t status) {
   for (auto& w : waiters) w(PodExit{pod.rec.exit_status, pod.rec.exited_at_ns});
 }
 
+void PodManager::CancelWaiters() {
+  for (auto& [id, pod] : pods_) {
+    auto waiters = std::move(pod->waiters);
+    pod->waiters.clear();
+    for (auto& w : waiters) {
+      w(Error(Code::kUnavailable, "peapod-sandboxer is restarting; the pod keeps running"));
+    }
+  }
+}
+
 void PodManager::VmStopped(const std::string& domain) {
   std::weak_ptr<bool> alive = alive_;
   loop_->Post([this, alive, domain] {

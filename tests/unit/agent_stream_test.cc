@@ -118,6 +118,25 @@ TEST(OutputStreamTest, DataIsKeptForTheNextReaderWhenACallerGaveUp) {
   EXPECT_FALSE(delivered_to_gone);
 }
 
+TEST(OutputStreamTest, AReaderWaitingWhenTheProcessIsRemovedGetsEof) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  auto s = std::make_unique<OutputStream>(lt.loop(), std::move(pipe.r), false);
+  ASSERT_TRUE(lt.Sync([&] { return s->Start(); }).ok());
+  std::promise<std::pair<std::string, bool>> p;
+  lt.Sync([&] {
+    s->Read(100, {.waiting = [] { return true; },
+                  .deliver =
+                      [&p](std::string d, bool eof) {
+                        p.set_value({std::move(d), eof});
+                      }});
+    s.reset();
+  });
+  auto f = p.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  EXPECT_TRUE(f.get().second);
+}
+
 TEST(InputStreamTest, WritesThenClosesSoTheReaderSeesEof) {
   peapod::testing::LoopThread lt;
   Pipe pipe;

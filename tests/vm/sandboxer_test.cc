@@ -185,6 +185,16 @@ TEST_F(SandboxerTest, PodLifecycleSurvivesASandboxerCrashAndLeavesNothing) {
   ASSERT_TRUE(AgentAnswers("pod1", &boot2)) << Log();
   EXPECT_EQ(boot1, boot2) << "the same VM, not a new one";
 
+  // SIGTERM with a Wait pending: the Wait is answered, the sandboxer exits, the pod stays.
+  auto pending = WaitAsync("pod1");
+  std::this_thread::sleep_for(300ms);
+  StopSandboxer(SIGTERM);
+  ASSERT_EQ(pending.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(pending.get().error_code(), grpc::StatusCode::UNAVAILABLE);
+  StartSandboxer();
+  ASSERT_TRUE(Status("pod1", &st).ok());
+  EXPECT_EQ(st.state(), "SANDBOX_READY");
+
   // Stop: Wait returns, the pod is not ready; Stop and Shutdown are idempotent.
   auto wait = WaitAsync("pod1");
   ASSERT_TRUE(Stop("pod1").ok());
