@@ -11,13 +11,13 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <set>
 #include <sstream>
 
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
 
+#include "common/base/ids.h"
 #include "common/oci/spec.h"
 #include "podagent/cgroup_stats.h"
 
@@ -83,11 +83,6 @@ struct ContainerManager::Container {
 namespace {
 
 using Status = v1::StateContainerResponse;
-
-bool ValidId(const std::string& id) {
-  static const std::regex kId("[A-Za-z0-9][A-Za-z0-9_.-]{0,127}");
-  return std::regex_match(id, kId);
-}
 
 Result<std::string> ReadFile(const std::string& path) {
   std::ifstream f(path);
@@ -325,9 +320,8 @@ void ContainerManager::CleanupFailedCreate(const ContainerPtr& c) {
 void ContainerManager::Create(v1::CreateContainerRequest req,
                               Reply<v1::CreateContainerResponse> reply) {
   const std::string id = req.container_id();
-  if (!ValidId(id)) {
-    return reply(Error::Invalid(
-        "container id '{}' is invalid: use 1-128 of [A-Za-z0-9_.-], starting alphanumeric", id));
+  if (!IsValidId(id)) {
+    return reply(Error::Invalid("container id '{}' is invalid: use {}", id, kIdRule));
   }
   if (containers_.count(id)) {
     return reply(Error::Make(Code::kAlreadyExists, "container {} already exists", id));
@@ -458,8 +452,8 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
   if (ct->status != Container::Status::kRunning) {
     return reply(NotRunning(ct->id, "exec"));
   }
-  if (!ValidId(eid)) {
-    return reply(Error::Invalid("exec id '{}' is invalid: use 1-128 of [A-Za-z0-9_.-]", eid));
+  if (!IsValidId(eid)) {
+    return reply(Error::Invalid("exec id '{}' is invalid: use {}", eid, kIdRule));
   }
   if (ct->execs.count(eid) || ct->pending_execs.count(eid)) {
     return reply(

@@ -9,11 +9,11 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
-#include <regex>
 #include <set>
 
 #include <spdlog/spdlog.h>
 
+#include "common/base/ids.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/network.h"
 
@@ -77,11 +77,6 @@ int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-bool ValidPodId(const std::string& id) {
-  static const std::regex kId("[A-Za-z0-9][A-Za-z0-9_.-]{0,127}");
-  return std::regex_match(id, kId);
 }
 
 Error UnknownPod(const std::string& id) {
@@ -203,9 +198,8 @@ Result<void> PodManager::AttachChannel(Pod& pod) {
 }
 
 void PodManager::Create(const std::string& id, const std::string& netns, Reply<void> reply) {
-  if (!ValidPodId(id)) {
-    return reply(Error::Invalid(
-        "sandbox id '{}' is invalid: use 1-128 of [A-Za-z0-9_.-], starting alphanumeric", id));
+  if (!IsValidId(id)) {
+    return reply(Error::Invalid("sandbox id '{}' is invalid: use {}", id, kIdRule));
   }
   if (Find(id)) return reply(Error::Make(Code::kAlreadyExists, "sandbox {} already exists", id));
   if (!netns.empty() && !fs::exists(netns)) {
