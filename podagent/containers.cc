@@ -73,7 +73,7 @@ struct ContainerManager::Container {
   bool overlay = false;
   std::vector<std::string> storages;  // acquired mount points
   Process init;
-  std::map<std::string, std::unique_ptr<Process>> execs;
+  std::map<std::string, std::shared_ptr<Process>> execs;
   std::set<std::string> pending_execs;
   uint64_t oom_kills = 0;
   int oom_wd = -1;
@@ -181,6 +181,33 @@ std::vector<std::string> ContainerManager::CrunArgs(std::initializer_list<std::s
   return v;
 }
 
+void ContainerManager::RunCrun(std::vector<std::string> args, const std::string& log,
+                               const std::vector<UniqueFd>& child_fds,
+                               std::function<void(Result<std::string>)> done) {
+  SpawnOptions so;
+  so.argv = CrunArgs({"--log=" + log});
+  so.argv.insert(so.argv.end(), args.begin(), args.end());
+  // Pipes from PrepareStdio; none for a terminal process (crun passes the pty over the
+  // console socket instead).
+  if (child_fds.size() == 3) {
+    so.stdin_fd = child_fds[0].get();
+    so.stdout_fd = child_fds[1].get();
+    so.stderr_fd = child_fds[2].get();
+  }
+  // crun's own error text goes to the process's stderr pipe and to the log: take the log's.
+  RunCommand(loop_, reaper_, so, [log, done = std::move(done)](Result<std::string> r) {
+    if (!r.ok()) {
+      Error e = std::move(r).error();
+      auto text = ReadFile(log);
+      if (text.ok() && !text->empty()) {
+        e = Error(e.code(), e.message() + ": " + text->substr(0, 2000));
+      }
+      return done(std::move(e));
+    }
+    done(std::move(r));
+  });
+}
+
 std::string ContainerManager::CgroupDir(const std::string& id) const {
   return opts_.cgroup_root + opts_.cgroup_parent + "/" + id;
 }
@@ -202,10 +229,8 @@ Result<ContainerManager::Process*> ContainerManager::FindProcess(const std::stri
   return it->second.get();
 }
 
-Result<std::string> ContainerManager::RewriteSpec(const std::string& id,
-                                                  const std::string& spec_json,
-                                                  const std::string& rootfs) const {
-  PP_ASSIGN_OR_RETURN(auto spec, oci::Spec::Parse(spec_json, "container " + id + " config.json"));
+Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spec,
+                                           const std::string& rootfs) const {
   PP_TRY(spec.SetRootPath(rootfs));
   const bool cgroups = !opts_.cgroup_root.empty();
   const std::string cgroup_path = opts_.cgroup_parent + "/" + id;
@@ -240,7 +265,7 @@ Result<std::string> ContainerManager::RewriteSpec(const std::string& id,
       linux_doc.erase("resources");
     }
   }));
-  return spec.Dump(2);
+  return Ok();
 }
 
 Result<void> ContainerManager::PrepareStdio(Process& p, const std::string& console_socket,
@@ -326,6 +351,9 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   if (containers_.count(id)) {
     return reply(Error::Make(Code::kAlreadyExists, "container {} already exists", id));
   }
+  auto parsed = oci::Spec::Parse(req.oci_spec(), "container " + id + " config.json");
+  if (!parsed.ok()) return reply(std::move(parsed).error().Wrap("create container " + id));
+  oci::Spec spec = std::move(*parsed);
   auto c = std::make_shared<Container>();
   c->id = id;
   c->dir = opts_.run_dir + "/containers/" + id;
@@ -359,22 +387,16 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
     }
     c->overlay = true;
   } else {
-    auto spec = oci::Spec::Parse(req.oci_spec(), "container " + id + " config.json");
-    if (!spec.ok()) return fail(spec.error());
-    c->rootfs = spec->root().path;
+    c->rootfs = spec.root().path;
     if (c->rootfs.empty() || c->rootfs[0] != '/') {
       return fail(Error::Invalid("no layers given and root.path '{}' is not an absolute guest path",
                                  c->rootfs));
     }
   }
 
-  auto spec = RewriteSpec(id, req.oci_spec(), c->rootfs);
-  if (!spec.ok()) return fail(spec.error());
-  if (auto r = WriteFile(c->dir + "/config.json", *spec); !r.ok()) return fail(r.error());
-  bool terminal = false;
-  if (auto parsed = oci::Spec::Parse(*spec); parsed.ok() && parsed->process()) {
-    terminal = parsed->process()->terminal;
-  }
+  if (auto r = RewriteSpec(id, spec, c->rootfs); !r.ok()) return fail(r.error());
+  if (auto r = WriteFile(c->dir + "/config.json", spec.Dump(2)); !r.ok()) return fail(r.error());
+  const bool terminal = spec.process() && spec.process()->terminal;
 
   const std::string console = fmt::format("{}/sock/{}.sock", opts_.run_dir, id.substr(0, 64));
   std::vector<UniqueFd> child_fds;
@@ -382,43 +404,32 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
     return fail(r.error());
   }
   const std::string pid_file = c->dir + "/init.pid";
-  SpawnOptions so;
-  so.argv = CrunArgs(
-      {"--log=" + c->dir + "/crun.log", "create", "--bundle=" + c->dir, "--pid-file=" + pid_file});
-  if (opts_.no_pivot) so.argv.push_back("--no-pivot");
-  if (terminal) so.argv.push_back("--console-socket=" + console);
-  so.argv.push_back(id);
-  if (!terminal) {
-    so.stdin_fd = child_fds[0].get();
-    so.stdout_fd = child_fds[1].get();
-    so.stderr_fd = child_fds[2].get();
-  }
-  RunCommand(loop_, reaper_, so,
-             [this, c, console, pid_file, reply](Result<std::string> r) mutable {
-               auto fail = [&](Error e) {
-                 auto log = ReadFile(c->dir + "/crun.log");
-                 if (log.ok() && !log->empty()) {
-                   e = Error(e.code(), e.message() + ": " + log->substr(0, 2000));
-                 }
-                 CleanupFailedCreate(c);
-                 reply(std::move(e).Wrap("create container " + c->id));
-               };
-               if (!r.ok()) return fail(r.error());
-               auto pid = ReadPidFile(pid_file);
-               if (!pid.ok()) return fail(pid.error());
-               c->init.pid = *pid;
-               if (auto s = FinishStdio(c->init, console); !s.ok()) {
-                 ::kill(*pid, SIGKILL);
-                 return fail(s.error());
-               }
-               c->status = Container::Status::kCreated;
-               Track(c, &c->init);
-               WatchOOM(c);
-               spdlog::info("agent: created container {} pid {}", c->id, *pid);
-               v1::CreateContainerResponse resp;
-               resp.set_pid(static_cast<uint32_t>(*pid));
-               reply(std::move(resp));
-             });
+  std::vector<std::string> args = {"create", "--bundle=" + c->dir, "--pid-file=" + pid_file};
+  if (opts_.no_pivot) args.push_back("--no-pivot");
+  if (terminal) args.push_back("--console-socket=" + console);
+  args.push_back(id);
+  RunCrun(std::move(args), c->dir + "/crun.log", child_fds,
+          [this, c, console, pid_file, reply](Result<std::string> r) mutable {
+            auto fail = [&](Error e) {
+              CleanupFailedCreate(c);
+              reply(std::move(e).Wrap("create container " + c->id));
+            };
+            if (!r.ok()) return fail(r.error());
+            auto pid = ReadPidFile(pid_file);
+            if (!pid.ok()) return fail(pid.error());
+            c->init.pid = *pid;
+            if (auto s = FinishStdio(c->init, console); !s.ok()) {
+              ::kill(*pid, SIGKILL);
+              return fail(s.error());
+            }
+            c->status = Container::Status::kCreated;
+            Track(c, &c->init);
+            WatchOOM(c);
+            spdlog::info("agent: created container {} pid {}", c->id, *pid);
+            v1::CreateContainerResponse resp;
+            resp.set_pid(static_cast<uint32_t>(*pid));
+            reply(std::move(resp));
+          });
   // The child's ends are the child's now.
 }
 
@@ -465,7 +476,7 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
   int seq = ++ct->exec_seq;
   const std::string base = fmt::format("{}/exec-{}", ct->dir, seq);
   if (auto r = WriteFile(base + ".json", req.process()); !r.ok()) return reply(r.error());
-  auto p = std::make_unique<Process>();
+  auto p = std::make_shared<Process>();
   p->exec_id = eid;
   const std::string console =
       fmt::format("{}/sock/{}-{}.sock", opts_.run_dir, ct->id.substr(0, 40), seq);
@@ -473,45 +484,32 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
   if (auto r = PrepareStdio(*p, console, req.stdin(), proc->terminal, child_fds); !r.ok()) {
     return reply(r.error());
   }
-  SpawnOptions so;
-  so.argv = CrunArgs({"--log=" + base + ".log", "exec", "--detach", "--pid-file=" + base + ".pid",
-                      "--process=" + base + ".json"});
-  if (proc->terminal) so.argv.push_back("--console-socket=" + console);
-  so.argv.push_back(ct->id);
-  if (!proc->terminal) {
-    so.stdin_fd = child_fds[0].get();
-    so.stdout_fd = child_fds[1].get();
-    so.stderr_fd = child_fds[2].get();
-  }
+  std::vector<std::string> args = {"exec", "--detach", "--pid-file=" + base + ".pid",
+                                   "--process=" + base + ".json"};
+  if (proc->terminal) args.push_back("--console-socket=" + console);
+  args.push_back(ct->id);
   ct->pending_execs.insert(eid);
-  auto shared = std::shared_ptr<Process>(std::move(p));
-  RunCommand(loop_, reaper_, so,
-             [this, ct, shared, base, console, eid, reply](Result<std::string> r) {
-               ct->pending_execs.erase(eid);
-               auto fail = [&](Error e) {
-                 auto log = ReadFile(base + ".log");
-                 if (log.ok() && !log->empty()) {
-                   e = Error(e.code(), e.message() + ": " + log->substr(0, 2000));
-                 }
-                 ::unlink(console.c_str());
-                 reply(std::move(e).Wrap("exec " + eid + " in container " + ct->id));
-               };
-               if (!r.ok()) return fail(r.error());
-               auto pid = ReadPidFile(base + ".pid");
-               if (!pid.ok()) return fail(pid.error());
-               auto proc = std::make_unique<Process>(std::move(*shared));
-               proc->pid = *pid;
-               if (auto s = FinishStdio(*proc, console); !s.ok()) {
-                 ::kill(*pid, SIGKILL);
-                 return fail(s.error());
-               }
-               Process* raw = proc.get();
-               ct->execs[eid] = std::move(proc);
-               Track(ct, raw);
-               v1::ExecProcessResponse resp;
-               resp.set_pid(static_cast<uint32_t>(*pid));
-               reply(std::move(resp));
-             });
+  RunCrun(std::move(args), base + ".log", child_fds,
+          [this, ct, p, base, console, eid, reply](Result<std::string> r) {
+            ct->pending_execs.erase(eid);
+            auto fail = [&](Error e) {
+              ::unlink(console.c_str());
+              reply(std::move(e).Wrap("exec " + eid + " in container " + ct->id));
+            };
+            if (!r.ok()) return fail(r.error());
+            auto pid = ReadPidFile(base + ".pid");
+            if (!pid.ok()) return fail(pid.error());
+            p->pid = *pid;
+            if (auto s = FinishStdio(*p, console); !s.ok()) {
+              ::kill(*pid, SIGKILL);
+              return fail(s.error());
+            }
+            ct->execs[eid] = p;
+            Track(ct, p.get());
+            v1::ExecProcessResponse resp;
+            resp.set_pid(static_cast<uint32_t>(*pid));
+            reply(std::move(resp));
+          });
 }
 
 Result<void> ContainerManager::Signal(const v1::SignalProcessRequest& req) {

@@ -24,6 +24,7 @@
 
 #include "common/base/result.h"
 #include "common/loop/event_loop.h"
+#include "common/oci/spec.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "podagent/process.h"
 #include "podagent/storage.h"
@@ -87,14 +88,19 @@ class ContainerManager {
 
   Result<ContainerPtr> Find(const std::string& id) const;
   Result<Process*> FindProcess(const std::string& id, const std::string& exec_id) const;
-  Result<std::string> RewriteSpec(const std::string& id, const std::string& spec_json,
-                                  const std::string& rootfs) const;
+  // Rewrites the host's spec for the guest (see the top of this file).
+  Result<void> RewriteSpec(const std::string& id, oci::Spec& spec, const std::string& rootfs) const;
   Result<void> PrepareStdio(Process& p, const std::string& console_socket, bool stdin,
                             bool terminal, std::vector<UniqueFd>& child_fds);
   Result<void> FinishStdio(Process& p, const std::string& console_socket);
   void Track(const ContainerPtr& c, Process* p);
   void CleanupFailedCreate(const ContainerPtr& c);
   std::vector<std::string> CrunArgs(std::initializer_list<std::string> args) const;
+  // Runs a crun command that starts a process (create, exec) with child_fds as its stdio and
+  // crun's --log at log; on failure the error carries what crun logged.
+  void RunCrun(std::vector<std::string> args, const std::string& log,
+               const std::vector<UniqueFd>& child_fds,
+               std::function<void(Result<std::string>)> done);
   std::string CgroupDir(const std::string& id) const;
   void WatchOOM(const ContainerPtr& c);
   void OnInotify();

@@ -16,11 +16,10 @@ namespace peapod::agent {
 namespace v1 = peapod::agent::v1;
 namespace fs = std::filesystem;
 
-Result<void> MakeDirs(const std::string& path, mode_t mode) {
+Result<void> MakeDirs(const std::string& path) {
   std::error_code ec;
   fs::create_directories(path, ec);
   if (ec) return Error::Errno(fmt::format("mkdir -p {}", path), ec.value());
-  (void)mode;
   return Ok();
 }
 

@@ -43,7 +43,7 @@ Result<void> MountOverlay(const std::vector<std::string>& lower_dirs, const std:
                           const std::string& work_dir, const std::string& target);
 
 // mkdir -p.
-Result<void> MakeDirs(const std::string& path, mode_t mode = 0755);
+Result<void> MakeDirs(const std::string& path);
 // Detaches a mount (MNT_DETACH); a path that is not mounted is fine.
 void Unmount(const std::string& target);
 
