@@ -90,8 +90,10 @@ PodManager::PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend)
 
 PodManager::~PodManager() { *alive_ = false; }
 
+std::string PodManager::RunDir(const std::string& id) const { return cfg_.run_dir + "/pods/" + id; }
+
 std::string PodManager::AgentSocket(const std::string& id) const {
-  return cfg_.run_dir + "/pods/" + id + "/agent.sock";
+  return RunDir(id) + "/agent.sock";
 }
 
 PodManager::Pod* PodManager::Find(const std::string& id) {
@@ -117,7 +119,7 @@ VmSpec PodManager::SpecFor(const Pod& pod) const {
   s.vcpus = cfg_.vcpus;
   s.memory_mib = cfg_.memory_mib;
   s.kvm = UseKvm();
-  std::string dir = cfg_.run_dir + "/pods/" + pod.rec.id;
+  std::string dir = RunDir(pod.rec.id);
   s.agent_socket = dir + "/vm-agent.sock";
   s.share_dir = dir + "/share";
   s.console_log = store_.PodDir(pod.rec.id) + "/console.log";
@@ -127,7 +129,7 @@ VmSpec PodManager::SpecFor(const Pod& pod) const {
 Result<void> PodManager::PreparePodFiles(const std::string& id) {
   // containerd bind-mounts the pod's /etc/hosts, resolv.conf, hostname and /dev/shm into
   // containers only if they exist on the host; they live in the share the guest sees.
-  std::string share = cfg_.run_dir + "/pods/" + id + "/share";
+  std::string share = RunDir(id) + "/share";
   std::error_code ec;
   fs::create_directories(share + "/shm", ec);
   if (ec) return Error::Errno("mkdir " + share, ec.value());
@@ -181,7 +183,7 @@ Result<void> PodManager::Recover() {
 }
 
 Result<void> PodManager::AttachChannel(Pod& pod) {
-  std::string dir = cfg_.run_dir + "/pods/" + pod.rec.id;
+  std::string dir = RunDir(pod.rec.id);
   PP_ASSIGN_OR_RETURN(auto upstream, ConnectUnix(dir + "/vm-agent.sock"));
   PP_TRY(SetNonBlocking(upstream.get()));
   auto mux = std::make_unique<AgentMux>(loop_);
@@ -213,12 +215,12 @@ void PodManager::Create(const std::string& id, const std::string& netns, Reply<v
   pod->rec.created_at_ns = NowNs();
   if (auto r = PreparePodFiles(id); !r.ok()) {
     std::error_code ec;
-    fs::remove_all(cfg_.run_dir + "/pods/" + id, ec);
+    fs::remove_all(RunDir(id), ec);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
   }
   if (auto r = Save(*pod); !r.ok()) {
     std::error_code ec;
-    fs::remove_all(cfg_.run_dir + "/pods/" + id, ec);
+    fs::remove_all(RunDir(id), ec);
     (void)store_.Remove(id);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
   }
@@ -498,7 +500,7 @@ void PodManager::Shutdown(const std::string& id, Reply<void> reply) {
     MarkStopped(*pod, pod->rec.exit_status);
     if (!pod->rec.netns.empty()) RemoveTap(TapName(id), pod->rec.netns);
     std::error_code ec;
-    fs::remove_all(cfg_.run_dir + "/pods/" + id, ec);
+    fs::remove_all(RunDir(id), ec);
     if (auto s = store_.Remove(id); !s.ok()) return reply(s.error());
     pods_.erase(id);
     spdlog::info("pod {}: shut down and removed", id);

@@ -81,6 +81,8 @@ class PodManager {
   // Called (any thread) by the backend when a VM stops.
   void VmStopped(const std::string& domain);
 
+  // <run_dir>/pods/<id>: the pod's sockets and share.
+  std::string RunDir(const std::string& id) const;
   std::string AgentSocket(const std::string& id) const;
 
  private:
