@@ -126,11 +126,15 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
         reply(std::move(resp));
       });
 
-  // Pod-wide setup. Storages are mounted with the containers that use them (shared by mount
-  // point), so CreateSandbox's own storages are not used yet.
+  // Pod-wide setup: hostname, DNS, sysctls, and the storages every container may use (the
+  // pod share, the scratch disk), mounted for the pod's lifetime.
   RegisterSync<v1::CreateSandboxRequest, Empty>(
-      server, "CreateSandbox", [local = opts.local](const v1::CreateSandboxRequest& req) {
-        return ToEmpty(SetupSandbox(req, local));
+      server, "CreateSandbox",
+      [local = opts.local, cm](const v1::CreateSandboxRequest& req) -> Result<Empty> {
+        PP_TRY(SetupSandbox(req, local));
+        // A local agent has no virtio devices: its "pod" uses the host's directories.
+        if (!local) PP_TRY(cm->AcquirePodStorage(req.storages()));
+        return Empty();
       });
 
   RegisterSync<v1::ConfigureNetworkRequest, Empty>(

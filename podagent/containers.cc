@@ -71,6 +71,7 @@ struct ContainerManager::Container {
   std::string dir;    // bundle and bookkeeping: run_dir/containers/<id>
   std::string rootfs;
   bool overlay = false;
+  std::string upper_dir;              // on the pod's scratch disk: removed with the container
   std::vector<std::string> storages;  // acquired mount points
   Process init;
   std::map<std::string, std::shared_ptr<Process>> execs;
@@ -339,7 +340,14 @@ void ContainerManager::CleanupFailedCreate(const ContainerPtr& c) {
   for (const auto& s : c->storages) storage_.Release(s);
   std::error_code ec;
   fs::remove_all(c->dir, ec);
+  if (!c->upper_dir.empty()) fs::remove_all(c->upper_dir, ec);
   containers_.erase(c->id);
+}
+
+Result<void> ContainerManager::AcquirePodStorage(
+    const google::protobuf::RepeatedPtrField<v1::Storage>& storages) {
+  for (const auto& s : storages) PP_TRY(storage_.Acquire(s));
+  return Ok();
 }
 
 void ContainerManager::Create(v1::CreateContainerRequest req,
@@ -381,6 +389,14 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
     std::vector<std::string> lower;
     for (const auto& s : req.layers()) lower.push_back(s.mount_point());
     std::string rw = req.upper_dir().empty() ? c->dir + "/rw" : req.upper_dir();
+    if (!req.upper_dir().empty()) {
+      if (req.upper_dir()[0] != '/') {
+        return fail(
+            Error::Invalid("upper_dir '{}' must be an absolute guest path", req.upper_dir()));
+      }
+      c->upper_dir = rw;
+      fs::remove_all(rw, ec);  // a leftover of an earlier container with this id
+    }
     c->rootfs = c->dir + "/rootfs";
     if (auto r = MountOverlay(lower, rw + "/upper", rw + "/work", c->rootfs); !r.ok()) {
       return fail(r.error());

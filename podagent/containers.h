@@ -55,6 +55,8 @@ class ContainerManager {
   // Enables the cgroup controllers for the container subtree. Once, before any container.
   Result<void> Init();
 
+  // Mounts the pod-wide storages (the 9p share, the scratch disk) for the pod's lifetime.
+  Result<void> AcquirePodStorage(const google::protobuf::RepeatedPtrField<v1::Storage>& storages);
   void Create(v1::CreateContainerRequest req, Reply<v1::CreateContainerResponse> reply);
   void Start(const std::string& id, Reply<v1::StartContainerResponse> reply);
   void Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessResponse> reply);

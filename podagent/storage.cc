@@ -11,6 +11,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "podagent/pid1.h"
+
 namespace peapod::agent {
 
 namespace v1 = peapod::agent::v1;
@@ -89,6 +91,19 @@ MountOptions ParseMountOptions(const std::vector<std::string>& options) {
   return out;
 }
 
+Result<void> StorageManager::LoadFilesystemModules(const std::string& fstype) {
+  // The guest image keeps modules that only some pods need (ext4 for the scratch disk) out of
+  // the boot-time list: /etc/peapod/modules.<fstype> lists them, dependencies first.
+  if (fstype.find('/') != std::string::npos || loaded_fs_.count(fstype)) return Ok();
+  std::string list = "/etc/peapod/modules." + fstype;
+  if (::access(list.c_str(), R_OK) == 0) {
+    PP_ASSIGN_OR_RETURN(int n, LoadModules(list));
+    spdlog::info("agent: loaded {} module(s) for {}", n, fstype);
+  }
+  loaded_fs_.insert(fstype);
+  return Ok();
+}
+
 Result<void> StorageManager::Acquire(const v1::Storage& s) {
   const std::string& target = s.mount_point();
   if (target.empty() || target[0] != '/') {
@@ -103,8 +118,9 @@ Result<void> StorageManager::Acquire(const v1::Storage& s) {
   std::string fstype = s.fstype();
   switch (s.driver()) {
     case v1::Storage::SCSI: {
-      PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), std::chrono::seconds(5)));
       if (fstype.empty()) return Error::Invalid("storage {}: fstype is required", s.source());
+      PP_TRY(LoadFilesystemModules(fstype));
+      PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), std::chrono::seconds(5)));
       break;
     }
     case v1::Storage::VIRTIO_9P:

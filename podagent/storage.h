@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,9 @@ class StorageManager {
   void ReleaseAll();
 
  private:
+  Result<void> LoadFilesystemModules(const std::string& fstype);
   std::map<std::string, int> refs_;
+  std::set<std::string> loaded_fs_;
 };
 
 // Creates the rootfs of a container at `target`: overlayfs with `lower_dirs` (topmost first)

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -23,6 +24,32 @@ Result<void> Read(const nlohmann::json& j, const char* key, T* out, const std::s
   return Ok();
 }
 
+// Every key of the file, with the field it sets.
+template <typename F>
+void ForEachKey(Config& c, F f) {
+  f("listen", &c.listen);
+  f("shim_listen", &c.shim_listen);
+  f("state_dir", &c.state_dir);
+  f("run_dir", &c.run_dir);
+  f("libvirt_uri", &c.libvirt_uri);
+  f("libvirt_root", &c.libvirt_root);
+  f("image_dir", &c.image_dir);
+  f("kernel", &c.kernel);
+  f("initrd", &c.initrd);
+  f("cmdline", &c.cmdline);
+  f("vcpus", &c.vcpus);
+  f("memory_mib", &c.memory_mib);
+  f("max_vcpus", &c.max_vcpus);
+  f("memory_overhead_mib", &c.memory_overhead_mib);
+  f("scratch_size_mib", &c.scratch_size_mib);
+  f("layer_cache_keep_seconds", &c.layer_cache_keep_seconds);
+  f("mkfs_erofs", &c.mkfs_erofs);
+  f("mkfs_ext4", &c.mkfs_ext4);
+  f("accel", &c.accel);
+  f("boot_timeout_seconds", &c.boot_timeout_seconds);
+  f("log_level", &c.log_level);
+}
+
 }  // namespace
 
 Result<Config> Config::Load(const std::string& path, bool required) {
@@ -36,48 +63,26 @@ Result<Config> Config::Load(const std::string& path, bool required) {
       return Error::Invalid("{}: not valid JSON: {}", path, e.what());
     }
     if (!j.is_object()) return Error::Invalid("{}: expected a JSON object", path);
-    static const char* kKeys[] = {"listen",
-                                  "state_dir",
-                                  "run_dir",
-                                  "libvirt_uri",
-                                  "libvirt_root",
-                                  "image_dir",
-                                  "kernel",
-                                  "initrd",
-                                  "cmdline",
-                                  "vcpus",
-                                  "memory_mib",
-                                  "accel",
-                                  "boot_timeout_seconds",
-                                  "log_level"};
+    std::set<std::string> known;
+    Result<void> bad = Ok();
+    ForEachKey(c, [&](const char* key, auto* field) {
+      known.insert(key);
+      if (bad.ok()) bad = Read(j, key, field, path);
+    });
     for (const auto& [key, value] : j.items()) {
-      if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
-        return Error::Invalid("{}: unknown key \"{}\"", path, key);
-      }
+      if (!known.count(key)) return Error::Invalid("{}: unknown key \"{}\"", path, key);
     }
-    PP_TRY(Read(j, "listen", &c.listen, path));
-    PP_TRY(Read(j, "state_dir", &c.state_dir, path));
-    PP_TRY(Read(j, "run_dir", &c.run_dir, path));
-    PP_TRY(Read(j, "libvirt_uri", &c.libvirt_uri, path));
-    PP_TRY(Read(j, "libvirt_root", &c.libvirt_root, path));
-    PP_TRY(Read(j, "image_dir", &c.image_dir, path));
-    PP_TRY(Read(j, "kernel", &c.kernel, path));
-    PP_TRY(Read(j, "initrd", &c.initrd, path));
-    PP_TRY(Read(j, "cmdline", &c.cmdline, path));
-    PP_TRY(Read(j, "vcpus", &c.vcpus, path));
-    PP_TRY(Read(j, "memory_mib", &c.memory_mib, path));
-    PP_TRY(Read(j, "accel", &c.accel, path));
-    PP_TRY(Read(j, "boot_timeout_seconds", &c.boot_timeout_seconds, path));
-    PP_TRY(Read(j, "log_level", &c.log_level, path));
+    PP_TRY(bad);
   } else if (required) {
     return Error::Errno("read config " + path);
   }
   if (c.accel != "auto" && c.accel != "kvm" && c.accel != "tcg") {
     return Error::Invalid("{}: accel must be auto, kvm or tcg, not \"{}\"", path, c.accel);
   }
-  if (c.vcpus == 0 || c.memory_mib < 128) {
-    return Error::Invalid("{}: need vcpus >= 1 and memory_mib >= 128", path);
+  if (c.vcpus == 0 || c.memory_mib < 128 || c.max_vcpus < c.vcpus) {
+    return Error::Invalid("{}: need vcpus >= 1, max_vcpus >= vcpus and memory_mib >= 128", path);
   }
+  if (c.scratch_size_mib < 64) return Error::Invalid("{}: need scratch_size_mib >= 64", path);
   if (c.libvirt_root.empty()) c.libvirt_root = c.state_dir + "/libvirt";
   if (c.kernel.empty()) c.kernel = c.image_dir + "/vmlinux";
   if (c.initrd.empty()) c.initrd = c.image_dir + "/initrd.img";

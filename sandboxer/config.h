@@ -11,6 +11,7 @@ namespace peapod::sandboxer {
 
 struct Config {
   std::string listen = "/run/peapod/sandboxer.sock";  // containerd's proxy plugin address
+  std::string shim_listen = "/run/peapod/shim.sock";  // peapod.sandboxer.v1 (ttrpc) for shims
   std::string state_dir = "/var/lib/peapod";          // pod records (survive reboots of us)
   std::string run_dir = "/run/peapod";                // per-pod sockets, share dirs
   std::string libvirt_uri;                            // empty: embedded driver
@@ -19,8 +20,19 @@ struct Config {
   std::string kernel;                                 // empty: <image_dir>/vmlinux
   std::string initrd;                                 // empty: <image_dir>/initrd.img
   std::string cmdline;                                // empty: <image_dir>/cmdline's line
+  // A pod with no resource limits gets vcpus / memory_mib. One with limits gets what they add
+  // up to (CPUs rounded up, at most max_vcpus) plus memory_overhead_mib for the guest kernel
+  // and agent.
   unsigned vcpus = 1;
   uint64_t memory_mib = 512;
+  unsigned max_vcpus = 8;
+  uint64_t memory_overhead_mib = 128;
+  // Per-pod scratch disk (sparse; writable layers of containers live there).
+  uint64_t scratch_size_mib = 10240;
+  // Layer images built by mkfs.erofs stay cached this long after their last user goes.
+  unsigned layer_cache_keep_seconds = 3600;
+  std::string mkfs_erofs = "mkfs.erofs";
+  std::string mkfs_ext4 = "mkfs.ext4";
   std::string accel = "auto";  // auto: kvm if /dev/kvm opens, else tcg; or "kvm" / "tcg"
   unsigned boot_timeout_seconds = 120;
   std::string log_level = "info";

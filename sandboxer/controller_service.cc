@@ -5,6 +5,8 @@
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
 
+#include "k8s/cri/v1/pod_sandbox_config.pb.h"
+
 namespace peapod::sandboxer {
 
 using google::protobuf::util::TimeUtil;
@@ -39,13 +41,46 @@ void FillStatus(const PodStatus& s, sbv1::ControllerStatusResponse* resp) {
 
 }  // namespace
 
+Result<void> PodOptionsFromCri(const google::protobuf::Any& options, PodOptions* opts) {
+  // containerd's CRI passes the pod's PodSandboxConfig; anything else (ctr, other clients) has
+  // nothing for us.
+  constexpr std::string_view kType = "/runtime.v1.PodSandboxConfig";
+  const std::string& type = options.type_url();
+  if (type.size() < kType.size() ||
+      type.compare(type.size() - kType.size(), kType.size(), kType) != 0) {
+    return Ok();
+  }
+  peapod::cri::v1::PodSandboxConfig cfg;
+  if (!cfg.ParseFromString(options.value())) {
+    return Error::Invalid("sandbox options: not a valid runtime.v1.PodSandboxConfig");
+  }
+  opts->hostname = cfg.hostname();
+  opts->dns_servers.assign(cfg.dns_config().servers().begin(), cfg.dns_config().servers().end());
+  opts->dns_searches.assign(cfg.dns_config().searches().begin(), cfg.dns_config().searches().end());
+  opts->dns_options.assign(cfg.dns_config().options().begin(), cfg.dns_config().options().end());
+  opts->sysctls.insert(cfg.linux().sysctls().begin(), cfg.linux().sysctls().end());
+  const auto& res = cfg.linux().resources();
+  if (res.memory_limit_in_bytes() > 0) opts->memory_limit_bytes = res.memory_limit_in_bytes();
+  if (res.cpu_quota() > 0 && res.cpu_period() > 0) {
+    opts->cpus = static_cast<double>(res.cpu_quota()) / static_cast<double>(res.cpu_period());
+  }
+  const auto& overhead = cfg.linux().overhead();
+  if (overhead.memory_limit_in_bytes() > 0) {
+    opts->memory_overhead_bytes = overhead.memory_limit_in_bytes();
+  }
+  return Ok();
+}
+
 grpc::Status ControllerService::Create(grpc::ServerContext*,
                                        const sbv1::ControllerCreateRequest* req,
                                        sbv1::ControllerCreateResponse* resp) {
   spdlog::info("controller: Create {} netns={}", req->sandbox_id(), req->netns_path());
-  std::string id = req->sandbox_id(), netns = req->netns_path();
-  auto r = OnLoop<bool>(loop_, [this, id, netns](auto done) {
-    pods_->Create(id, netns, [done](Result<void> r) {
+  std::string id = req->sandbox_id();
+  PodOptions opts;
+  opts.netns = req->netns_path();
+  if (auto r = PodOptionsFromCri(req->options(), &opts); !r.ok()) return ToGrpc(r.error());
+  auto r = OnLoop<bool>(loop_, [this, id, opts](auto done) {
+    pods_->Create(id, opts, [done](Result<void> r) {
       if (!r.ok()) return done(std::move(r).error());
       done(true);
     });

@@ -43,4 +43,8 @@ class ControllerService final : public sbv1::Controller::Service {
 
 grpc::Status ToGrpc(const Error& e);
 
+// Reads what peapod uses of the CRI PodSandboxConfig containerd puts in Create's options
+// (hostname, DNS, sysctls, resource limits, overhead). Other options are ignored.
+Result<void> PodOptionsFromCri(const google::protobuf::Any& options, PodOptions* opts);
+
 }  // namespace peapod::sandboxer

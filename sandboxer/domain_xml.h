@@ -12,4 +12,10 @@ namespace peapod::sandboxer {
 // socket QEMU listens on, a virtio-scsi controller for hot-added disks, the pod's 9p share.
 Result<std::string> DomainXml(const VmSpec& spec);
 
+// The <disk> element of one SCSI disk, for hot-attach and detach (and inside DomainXml).
+Result<std::string> DiskXml(const DiskSpec& disk);
+
+// "sda", "sdb", ... "sdz", "sdaa": the libvirt target name of the disk at a unit.
+std::string ScsiTargetName(unsigned unit);
+
 }  // namespace peapod::sandboxer

@@ -25,7 +25,8 @@ Error LibvirtError(const std::string& what) {
   const virError* e = virGetLastError();
   std::string msg = e && e->message ? e->message : "unknown libvirt error";
   Code code = Code::kInternal;
-  if (e && (e->code == VIR_ERR_NO_DOMAIN)) code = Code::kNotFound;
+  if (e && (e->code == VIR_ERR_NO_DOMAIN || e->code == VIR_ERR_DEVICE_MISSING))
+    code = Code::kNotFound;
   if (e && (e->code == VIR_ERR_OPERATION_INVALID)) code = Code::kFailedPrecondition;
   return Error(code, what + ": " + msg);
 }
@@ -210,6 +211,34 @@ Result<void> LibvirtBackend::Destroy(const std::string& name) {
   virDomainFree(dom);
   if (r < 0) {
     auto e = LibvirtError("stop VM " + name);
+    if (e.code() == Code::kNotFound || e.code() == Code::kFailedPrecondition) return Ok();
+    return e;
+  }
+  return Ok();
+}
+
+Result<void> LibvirtBackend::AttachDisk(const std::string& name, const DiskSpec& disk) {
+  PP_ASSIGN_OR_RETURN(auto xml, DiskXml(disk));
+  virDomainPtr dom = virDomainLookupByName(conn_, name.c_str());
+  if (!dom) return LibvirtError("look up VM " + name);
+  int r = virDomainAttachDeviceFlags(dom, xml.c_str(), VIR_DOMAIN_AFFECT_LIVE);
+  virDomainFree(dom);
+  if (r < 0) return LibvirtError(fmt::format("attach disk {} to VM {}", disk.path, name));
+  return Ok();
+}
+
+Result<void> LibvirtBackend::DetachDisk(const std::string& name, const DiskSpec& disk) {
+  PP_ASSIGN_OR_RETURN(auto xml, DiskXml(disk));
+  virDomainPtr dom = virDomainLookupByName(conn_, name.c_str());
+  if (!dom) {
+    auto e = LibvirtError("look up VM " + name);
+    return e.code() == Code::kNotFound ? Ok() : Result<void>(e);
+  }
+  int r = virDomainDetachDeviceFlags(dom, xml.c_str(), VIR_DOMAIN_AFFECT_LIVE);
+  virDomainFree(dom);
+  if (r < 0) {
+    auto e = LibvirtError(fmt::format("detach disk {} from VM {}", disk.path, name));
+    // Already gone (or the VM is): nothing left to undo.
     if (e.code() == Code::kNotFound || e.code() == Code::kFailedPrecondition) return Ok();
     return e;
   }

@@ -36,6 +36,8 @@ class LibvirtBackend : public VmBackend {
   Result<VmInfo> Start(const VmSpec& spec) override;
   Result<void> Destroy(const std::string& name) override;
   Result<std::vector<VmInfo>> List() override;
+  Result<void> AttachDisk(const std::string& name, const DiskSpec& disk) override;
+  Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) override;
   void SetOnStopped(std::function<void(const std::string& name)> cb) override;
 
   const std::string& uri() const { return uri_; }

@@ -21,6 +21,7 @@
 #include "sandboxer/controller_service.h"
 #include "sandboxer/libvirt_backend.h"
 #include "sandboxer/pods.h"
+#include "sandboxer/shim_service.h"
 
 namespace {
 
@@ -121,8 +122,25 @@ int main(int argc, char** argv) {
     return 1;
   }
   ::chmod(cfg->listen.c_str(), 0600);
-  spdlog::info("sandboxer: serving {} (state {}, libvirt {})", cfg->listen, cfg->state_dir,
-               (*backend)->uri());
+
+  // The shims' API, on the control loop itself.
+  ttrpc::Server shim_server(loop);
+  sandboxer::RegisterShimService(shim_server, &pods);
+  std::filesystem::create_directories(std::filesystem::path(cfg->shim_listen).parent_path(), ec);
+  if (auto r = shim_server.Listen(cfg->shim_listen); !r.ok()) {
+    spdlog::critical("sandboxer: cannot serve the shim API on {}: {}", cfg->shim_listen,
+                     r.error().ToString());
+    return 1;
+  }
+  ::chmod(cfg->shim_listen.c_str(), 0600);
+  // Unused layer images go once they have been unused for layer_cache_keep_seconds.
+  std::function<void()> collect = [&] {
+    pods.layer_cache().Collect();
+    loop->AddTimer(60s, collect);
+  };
+  loop->AddTimer(60s, collect);
+  spdlog::info("sandboxer: serving {} and {} (state {}, libvirt {})", cfg->listen, cfg->shim_listen,
+               cfg->state_dir, (*backend)->uri());
 
   UniqueFd sfd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
   if (!sfd) {

@@ -5,12 +5,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <set>
 
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "common/base/ids.h"
@@ -26,41 +29,6 @@ using Phase = PodRecord::Phase;
 
 constexpr char kAgentService[] = "peapod.agent.v1.Agent";
 
-WorkerPool::WorkerPool(size_t threads) {
-  for (size_t i = 0; i < threads; ++i) {
-    threads_.emplace_back([this] {
-      for (;;) {
-        std::function<void()> job;
-        {
-          std::unique_lock<std::mutex> l(mu_);
-          cv_.wait(l, [&] { return quit_ || !jobs_.empty(); });
-          if (jobs_.empty()) return;
-          job = std::move(jobs_.front());
-          jobs_.pop_front();
-        }
-        job();
-      }
-    });
-  }
-}
-
-WorkerPool::~WorkerPool() {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    quit_ = true;
-  }
-  cv_.notify_all();
-  for (auto& t : threads_) t.join();
-}
-
-void WorkerPool::Run(std::function<void()> job) {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    jobs_.push_back(std::move(job));
-  }
-  cv_.notify_one();
-}
-
 struct PodManager::Pod {
   PodRecord rec;
   bool busy = false;      // Start or Stop in progress
@@ -69,6 +37,8 @@ struct PodManager::Pod {
   std::shared_ptr<ttrpc::Client> agent;  // the sandboxer's own client, through the mux
   std::vector<Reply<PodExit>> waiters;
   std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
+  std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
+  bool op_running = false;
 };
 
 namespace {
@@ -86,7 +56,17 @@ Error UnknownPod(const std::string& id) {
 }  // namespace
 
 PodManager::PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend)
-    : loop_(loop), cfg_(cfg), backend_(backend), store_(cfg.state_dir) {}
+    : loop_(loop),
+      cfg_(cfg),
+      backend_(backend),
+      store_(cfg.state_dir),
+      cache_(cfg.state_dir + "/layers", cfg.mkfs_erofs,
+             std::chrono::seconds(cfg.layer_cache_keep_seconds), &workers_,
+             [loop, alive = std::weak_ptr<bool>(alive_)](std::function<void()> fn) {
+               loop->Post([alive, fn = std::move(fn)] {
+                 if (!alive.expired()) fn();
+               });
+             }) {}
 
 PodManager::~PodManager() { *alive_ = false; }
 
@@ -116,32 +96,47 @@ VmSpec PodManager::SpecFor(const Pod& pod) const {
   s.kernel = cfg_.kernel;
   s.initrd = cfg_.initrd;
   s.cmdline = cfg_.cmdline;
-  s.vcpus = cfg_.vcpus;
-  s.memory_mib = cfg_.memory_mib;
+  s.vcpus = pod.rec.vcpus ? pod.rec.vcpus : cfg_.vcpus;
+  s.memory_mib = pod.rec.memory_mib ? pod.rec.memory_mib : cfg_.memory_mib;
   s.kvm = UseKvm();
   std::string dir = RunDir(pod.rec.id);
   s.agent_socket = dir + "/vm-agent.sock";
   s.share_dir = dir + "/share";
   s.console_log = store_.PodDir(pod.rec.id) + "/console.log";
+  if (backend_->SupportsDisks()) {
+    s.disks.push_back({store_.PodDir(pod.rec.id) + "/scratch.img", 0, /*readonly=*/false});
+  }
   return s;
 }
 
-Result<void> PodManager::PreparePodFiles(const std::string& id) {
+Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {
   // containerd bind-mounts the pod's /etc/hosts, resolv.conf, hostname and /dev/shm into
   // containers only if they exist on the host; they live in the share the guest sees.
-  std::string share = RunDir(id) + "/share";
+  std::string share = RunDir(rec.id) + "/share";
   std::error_code ec;
   fs::create_directories(share + "/shm", ec);
   if (ec) return Error::Errno("mkdir " + share, ec.value());
-  for (const char* f : {"hosts", "resolv.conf", "hostname"}) {
-    std::string path = share + "/" + f;
-    if (!fs::exists(path)) std::ofstream(path).flush();
+  std::string hostname = rec.hostname.empty() ? rec.id.substr(0, 63) : rec.hostname;
+  std::string resolv;
+  for (const auto& s : rec.dns_servers) resolv += "nameserver " + s + "\n";
+  if (!rec.dns_searches.empty())
+    resolv += fmt::format("search {}\n", fmt::join(rec.dns_searches, " "));
+  if (!rec.dns_options.empty())
+    resolv += fmt::format("options {}\n", fmt::join(rec.dns_options, " "));
+  std::string hosts =
+      fmt::format("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+  for (const auto& [name, text] : {std::pair<const char*, std::string>{"hosts", hosts},
+                                   {"resolv.conf", resolv},
+                                   {"hostname", hostname + "\n"}}) {
+    PP_TRY(WriteFileAtomic(share + "/" + name, text));
+    ::chmod((share + "/" + name).c_str(), 0644);
   }
   return Ok();
 }
 
 Result<void> PodManager::Recover() {
   PP_TRY(store_.Init());
+  PP_TRY(cache_.Init());
   PP_ASSIGN_OR_RETURN(auto records, store_.LoadAll());
   PP_ASSIGN_OR_RETURN(auto running, backend_->List());
   std::map<std::string, VmInfo> live;
@@ -171,8 +166,30 @@ Result<void> PodManager::Recover() {
       (void)Save(*pod);
       spdlog::warn("pod {}: its VM is gone; now {}", rec.id, PhaseName(pod->rec.phase));
     }
+    // A stopped VM holds no disk and no TAP any more: give them back now rather than at
+    // Shutdown, which may never come if containerd forgot the pod.
+    for (const auto& d : pod->rec.disks) {
+      if (d.cached && !cache_.Adopt(d.path)) {
+        spdlog::warn("pod {}: layer image {} is gone", rec.id, d.path);
+      }
+    }
+    if (pod->rec.phase != Phase::kRunning && !pod->rec.netns.empty()) {
+      RemoveTap(TapName(rec.id), pod->rec.netns);
+    }
     pods_[rec.id] = std::move(pod);
   }
+  // Run dirs (share mounts, sockets) of pods that have no record: a crash between removing the
+  // record and the dir, or a record deleted by hand.
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(cfg_.run_dir + "/pods", ec)) {
+    std::string id = e.path().filename().string();
+    if (pods_.count(id)) continue;
+    spdlog::warn("recover: removing {} (no pod record)", e.path().string());
+    if (auto r = RemoveTreeSafely(e.path().string()); !r.ok()) {
+      spdlog::error("recover: {}", r.error().ToString());
+    }
+  }
+  cache_.Collect();
   for (auto& [name, vm] : live) {
     if (!known.count(name)) {
       spdlog::warn("recover: destroying VM {} that has no pod record", name);
@@ -199,7 +216,8 @@ Result<void> PodManager::AttachChannel(Pod& pod) {
   return Ok();
 }
 
-void PodManager::Create(const std::string& id, const std::string& netns, Reply<void> reply) {
+void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<void> reply) {
+  const std::string& netns = opts.netns;
   if (!IsValidId(id)) {
     return reply(Error::Invalid("sandbox id '{}' is invalid: use {}", id, kIdRule));
   }
@@ -213,7 +231,29 @@ void PodManager::Create(const std::string& id, const std::string& netns, Reply<v
   pod->rec.netns = netns;
   pod->rec.domain = "peapod-" + id;
   pod->rec.created_at_ns = NowNs();
-  if (auto r = PreparePodFiles(id); !r.ok()) {
+  pod->rec.hostname = opts.hostname;
+  if (opts.memory_limit_bytes < 0 || opts.cpus < 0) {
+    return reply(Error::Invalid("sandbox {}: negative resource limits (memory {} bytes, {} CPUs)",
+                                id, opts.memory_limit_bytes, opts.cpus));
+  }
+  pod->rec.memory_limit_bytes = opts.memory_limit_bytes;
+  pod->rec.cpus = opts.cpus;
+  // The VM gets the pod's limits plus room for the guest kernel and agent; no limits, the
+  // configured default size.
+  pod->rec.vcpus = opts.cpus > 0 ? std::min<unsigned>(cfg_.max_vcpus,
+                                                      static_cast<unsigned>(std::ceil(opts.cpus)))
+                                 : cfg_.vcpus;
+  auto mib = [](int64_t bytes) { return (static_cast<uint64_t>(bytes) + (1 << 20) - 1) >> 20; };
+  uint64_t overhead = opts.memory_overhead_bytes > 0
+                          ? std::max<uint64_t>(mib(opts.memory_overhead_bytes), 64)
+                          : cfg_.memory_overhead_mib;
+  pod->rec.memory_mib =
+      opts.memory_limit_bytes > 0 ? mib(opts.memory_limit_bytes) + overhead : cfg_.memory_mib;
+  pod->rec.dns_servers = opts.dns_servers;
+  pod->rec.dns_searches = opts.dns_searches;
+  pod->rec.dns_options = opts.dns_options;
+  pod->rec.sysctls = opts.sysctls;
+  if (auto r = PreparePodFiles(pod->rec); !r.ok()) {
     std::error_code ec;
     fs::remove_all(RunDir(id), ec);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
@@ -253,7 +293,13 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
     // CNI interface. Any failure undoes what was done.
     std::optional<PodNetwork> net;
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
-    if (!netns.empty()) {
+    Result<void> scratch = Ok();
+    for (const auto& d : spec.disks) {
+      if (!d.readonly) scratch = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
+    }
+    if (!scratch.ok()) {
+      vm = std::move(scratch).error();
+    } else if (!netns.empty()) {
       auto n = PrepareTap(id, netns);
       if (!n.ok()) {
         vm = std::move(n).error().Wrap("pod network");
@@ -263,7 +309,7 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
         spec.mac = net->mac;
       }
     }
-    if (netns.empty() || net) vm = backend_->Start(spec);
+    if (scratch.ok() && (netns.empty() || net)) vm = backend_->Start(spec);
     if (vm.ok() && net) {
       if (auto a = AttachTap(*net); !a.ok()) {
         (void)backend_->Destroy(spec.name);
@@ -279,6 +325,7 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
           // The worker already undid its own steps when the VM did not start.
           if (!vm.ok()) return FailStart(id, vm.error(), /*vm_started=*/false, reply);
           pod->rec.pid = vm->pid;
+          pod->rec.scratch = backend_->SupportsDisks();
           pod->net = std::move(net);
           if (auto r = AttachChannel(*pod); !r.ok()) {
             return FailStart(id, r.error(), /*vm_started=*/true, reply);
@@ -343,7 +390,24 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
         }
         v1::CreateSandboxRequest sb;
         sb.set_sandbox_id(id);
-        sb.set_hostname(id.substr(0, 63));
+        sb.set_hostname(pod->rec.hostname.empty() ? id.substr(0, 63) : pod->rec.hostname);
+        for (const auto& d : pod->rec.dns_servers) sb.add_dns_servers(d);
+        for (const auto& d : pod->rec.dns_searches) sb.add_dns_searches(d);
+        for (const auto& d : pod->rec.dns_options) sb.add_dns_options(d);
+        for (const auto& [k, v] : pod->rec.sysctls) (*sb.mutable_sysctls())[k] = v;
+        // Pod-wide mounts: the share (volumes, pod files) and the scratch disk.
+        auto* share = sb.add_storages();
+        share->set_driver(v1::Storage::VIRTIO_9P);
+        share->set_source("peapod-share");
+        share->set_fstype("9p");
+        share->set_mount_point(kGuestShareDir);
+        if (pod->rec.scratch) {
+          auto* scratch = sb.add_storages();
+          scratch->set_driver(v1::Storage::SCSI);
+          scratch->set_source("0:0");
+          scratch->set_fstype("ext4");
+          scratch->set_mount_point(kGuestScratchDir);
+        }
         ttrpc::CallOptions o;
         o.timeout = 30s;
         if (pod->net) {
@@ -498,13 +562,321 @@ void PodManager::Shutdown(const std::string& id, Reply<void> reply) {
     if (!pod) return reply(Ok());
     // Anyone still waiting learns the pod is gone.
     MarkStopped(*pod, pod->rec.exit_status);
-    if (!pod->rec.netns.empty()) RemoveTap(TapName(id), pod->rec.netns);
-    std::error_code ec;
-    fs::remove_all(RunDir(id), ec);
+    if (auto r = RemoveTreeSafely(RunDir(id)); !r.ok()) {
+      // Something under the share would not unmount: keep the record so a retry (or a
+      // restart's recovery) finishes the job; nothing was deleted through a mount.
+      return reply(std::move(r).error().Wrap("shutdown sandbox " + id));
+    }
+    ReleaseHostResources(*pod);
     if (auto s = store_.Remove(id); !s.ok()) return reply(s.error());
+    auto ops = std::move(pod->ops);
     pods_.erase(id);
+    for (auto& op : ops) op([] {});  // each finds the pod gone and says so
+    cache_.Collect();
     spdlog::info("pod {}: shut down and removed", id);
     reply(Ok());
+  });
+}
+
+void PodManager::ReleaseHostResources(Pod& pod) {
+  for (const auto& d : pod.rec.disks) {
+    if (d.cached) cache_.Release(d.path);
+  }
+  pod.rec.disks.clear();
+  pod.rec.rootfs.clear();
+  pod.rec.volumes.clear();
+  if (!pod.rec.netns.empty()) RemoveTap(TapName(pod.rec.id), pod.rec.netns);
+}
+
+void PodManager::Enqueue(const std::string& id, std::function<void(std::function<void()>)> op) {
+  Pod* pod = Find(id);
+  if (!pod) return op([] {});
+  pod->ops.push_back(std::move(op));
+  if (pod->op_running) return;
+  std::weak_ptr<bool> alive = alive_;
+  // Runs the queue's head; its completion runs the next one (from the loop, never nested).
+  auto run_next = std::make_shared<std::function<void()>>();
+  *run_next = [this, alive, id, run_next] {
+    Pod* p = Find(id);
+    if (!p || p->ops.empty()) {
+      if (p) p->op_running = false;
+      return;
+    }
+    p->op_running = true;
+    auto next = std::move(p->ops.front());
+    p->ops.pop_front();
+    next([this, alive, run_next] {
+      loop_->Post([alive, run_next] {
+        if (!alive.expired()) (*run_next)();
+      });
+    });
+  };
+  (*run_next)();
+}
+
+RootfsInfo PodManager::RootfsOf(const Pod& pod, const std::string& container) const {
+  RootfsInfo info;
+  auto it = pod.rec.rootfs.find(container);
+  if (it == pod.rec.rootfs.end()) return info;
+  for (unsigned unit : it->second) {
+    for (const auto& d : pod.rec.disks) {
+      if (d.unit != unit) continue;
+      v1::Storage st;
+      st.set_driver(v1::Storage::SCSI);
+      st.set_source(fmt::format("0:{}", unit));
+      st.set_fstype("erofs");
+      st.add_options("ro");
+      // Named by unit and image, so a unit reused for another image is another mount.
+      st.set_mount_point(fmt::format("{}/{}-{}", kGuestLayersDir, unit, ShortHash(d.path)));
+      info.layers.push_back(std::move(st));
+    }
+  }
+  if (pod.rec.scratch) info.upper_dir = std::string(kGuestScratchDir) + "/" + container;
+  return info;
+}
+
+void PodManager::AttachRootfs(const std::string& id, const std::string& container,
+                              google::protobuf::RepeatedPtrField<containerd::types::Mount> mounts,
+                              Reply<RootfsInfo> reply) {
+  if (!IsValidId(container)) {
+    return reply(Error::Invalid("container id '{}' is invalid: use {}", container, kIdRule));
+  }
+  if (!Find(id)) return reply(UnknownPod(id));
+  auto sources = LayersFromMounts(mounts);
+  if (!sources.ok()) {
+    return reply(std::move(sources).error().Wrap("attach rootfs of container " + container));
+  }
+  Enqueue(id, [this, id, container, sources = std::move(*sources),
+               reply](std::function<void()> done) {
+    auto finish = [reply, done](Result<RootfsInfo> r) {
+      reply(std::move(r));
+      done();
+    };
+    Pod* pod = Find(id);
+    if (!pod) return finish(UnknownPod(id));
+    if (pod->rec.phase != Phase::kRunning) {
+      return finish(Error::Make(Code::kFailedPrecondition,
+                                "sandbox {} is {}: containers need a running pod", id,
+                                PhaseName(pod->rec.phase)));
+    }
+    if (pod->rec.rootfs.count(container)) return finish(RootfsOf(*pod, container));
+    if (!backend_->SupportsDisks()) {
+      return finish(Error::Make(Code::kUnimplemented,
+                                "this VM backend cannot attach disks (container {})", container));
+    }
+    // Every layer's image: erofs blobs as they are, directories through the cache (builds run
+    // in parallel on the workers). Collected in order, then attached.
+    struct Gather {
+      std::vector<Result<std::pair<std::string, bool>>> images;
+      size_t pending = 0;
+    };
+    auto g = std::make_shared<Gather>();
+    g->images.assign(sources.size(), Error(Code::kUnknown, "pending"));
+    g->pending = sources.size();
+    auto one_done = [this, g, id, container, finish](size_t i,
+                                                     Result<std::pair<std::string, bool>> r) {
+      g->images[i] = std::move(r);
+      if (--g->pending > 0) return;
+      std::vector<std::pair<std::string, bool>> images;
+      std::optional<Error> failed;
+      for (auto& img : g->images) {
+        if (img.ok()) {
+          images.push_back(*img);
+        } else if (!failed) {
+          failed = img.error();
+        }
+      }
+      if (failed) {
+        for (const auto& [path, cached] : images) {
+          if (cached) cache_.Release(path);
+        }
+        return finish(std::move(*failed).Wrap("attach rootfs of container " + container));
+      }
+      AttachImages(id, container, std::move(images),
+                   [finish](Result<RootfsInfo> r) { finish(std::move(r)); });
+    };
+    for (size_t i = 0; i < sources.size(); ++i) {
+      if (sources[i].is_image) {
+        one_done(i, std::pair{sources[i].path, false});
+      } else {
+        cache_.Acquire(sources[i].path, [one_done, i](Result<std::string> r) {
+          if (!r.ok()) return one_done(i, std::move(r).error());
+          one_done(i, std::pair{*r, true});
+        });
+      }
+    }
+  });
+}
+
+void PodManager::AttachImages(const std::string& id, const std::string& container,
+                              std::vector<std::pair<std::string, bool>> images,
+                              Reply<RootfsInfo> reply) {
+  Pod* pod = Find(id);
+  auto release_all = [this](const std::vector<std::pair<std::string, bool>>& imgs) {
+    for (const auto& [path, cached] : imgs) {
+      if (cached) cache_.Release(path);
+    }
+  };
+  if (!pod) {
+    release_all(images);
+    return reply(UnknownPod(id));
+  }
+  // A layer the pod already has attached is shared (its disk keeps the one cache reference);
+  // a new one gets the lowest free unit (0 is the scratch disk).
+  std::set<unsigned> used = {0};
+  for (const auto& d : pod->rec.disks) used.insert(d.unit);
+  std::vector<unsigned> units;
+  std::vector<DiskRecord> fresh;
+  for (const auto& [path, cached] : images) {
+    auto same = [&p = path](const DiskRecord& d) { return d.path == p; };
+    auto old = std::find_if(pod->rec.disks.begin(), pod->rec.disks.end(), same);
+    auto now = std::find_if(fresh.begin(), fresh.end(), same);
+    if (old != pod->rec.disks.end() || now != fresh.end()) {
+      units.push_back(old != pod->rec.disks.end() ? old->unit : now->unit);
+      if (cached) cache_.Release(path);
+      continue;
+    }
+    unsigned unit = 1;
+    while (used.count(unit)) ++unit;
+    used.insert(unit);
+    fresh.push_back(DiskRecord{unit, path, true, cached});
+    units.push_back(unit);
+  }
+  std::string domain = pod->rec.domain;
+  std::weak_ptr<bool> alive = alive_;
+  workers_.Run([this, alive, id, container, domain, units, fresh, reply] {
+    Result<void> r = Ok();
+    size_t attached = 0;
+    for (; attached < fresh.size(); ++attached) {
+      const auto& d = fresh[attached];
+      r = backend_->AttachDisk(domain, {d.path, d.unit, true});
+      if (!r.ok()) break;
+    }
+    if (!r.ok()) {
+      for (size_t i = 0; i < attached; ++i) {
+        (void)backend_->DetachDisk(domain, {fresh[i].path, fresh[i].unit, true});
+      }
+    }
+    loop_->Post([this, alive, id, container, units, fresh, reply, r] {
+      if (alive.expired()) return;
+      Pod* pod = Find(id);
+      if (!r.ok() || !pod) {
+        for (const auto& d : fresh) {
+          if (d.cached) cache_.Release(d.path);
+        }
+        if (!pod) return reply(UnknownPod(id));
+        return reply(Error(r.error()).Wrap("attach rootfs of container " + container));
+      }
+      for (const auto& d : fresh) pod->rec.disks.push_back(d);
+      pod->rec.rootfs[container] = units;
+      if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());
+      spdlog::info("pod {}: container {} rootfs: {} layer(s), {} newly attached", id, container,
+                   units.size(), fresh.size());
+      reply(RootfsOf(*pod, container));
+    });
+  });
+}
+
+void PodManager::ShareVolumes(const std::string& id, const std::string& container,
+                              std::vector<VolumeRequest> volumes,
+                              Reply<std::vector<std::string>> reply) {
+  if (!IsValidId(container)) {
+    return reply(Error::Invalid("container id '{}' is invalid: use {}", container, kIdRule));
+  }
+  if (!Find(id)) return reply(UnknownPod(id));
+  Enqueue(id,
+          [this, id, container, volumes = std::move(volumes), reply](std::function<void()> done) {
+            auto finish = [reply, done](Result<std::vector<std::string>> r) {
+              reply(std::move(r));
+              done();
+            };
+            Pod* pod = Find(id);
+            if (!pod) return finish(UnknownPod(id));
+            if (pod->rec.phase != Phase::kRunning) {
+              return finish(Error::Make(Code::kFailedPrecondition, "sandbox {} is {}", id,
+                                        PhaseName(pod->rec.phase)));
+            }
+            auto& mine = pod->rec.volumes[container];
+            std::vector<std::string> guest, bound;
+            for (const auto& v : volumes) {
+              if (v.host_path.empty() || v.host_path[0] != '/') {
+                for (const auto& b : bound) (void)RemoveTreeSafely(b);
+                return finish(Error::Invalid("volume path '{}' must be absolute", v.host_path));
+              }
+              std::string rel = fmt::format("volumes/{}/{}", container, mine.size() + bound.size());
+              std::string target = RunDir(id) + "/share/" + rel;
+              if (auto r = BindMount(v.host_path, target, v.readonly); !r.ok()) {
+                for (const auto& b : bound) (void)RemoveTreeSafely(b);
+                (void)RemoveTreeSafely(target);
+                return finish(std::move(r).error().Wrap("share volume of container " + container));
+              }
+              bound.push_back(target);
+              guest.push_back(std::string(kGuestShareDir) + "/" + rel);
+            }
+            mine.insert(mine.end(), bound.begin(), bound.end());
+            if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());
+            finish(std::move(guest));
+          });
+}
+
+void PodManager::ReleaseContainer(const std::string& id, const std::string& container,
+                                  Reply<void> reply) {
+  Enqueue(id, [this, id, container, reply](std::function<void()> done) {
+    auto finish = [reply, done](Result<void> r) {
+      reply(std::move(r));
+      done();
+    };
+    Pod* pod = Find(id);
+    if (!pod) return finish(Ok());  // the pod, and everything of it, is already gone
+    if (IsValidId(container)) {
+      if (auto r = RemoveTreeSafely(RunDir(id) + "/share/volumes/" + container); !r.ok()) {
+        return finish(std::move(r).error().Wrap("release container " + container));
+      }
+    }
+    pod->rec.volumes.erase(container);
+    pod->rec.rootfs.erase(container);
+    // Disks no remaining container stacks.
+    std::set<unsigned> in_use;
+    for (const auto& [c, units] : pod->rec.rootfs) in_use.insert(units.begin(), units.end());
+    std::vector<DiskRecord> unused;
+    for (const auto& d : pod->rec.disks) {
+      if (!in_use.count(d.unit)) unused.push_back(d);
+    }
+    if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());
+    if (unused.empty()) return finish(Ok());
+    std::string domain = pod->rec.domain;
+    bool running = pod->rec.phase == Phase::kRunning;
+    std::weak_ptr<bool> alive = alive_;
+    workers_.Run([this, alive, id, domain, running, unused, finish] {
+      std::vector<Result<void>> results;
+      for (const auto& d : unused) {
+        results.push_back(running ? backend_->DetachDisk(domain, {d.path, d.unit, true})
+                                  : Result<void>(Ok()));
+      }
+      loop_->Post([this, alive, id, unused, results, finish] {
+        if (alive.expired()) return;
+        Pod* pod = Find(id);
+        std::optional<Error> failed;
+        for (size_t i = 0; i < unused.size(); ++i) {
+          if (!results[i].ok()) {
+            // Still attached: keep it on record (its unit stays taken) and say so.
+            if (!failed) failed = results[i].error();
+            continue;
+          }
+          // A pod shut down meanwhile released its disks' cache references already.
+          if (!pod) continue;
+          auto& disks = pod->rec.disks;
+          disks.erase(std::remove_if(disks.begin(), disks.end(),
+                                     [&](const DiskRecord& d) { return d.unit == unused[i].unit; }),
+                      disks.end());
+          if (unused[i].cached) cache_.Release(unused[i].path);
+        }
+        if (pod) (void)Save(*pod);
+        cache_.Collect();
+        if (failed) return finish(std::move(*failed).Wrap("detach layer disk"));
+        finish(Ok());
+      });
+    });
   });
 }
 

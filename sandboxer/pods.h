@@ -8,40 +8,54 @@
 // so a restarted sandboxer re-adopts running VMs (Recover) and cleans what has no record.
 #pragma once
 
-#include <condition_variable>
 #include <deque>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "common/base/result.h"
 #include "common/loop/event_loop.h"
 #include "common/ttrpc/client.h"
+#include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/agent_mux.h"
 #include "sandboxer/config.h"
 #include "sandboxer/state.h"
+#include "sandboxer/storage.h"
 #include "sandboxer/vm_backend.h"
+#include "sandboxer/worker_pool.h"
 
 namespace peapod::sandboxer {
 
-// A few threads for blocking work (libvirt, filesystem), so the control loop never blocks.
-class WorkerPool {
- public:
-  explicit WorkerPool(size_t threads);
-  ~WorkerPool();
-  void Run(std::function<void()> job);
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> jobs_;
-  bool quit_ = false;
-  std::vector<std::thread> threads_;
+// What a pod asks for at Create.
+struct PodOptions {
+  std::string netns;     // empty: loopback only
+  std::string hostname;  // empty: the pod id (up to 63 characters)
+  // The pod's resource limits when known (0: none); the VM is sized from them.
+  int64_t memory_limit_bytes = 0;
+  double cpus = 0;
+  // The RuntimeClass overhead the pod was scheduled with (0: use the configured overhead).
+  int64_t memory_overhead_bytes = 0;
+  std::vector<std::string> dns_servers, dns_searches, dns_options;
+  std::map<std::string, std::string> sysctls;
 };
+
+// Where a container's rootfs is in the guest: what goes into the agent's CreateContainer.
+struct RootfsInfo {
+  std::vector<peapod::agent::v1::Storage> layers;  // topmost first
+  std::string upper_dir;  // empty: the agent's own directory (no scratch disk)
+};
+
+struct VolumeRequest {
+  std::string host_path;
+  bool readonly = false;
+};
+
+// Guest paths the sandboxer and agent agree on.
+inline constexpr char kGuestShareDir[] = "/run/peapod/share";
+inline constexpr char kGuestScratchDir[] = "/run/peapod/scratch";
+inline constexpr char kGuestLayersDir[] = "/run/peapod/layers";
 
 struct PodStatus {
   std::string id;
@@ -70,7 +84,7 @@ class PodManager {
   Result<void> Recover();
 
   // All on the loop thread.
-  void Create(const std::string& id, const std::string& netns, Reply<void> reply);
+  void Create(const std::string& id, const PodOptions& opts, Reply<void> reply);
   void Start(const std::string& id, Reply<PodStatus> reply);
   void Stop(const std::string& id, uint32_t timeout_secs, Reply<void> reply);
   void Wait(const std::string& id, Reply<PodExit> reply);
@@ -81,6 +95,18 @@ class PodManager {
   // Called (any thread) by the backend when a VM stops.
   void VmStopped(const std::string& domain);
 
+  // Storage, serialized per pod. AttachRootfs turns containerd's rootfs mounts into layer
+  // disks on the pod's VM (idempotent per container); ShareVolumes binds host paths into the
+  // pod's 9p share and answers their guest paths; ReleaseContainer undoes both once the
+  // container is gone from the guest (idempotent).
+  void AttachRootfs(const std::string& id, const std::string& container,
+                    google::protobuf::RepeatedPtrField<containerd::types::Mount> mounts,
+                    Reply<RootfsInfo> reply);
+  void ShareVolumes(const std::string& id, const std::string& container,
+                    std::vector<VolumeRequest> volumes, Reply<std::vector<std::string>> reply);
+  void ReleaseContainer(const std::string& id, const std::string& container, Reply<void> reply);
+  LayerCache& layer_cache() { return cache_; }
+
   // <run_dir>/pods/<id>: the pod's sockets and share.
   std::string RunDir(const std::string& id) const;
   std::string AgentSocket(const std::string& id) const;
@@ -89,7 +115,16 @@ class PodManager {
   struct Pod;
   Pod* Find(const std::string& id);
   Result<void> Save(Pod& pod);
-  Result<void> PreparePodFiles(const std::string& id);
+  Result<void> PreparePodFiles(const PodRecord& rec);
+  // Runs op after the pod's earlier storage ops; op calls its argument when done. Ops still
+  // queued when the pod goes away run anyway (and find it gone).
+  void Enqueue(const std::string& id, std::function<void(std::function<void()>)> op);
+  RootfsInfo RootfsOf(const Pod& pod, const std::string& container) const;
+  void AttachImages(const std::string& id, const std::string& container,
+                    std::vector<std::pair<std::string, bool>> images, Reply<RootfsInfo> reply);
+  // Removes what a pod leaves on the host once it is gone: cache references, share mounts
+  // and the run dir, the TAP.
+  void ReleaseHostResources(Pod& pod);
   Result<void> AttachChannel(Pod& pod);
   // Undoes a Start that failed (destroying the VM and TAP if they exist) and answers reply.
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
@@ -104,9 +139,12 @@ class PodManager {
   Config cfg_;
   VmBackend* backend_;
   StateStore store_;
-  WorkerPool workers_{2};
-  std::map<std::string, std::unique_ptr<Pod>> pods_;
+  // Expires when the manager goes: callbacks posted from workers check it. Declared before
+  // cache_, which is built with it.
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  WorkerPool workers_{2};
+  LayerCache cache_;
+  std::map<std::string, std::unique_ptr<Pod>> pods_;
 };
 
 }  // namespace peapod::sandboxer

@@ -71,7 +71,24 @@ Result<void> StateStore::Save(const PodRecord& r) {
                       {"created_at_ns", r.created_at_ns},
                       {"exited_at_ns", r.exited_at_ns},
                       {"exit_status", r.exit_status},
-                      {"pid", r.pid}};
+                      {"pid", r.pid},
+                      {"hostname", r.hostname},
+                      {"memory_limit_bytes", r.memory_limit_bytes},
+                      {"cpus", r.cpus},
+                      {"vcpus", r.vcpus},
+                      {"memory_mib", r.memory_mib},
+                      {"scratch", r.scratch},
+                      {"dns_servers", r.dns_servers},
+                      {"dns_searches", r.dns_searches},
+                      {"dns_options", r.dns_options},
+                      {"sysctls", r.sysctls},
+                      {"volumes", r.volumes},
+                      {"rootfs", r.rootfs}};
+  j["disks"] = nlohmann::json::array();
+  for (const auto& d : r.disks) {
+    j["disks"].push_back(
+        {{"unit", d.unit}, {"path", d.path}, {"readonly", d.readonly}, {"cached", d.cached}});
+  }
   std::error_code ec;
   fs::create_directories(PodDir(r.id), ec);
   if (ec) return Error::Errno("mkdir " + PodDir(r.id), ec.value());
@@ -105,6 +122,30 @@ Result<std::vector<PodRecord>> StateStore::LoadAll() {
       r.exited_at_ns = j.value("exited_at_ns", int64_t{0});
       r.exit_status = j.value("exit_status", 0u);
       r.pid = j.value("pid", 0);
+      r.hostname = j.value("hostname", "");
+      r.memory_limit_bytes = j.value("memory_limit_bytes", int64_t{0});
+      r.cpus = j.value("cpus", 0.0);
+      r.vcpus = j.value("vcpus", 0u);
+      r.memory_mib = j.value("memory_mib", uint64_t{0});
+      r.scratch = j.value("scratch", false);
+      r.dns_servers = j.value("dns_servers", std::vector<std::string>{});
+      r.dns_searches = j.value("dns_searches", std::vector<std::string>{});
+      r.dns_options = j.value("dns_options", std::vector<std::string>{});
+      r.sysctls = j.value("sysctls", std::map<std::string, std::string>{});
+      if (j.contains("volumes")) {
+        r.volumes = j.at("volumes").get<std::map<std::string, std::vector<std::string>>>();
+      }
+      if (j.contains("rootfs")) {
+        r.rootfs = j.at("rootfs").get<std::map<std::string, std::vector<unsigned>>>();
+      }
+      for (const auto& d : j.value("disks", nlohmann::json::array())) {
+        DiskRecord disk;
+        disk.unit = d.at("unit").get<unsigned>();
+        disk.path = d.at("path").get<std::string>();
+        disk.readonly = d.value("readonly", true);
+        disk.cached = d.value("cached", false);
+        r.disks.push_back(std::move(disk));
+      }
       out.push_back(std::move(r));
     } catch (const std::exception& ex) {
       spdlog::error("state: skipping unreadable record {}: {}", file, ex.what());

@@ -3,12 +3,21 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "common/base/result.h"
 
 namespace peapod::sandboxer {
+
+// A disk attached to the pod's VM.
+struct DiskRecord {
+  unsigned unit = 0;  // SCSI LUN on the pod's controller
+  std::string path;   // host image file
+  bool readonly = true;
+  bool cached = false;  // a LayerCache image (one reference held while attached)
+};
 
 struct PodRecord {
   enum class Phase { kCreated, kStarting, kRunning, kStopped };
@@ -20,6 +29,20 @@ struct PodRecord {
   int64_t exited_at_ns = 0;
   uint32_t exit_status = 0;
   int pid = 0;  // QEMU's
+  // What the pod asked for, and the VM size the sandboxer derived from it.
+  std::string hostname;
+  int64_t memory_limit_bytes = 0;
+  double cpus = 0;
+  unsigned vcpus = 0;
+  uint64_t memory_mib = 0;
+  std::vector<std::string> dns_servers, dns_searches, dns_options;
+  std::map<std::string, std::string> sysctls;
+  bool scratch = false;           // the scratch disk (unit 0) exists
+  std::vector<DiskRecord> disks;  // hot-added layer disks
+  // Per container: the units of its rootfs layers, topmost first.
+  std::map<std::string, std::vector<unsigned>> rootfs;
+  // Per container: the share paths of its volumes (host bind mounts).
+  std::map<std::string, std::vector<std::string>> volumes;
 };
 
 std::string PhaseName(PodRecord::Phase p);

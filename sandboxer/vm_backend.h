@@ -14,6 +14,14 @@
 
 namespace peapod::sandboxer {
 
+// A disk on the pod's virtio-scsi controller (controller 0, bus 0, target 0): the guest finds
+// it by SCSI address "0:<unit>" (agent Storage source).
+struct DiskSpec {
+  std::string path;  // a raw image file on the host
+  unsigned unit = 0;
+  bool readonly = true;
+};
+
 struct VmSpec {
   std::string name;  // the libvirt domain name: "peapod-<pod id>"
   std::string kernel;
@@ -32,6 +40,8 @@ struct VmSpec {
   std::string mac;
   // What the guest prints on its serial console.
   std::string console_log;
+  // Disks present at boot (the pod's scratch disk).
+  std::vector<DiskSpec> disks;
 };
 
 struct VmInfo {
@@ -47,6 +57,12 @@ class VmBackend {
   // Stops it hard (the guest has been asked to power off before, if it could be). A VM that
   // is already gone is fine.
   virtual Result<void> Destroy(const std::string& name) = 0;
+  // Hot-adds / removes a disk of a running VM. Detaching a disk that is not attached is fine.
+  virtual Result<void> AttachDisk(const std::string& name, const DiskSpec& disk) = 0;
+  virtual Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) = 0;
+  // False for a backend whose guests cannot see disks (the local-process fake): the pod then
+  // has no scratch disk and containers write into the agent's own directory.
+  virtual bool SupportsDisks() const { return true; }
   // The running VMs this backend manages (for recovery after a restart).
   virtual Result<std::vector<VmInfo>> List() = 0;
   // Called, from any thread, when a VM stops for whatever reason (power-off, crash, kill).

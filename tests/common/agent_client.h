@@ -124,6 +124,12 @@ class AgentClient {
     return r.pid();
   }
 
+  // A Create request built by the caller (its own layers, upper dir, mounts).
+  Result<uint32_t> Create(const v1::CreateContainerRequest& req) {
+    PP_ASSIGN_OR_RETURN(auto r, Call<v1::CreateContainerResponse>("CreateContainer", req));
+    return r.pid();
+  }
+
   Result<void> Start(const std::string& id) {
     v1::StartContainerRequest req;
     req.set_container_id(id);

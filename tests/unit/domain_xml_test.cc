@@ -54,5 +54,29 @@ TEST(DomainXmlTest, RefusesAnIncompleteSpec) {
   EXPECT_EQ(DomainXml(s).error().code(), Code::kInvalidArgument);
 }
 
+TEST(DomainXmlTest, DisksSitOnTheScsiControllerAtTheirUnit) {
+  EXPECT_EQ(ScsiTargetName(0), "sda");
+  EXPECT_EQ(ScsiTargetName(25), "sdz");
+  EXPECT_EQ(ScsiTargetName(26), "sdaa");
+  EXPECT_EQ(ScsiTargetName(27), "sdab");
+  auto layer = DiskXml({"/var/lib/peapod/layers/0123.erofs", 3, true});
+  ASSERT_TRUE(layer.ok()) << layer.error().ToString();
+  for (const char* want :
+       {"<source file=\"/var/lib/peapod/layers/0123.erofs\"/>",
+        "<target dev=\"sdd\" bus=\"scsi\"/>", "unit=\"3\"", "target=\"0\"", "<readonly/>"}) {
+    EXPECT_NE(layer->find(want), std::string::npos) << want << " missing in\n" << *layer;
+  }
+  auto scratch = DiskXml({"/s/scratch.img", 0, false});
+  ASSERT_TRUE(scratch.ok());
+  EXPECT_EQ(scratch->find("<readonly/>"), std::string::npos);
+  EXPECT_NE(scratch->find("cache=\"unsafe\""), std::string::npos);
+  EXPECT_FALSE(DiskXml({"relative.img", 1, true}).ok());
+  auto spec = Good();
+  spec.disks.push_back({"/s/scratch.img", 0, false});
+  auto xml = DomainXml(spec);
+  ASSERT_TRUE(xml.ok());
+  EXPECT_NE(xml->find("<source file=\"/s/scratch.img\"/>"), std::string::npos) << *xml;
+}
+
 }  // namespace
 }  // namespace peapod::sandboxer

@@ -11,12 +11,16 @@
 #include <nlohmann/json.hpp>
 
 #include "containerd/services/sandbox/v1/sandbox.grpc.pb.h"
+#include "k8s/cri/v1/pod_sandbox_config.pb.h"
+#include "peapod/sandboxer/v1/sandboxer.pb.h"
+#include "tests/common/agent_client.h"
 #include "tests/vm/vm_fixture.h"
 
 namespace peapod::vmtest {
 namespace {
 
 namespace sbv1 = ::containerd::services::sandbox::v1;
+namespace pb = ::peapod::sandboxer::v1;
 
 class SandboxerTest : public AgentVmTest {
  protected:
@@ -26,6 +30,8 @@ class SandboxerTest : public AgentVmTest {
     if (::geteuid() != 0) GTEST_SKIP() << "the sandboxer needs root (libvirt, mounts)";
     const char* root = std::getenv("PEAPOD_TEST_LIBVIRT_ROOT");
     nlohmann::json cfg = {{"listen", dir_ + "/sandboxer.sock"},
+                          {"shim_listen", dir_ + "/shim.sock"},
+                          {"layer_cache_keep_seconds", 0},  // images go with their last user
                           {"state_dir", dir_ + "/state"},
                           {"run_dir", dir_ + "/run"},
                           {"libvirt_root", root && *root ? root : "/var/lib/peapod/test-libvirt"},
@@ -38,7 +44,7 @@ class SandboxerTest : public AgentVmTest {
 
   void TearDown() override {
     if (stub_) {
-      for (const char* id : {"pod1", "pod2", "pod3"}) {
+      for (const char* id : {"pod1", "pod2", "pod3", "pod4"}) {
         grpc::ClientContext ctx;
         sbv1::ControllerShutdownRequest req;
         req.set_sandbox_id(id);
@@ -84,11 +90,13 @@ class SandboxerTest : public AgentVmTest {
     return std::string(std::istreambuf_iterator<char>(f), {});
   }
 
-  grpc::Status Create(const std::string& id, const std::string& netns = "") {
+  grpc::Status Create(const std::string& id, const std::string& netns = "",
+                      const google::protobuf::Any* options = nullptr) {
     grpc::ClientContext ctx;
     sbv1::ControllerCreateRequest req;
     req.set_sandbox_id(id);
     req.set_netns_path(netns);
+    if (options) *req.mutable_options() = *options;
     sbv1::ControllerCreateResponse resp;
     return stub_->Create(&ctx, req, &resp);
   }
@@ -300,6 +308,216 @@ TEST_F(SandboxerTest, UnknownSandboxesAreClearErrors) {
   EXPECT_EQ(Create("../bad").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(Stop("nosuch").ok());
   EXPECT_TRUE(Shutdown("nosuch").ok());
+}
+
+// What is mounted at or below dir on the host.
+std::vector<std::string> MountsUnder(const std::string& dir) {
+  std::vector<std::string> out;
+  std::ifstream mi("/proc/self/mountinfo");
+  for (std::string line; std::getline(mi, line);) {
+    std::istringstream in(line);
+    std::string a, b, c, d, point;
+    in >> a >> b >> c >> d >> point;
+    if (point.rfind(dir, 0) == 0) out.push_back(point);
+  }
+  return out;
+}
+
+size_t CountFiles(const std::string& dir, const std::string& ext) {
+  size_t n = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) n += e.path().extension() == ext;
+  return n;
+}
+
+// The shim's view: rootfs from containerd's overlayfs-snapshotter mounts, turned into cached
+// EROFS layer disks; a volume through the pod share; containers on the scratch disk.
+TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
+  if (std::system("command -v mkfs.erofs >/dev/null") != 0) {
+    GTEST_SKIP() << "mkfs.erofs is not installed (erofs-utils)";
+  }
+  // Two layers as the overlayfs snapshotter keeps them: snapshots/<n>/fs.
+  std::string snaps = dir_ + "/snapshots";
+  ASSERT_EQ(agenttest::BuildBusyboxRoot(snaps + "/1/fs"), "");
+  fs::create_directories(snaps + "/2/fs/etc");
+  std::ofstream(snaps + "/2/fs/etc/layer-top") << "top layer\n";
+  fs::create_directories(snaps + "/3/fs");
+  fs::create_directories(snaps + "/3/work");
+  google::protobuf::RepeatedPtrField<containerd::types::Mount> mounts;
+  auto* m = mounts.Add();
+  m->set_type("overlay");
+  m->set_source("overlay");
+  m->add_options("index=off");
+  m->add_options("workdir=" + snaps + "/3/work");
+  m->add_options("upperdir=" + snaps + "/3/fs");
+  m->add_options("lowerdir=" + snaps + "/2/fs:" + snaps + "/1/fs");
+  std::string volume = dir_ + "/volume";
+  fs::create_directories(volume);
+
+  // As containerd's CRI sends it: the VM is sized from the pod's limits plus overhead.
+  peapod::cri::v1::PodSandboxConfig cri;
+  cri.set_hostname("web-0");
+  cri.mutable_dns_config()->add_servers("10.96.0.10");
+  cri.mutable_linux()->mutable_resources()->set_memory_limit_in_bytes(256ll << 20);
+  google::protobuf::Any options;
+  options.set_type_url("type.googleapis.com/runtime.v1.PodSandboxConfig");
+  options.set_value(cri.SerializeAsString());
+  ASSERT_TRUE(Create("pod4", "", &options).ok());
+  std::ifstream resolv(dir_ + "/run/pods/pod4/share/resolv.conf");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(resolv), {}), "nameserver 10.96.0.10\n");
+  sbv1::ControllerStartResponse started;
+  auto s = Start("pod4", &started);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\nlog:\n" << Log();
+
+  peapod::testing::LoopThread lt;
+  auto fd = ConnectUnix(dir_ + "/shim.sock");
+  ASSERT_TRUE(fd.ok()) << fd.error().ToString();
+  auto shim = lt.Sync([&] { return *ttrpc::Client::Create(lt.loop(), std::move(*fd)); });
+  auto call = [&]<typename Resp>(const std::string& method, const google::protobuf::Message& req) {
+    ttrpc::CallOptions opts;
+    opts.timeout = 120s;
+    return shim->CallSyncTyped<Resp>("peapod.sandboxer.v1.Sandboxer", method, req, opts);
+  };
+  auto attach = [&](const std::string& container) {
+    pb::AttachRootfsRequest req;
+    req.set_pod_id("pod4");
+    req.set_container_id(container);
+    *req.mutable_mounts() = mounts;
+    return call.operator()<pb::AttachRootfsResponse>("AttachRootfs", req);
+  };
+
+  auto a1 = attach("c1");
+  ASSERT_TRUE(a1.ok()) << a1.error().ToString() << "\nlog:\n" << Log();
+  ASSERT_EQ(a1->layers_size(), 2);
+  EXPECT_EQ(a1->upper_dir(), "/run/peapod/scratch/c1");
+  EXPECT_EQ(CountFiles(dir_ + "/state/layers", ".erofs"), 2u);
+  auto a2 = attach("c2");
+  ASSERT_TRUE(a2.ok()) << a2.error().ToString();
+  // The second container reuses both cached images and the disks already attached.
+  EXPECT_EQ(CountFiles(dir_ + "/state/layers", ".erofs"), 2u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(a2->layers(i).source(), a1->layers(i).source());
+    EXPECT_EQ(a2->layers(i).mount_point(), a1->layers(i).mount_point());
+  }
+  std::string log = Log();
+  size_t builds = 0;
+  for (size_t p = 0; (p = log.find("layers: building", p)) != std::string::npos; ++p) ++builds;
+  EXPECT_EQ(builds, 2u) << "each layer is built once";
+  auto again = attach("c1");  // idempotent
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->layers(0).source(), a1->layers(0).source());
+
+  pb::ShareVolumesRequest share;
+  share.set_pod_id("pod4");
+  share.set_container_id("c1");
+  share.add_volumes()->set_host_path(volume);
+  auto shared = call.operator()<pb::ShareVolumesResponse>("ShareVolumes", share);
+  ASSERT_TRUE(shared.ok()) << shared.error().ToString();
+  ASSERT_EQ(shared->guest_paths_size(), 1);
+
+  // Containers, through the pod's agent socket as the shim will run them.
+  v1::CheckResponse check;
+  auto agent_conn = ConnectAndCheck(lt, dir_ + "/run/pods/pod4/agent.sock", &check, 30s);
+  ASSERT_TRUE(agent_conn);
+  agenttest::AgentClient agent(agent_conn, {});
+  auto run = [&](const std::string& id, const Result<pb::AttachRootfsResponse>& rootfs,
+                 const std::string& script, bool with_volume) -> std::string {
+    auto spec = nlohmann::json::parse(agenttest::Spec({"sh", "-c", script}));
+    if (with_volume) {
+      spec["mounts"].push_back({{"destination", "/data"},
+                                {"type", "bind"},
+                                {"source", shared->guest_paths(0)},
+                                {"options", {"rbind", "rw"}}});
+    }
+    v1::CreateContainerRequest req;
+    req.set_container_id(id);
+    req.set_oci_spec(spec.dump());
+    *req.mutable_layers() = rootfs->layers();
+    req.set_upper_dir(rootfs->upper_dir());
+    auto pid = agent.Create(req);
+    if (!pid.ok()) {
+      ADD_FAILURE() << "create " << id << ": " << pid.error().ToString();
+      return "";
+    }
+    EXPECT_TRUE(agent.Start(id).ok());
+    std::string out = agent.ReadAll(id);
+    auto status = agent.Wait(id);
+    EXPECT_TRUE(status.ok() && *status == 0u) << out << agent.ReadAll(id, "", true);
+    EXPECT_TRUE(agent.Remove(id).ok());
+    return out;
+  };
+  EXPECT_EQ(run("c1", a1,
+                "cat /etc/layer-top; echo written > /written; cat /written; echo hi > /data/f; "
+                "hostname",
+                true),
+            "top layer\nwritten\nweb-0\n");
+  // 256 MiB of limits + 128 MiB overhead (the default): a 384 MiB VM, not the 512 MiB default.
+  std::string mem = run("c1b", a1, "head -1 /proc/meminfo", false);
+  long kb = 0;
+  std::sscanf(mem.c_str(), "MemTotal: %ld", &kb);
+  EXPECT_GT(kb, 300 * 1024) << mem;
+  EXPECT_LT(kb, 384 * 1024) << mem;
+  EXPECT_EQ(run("c2", a2, "cat /written 2>/dev/null || echo clean; ls /bin/busybox", false),
+            "clean\n/bin/busybox\n");
+  std::ifstream from_guest(volume + "/f");
+  std::string line;
+  std::getline(from_guest, line);
+  EXPECT_EQ(line, "hi") << "the volume write did not reach the host";
+
+  // Release: volumes unbound, layer disks detached once no container uses them.
+  for (const char* c : {"c1", "c2"}) {
+    pb::ReleaseContainerRequest rel;
+    rel.set_pod_id("pod4");
+    rel.set_container_id(c);
+    auto r = call.operator()<google::protobuf::Empty>("ReleaseContainer", rel);
+    EXPECT_TRUE(r.ok()) << r.error().ToString();
+  }
+  EXPECT_TRUE(MountsUnder(dir_ + "/run").empty());
+  auto record = nlohmann::json::parse(std::ifstream(dir_ + "/state/pods/pod4/pod.json"));
+  EXPECT_TRUE(record["disks"].empty()) << record.dump();
+  EXPECT_TRUE(std::ifstream(volume + "/f").good()) << "releasing must not delete volume data";
+
+  // Bad input: a clear error and nothing left behind.
+  pb::AttachRootfsRequest bad;
+  bad.set_pod_id("pod4");
+  bad.set_container_id("c3");
+  auto* bm = bad.add_mounts();
+  bm->set_type("overlay");
+  std::ofstream(dir_ + "/not-a-dir") << "x";
+  bm->add_options("lowerdir=" + dir_ + "/not-a-dir");
+  auto rejected = call.operator()<pb::AttachRootfsResponse>("AttachRootfs", bad);
+  ASSERT_FALSE(rejected.ok());
+  EXPECT_EQ(rejected.error().code(), Code::kInvalidArgument) << rejected.error().ToString();
+  EXPECT_NE(rejected.error().message().find("mkfs.erofs rejected"), std::string::npos)
+      << rejected.error().ToString();
+  bm->set_type("zfs");
+  auto unsupported = call.operator()<pb::AttachRootfsResponse>("AttachRootfs", bad);
+  EXPECT_EQ(unsupported.error().code(), Code::kInvalidArgument);
+  bad.set_pod_id("nosuch");
+  EXPECT_EQ(call.operator()<pb::AttachRootfsResponse>("AttachRootfs", bad).error().code(),
+            Code::kNotFound);
+  record = nlohmann::json::parse(std::ifstream(dir_ + "/state/pods/pod4/pod.json"));
+  EXPECT_TRUE(record["disks"].empty() && record["rootfs"].empty()) << record.dump();
+  EXPECT_TRUE(fs::is_empty(dir_ + "/state/layers"))
+      << "unused images (keep 0 s) or temp files left";
+
+  // A pod removed with a container still attached leaves no disk image, mount or process.
+  ASSERT_TRUE(attach("c4").ok());
+  ASSERT_TRUE(call.operator()<pb::ShareVolumesResponse>("ShareVolumes", share).ok());
+  lt.Sync([&] {
+    shim.reset();
+    agent_conn.reset();
+  });
+  auto wait = WaitAsync("pod4");
+  ASSERT_TRUE(Stop("pod4").ok());
+  ASSERT_EQ(wait.wait_for(30s), std::future_status::ready);
+  ASSERT_TRUE(Shutdown("pod4").ok());
+  EXPECT_TRUE(MountsUnder(dir_).empty()) << "mounts left: " << MountsUnder(dir_).size();
+  EXPECT_TRUE(fs::is_empty(dir_ + "/state/layers")) << "layer images left";
+  EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod4"));
+  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/pod4"));
+  EXPECT_TRUE(std::ifstream(volume + "/f").good()) << "shutdown must not delete volume data";
+  EXPECT_NE(::kill(static_cast<pid_t>(started.pid()), 0), 0) << "QEMU still running";
 }
 
 }  // namespace

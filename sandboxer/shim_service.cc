@@ -1,0 +1,117 @@
+#include "sandboxer/shim_service.h"
+
+#include <google/protobuf/empty.pb.h>
+#include <spdlog/spdlog.h>
+
+#include "peapod/sandboxer/v1/sandboxer.pb.h"
+
+namespace peapod::sandboxer {
+
+namespace pb = peapod::sandboxer::v1;
+using google::protobuf::Empty;
+
+namespace {
+
+constexpr char kService[] = "peapod.sandboxer.v1.Sandboxer";
+
+pb::PodInfo InfoOf(const PodStatus& s) {
+  pb::PodInfo info;
+  info.set_pod_id(s.id);
+  info.set_agent_address(s.address.rfind("unix://", 0) == 0 ? s.address.substr(7) : s.address);
+  info.set_pid(static_cast<uint32_t>(s.pid));
+  info.set_ready(s.ready);
+  return info;
+}
+
+template <typename Req, typename Resp, typename Fn>
+void Register(ttrpc::Server& server, const std::string& method, Fn fn) {
+  ttrpc::RegisterTyped<Req, Resp>(server, kService, method,
+                                  [fn = std::move(fn)](const ttrpc::CallContext&, Req&& req,
+                                                       ttrpc::TypedResponder<Resp> reply) {
+                                    fn(std::move(req), std::move(reply));
+                                  });
+}
+
+std::function<void(Result<void>)> EmptyReply(ttrpc::TypedResponder<Empty> reply) {
+  return [reply](Result<void> r) {
+    if (!r.ok()) return reply(std::move(r).error());
+    reply(Empty());
+  };
+}
+
+}  // namespace
+
+void RegisterShimService(ttrpc::Server& server, PodManager* pods) {
+  // Create (if new) and start (if not running): the shim of a pause container, or of a plain
+  // container that is its own pod, calls this and may call it again after a restart.
+  Register<pb::CreatePodRequest, pb::PodInfo>(
+      server, "CreatePod",
+      [pods](pb::CreatePodRequest req, ttrpc::TypedResponder<pb::PodInfo> reply) {
+        std::string id = req.pod_id();
+        spdlog::info("shim api: CreatePod {} netns={}", id, req.netns_path());
+        auto start = [pods, id, reply] {
+          pods->Start(id, [reply](Result<PodStatus> s) {
+            if (!s.ok()) return reply(std::move(s).error());
+            reply(InfoOf(*s));
+          });
+        };
+        if (pods->Status(id).ok()) return start();
+        PodOptions opts;
+        opts.netns = req.netns_path();
+        opts.hostname = req.hostname();
+        opts.memory_limit_bytes = req.memory_limit_bytes();
+        opts.cpus = req.cpus();
+        pods->Create(id, opts, [reply, start](Result<void> r) {
+          if (!r.ok()) return reply(std::move(r).error());
+          start();
+        });
+      });
+
+  Register<pb::GetPodRequest, pb::PodInfo>(
+      server, "GetPod", [pods](pb::GetPodRequest req, ttrpc::TypedResponder<pb::PodInfo> reply) {
+        auto s = pods->Status(req.pod_id());
+        if (!s.ok()) return reply(std::move(s).error());
+        reply(InfoOf(*s));
+      });
+
+  Register<pb::RemovePodRequest, Empty>(
+      server, "RemovePod", [pods](pb::RemovePodRequest req, ttrpc::TypedResponder<Empty> reply) {
+        spdlog::info("shim api: RemovePod {}", req.pod_id());
+        pods->Shutdown(req.pod_id(), EmptyReply(reply));
+      });
+
+  Register<pb::AttachRootfsRequest, pb::AttachRootfsResponse>(
+      server, "AttachRootfs",
+      [pods](pb::AttachRootfsRequest req, ttrpc::TypedResponder<pb::AttachRootfsResponse> reply) {
+        pods->AttachRootfs(req.pod_id(), req.container_id(), std::move(*req.mutable_mounts()),
+                           [reply](Result<RootfsInfo> r) {
+                             if (!r.ok()) return reply(std::move(r).error());
+                             pb::AttachRootfsResponse resp;
+                             for (auto& l : r->layers) *resp.add_layers() = std::move(l);
+                             resp.set_upper_dir(r->upper_dir);
+                             reply(std::move(resp));
+                           });
+      });
+
+  Register<pb::ShareVolumesRequest, pb::ShareVolumesResponse>(
+      server, "ShareVolumes",
+      [pods](pb::ShareVolumesRequest req, ttrpc::TypedResponder<pb::ShareVolumesResponse> reply) {
+        std::vector<VolumeRequest> volumes;
+        for (const auto& v : req.volumes()) volumes.push_back({v.host_path(), v.readonly()});
+        pods->ShareVolumes(req.pod_id(), req.container_id(), std::move(volumes),
+                           [reply](Result<std::vector<std::string>> r) {
+                             if (!r.ok()) return reply(std::move(r).error());
+                             pb::ShareVolumesResponse resp;
+                             for (auto& p : *r) resp.add_guest_paths(std::move(p));
+                             reply(std::move(resp));
+                           });
+      });
+
+  Register<pb::ReleaseContainerRequest, Empty>(
+      server, "ReleaseContainer",
+      [pods](pb::ReleaseContainerRequest req, ttrpc::TypedResponder<Empty> reply) {
+        pods->ReleaseContainer(req.pod_id(), req.container_id(), EmptyReply(reply));
+      });
+}
+
+}  // namespace peapod::sandboxer

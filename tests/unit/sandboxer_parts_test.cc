@@ -1,0 +1,306 @@
+// The sandboxer's pieces that need no VM: which layers containerd's mounts name, the mkfs.erofs
+// layer cache (one build per layer, collection, rejection), safe removal of a pod's run dir, the
+// config file, and what is read from containerd's CRI options.
+#include <gtest/gtest.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <future>
+
+#include "k8s/cri/v1/pod_sandbox_config.pb.h"
+#include "sandboxer/config.h"
+#include "sandboxer/controller_service.h"
+#include "sandboxer/storage.h"
+#include "sandboxer/worker_pool.h"
+#include "tests/unit/loop_fixture.h"
+
+namespace peapod::sandboxer {
+namespace {
+
+namespace fs = std::filesystem;
+using Mounts = google::protobuf::RepeatedPtrField<containerd::types::Mount>;
+using namespace std::chrono_literals;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/peapod-storage-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+containerd::types::Mount MakeMount(const std::string& type, const std::string& source,
+                                   std::vector<std::string> options) {
+  containerd::types::Mount m;
+  m.set_type(type);
+  m.set_source(source);
+  for (auto& o : options) m.add_options(o);
+  return m;
+}
+
+TEST(LayersFromMountsTest, OverlayLowerdirsTopmostFirst) {
+  TempDir t;
+  Mounts mounts;
+  *mounts.Add() = MakeMount(
+      "overlay", "overlay",
+      {"index=off", "workdir=/s/9/work", "upperdir=/s/9/fs", "lowerdir=/s/3/fs:/s/2/fs:/s/1/fs"});
+  auto layers = LayersFromMounts(mounts);
+  ASSERT_TRUE(layers.ok()) << layers.error().ToString();
+  ASSERT_EQ(layers->size(), 3u);
+  EXPECT_EQ((*layers)[0].path, "/s/3/fs");
+  EXPECT_EQ((*layers)[2].path, "/s/1/fs");
+  EXPECT_FALSE((*layers)[0].is_image);
+}
+
+TEST(LayersFromMountsTest, ErofsSnapshotterBlobsAreUsedAsTheyAre) {
+  TempDir t;
+  // The erofs snapshotter keeps snapshots/<n>/layer.erofs beside snapshots/<n>/fs.
+  for (const char* n : {"1", "2"}) {
+    fs::create_directories(t.path() + "/" + n + "/fs");
+    std::ofstream(t.path() + "/" + n + "/layer.erofs") << "blob";
+  }
+  Mounts overlay;
+  *overlay.Add() =
+      MakeMount("overlay", "overlay", {"lowerdir=" + t.path() + "/2/fs:" + t.path() + "/1/fs"});
+  auto layers = LayersFromMounts(overlay);
+  ASSERT_TRUE(layers.ok()) << layers.error().ToString();
+  ASSERT_EQ(layers->size(), 2u);
+  EXPECT_EQ((*layers)[0].path, t.path() + "/2/layer.erofs");
+  EXPECT_TRUE((*layers)[0].is_image);
+
+  // A single-layer view as an erofs mount of the blob.
+  Mounts erofs;
+  *erofs.Add() = MakeMount("erofs", t.path() + "/1/layer.erofs", {"ro"});
+  layers = LayersFromMounts(erofs);
+  ASSERT_TRUE(layers.ok()) << layers.error().ToString();
+  EXPECT_EQ((*layers)[0].path, t.path() + "/1/layer.erofs");
+  EXPECT_TRUE((*layers)[0].is_image);
+
+  Mounts multi;
+  *multi.Add() = MakeMount("erofs", t.path() + "/1/layer.erofs", {"ro", "device=/x/2.erofs"});
+  auto refused = LayersFromMounts(multi);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message().find("device="), std::string::npos);
+}
+
+TEST(LayersFromMountsTest, BindOfOneLayerAndClearRefusals) {
+  Mounts bind;
+  *bind.Add() = MakeMount("bind", "/s/1/fs", {"rbind", "ro"});
+  auto layers = LayersFromMounts(bind);
+  ASSERT_TRUE(layers.ok());
+  EXPECT_EQ((*layers)[0].path, "/s/1/fs");
+
+  EXPECT_EQ(LayersFromMounts(Mounts()).error().code(), Code::kInvalidArgument);
+  Mounts zfs;
+  *zfs.Add() = MakeMount("zfs", "pool/ds", {});
+  auto r = LayersFromMounts(zfs);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("overlayfs"), std::string::npos) << r.error().ToString();
+  Mounts no_lower;
+  *no_lower.Add() = MakeMount("overlay", "overlay", {"upperdir=/u", "workdir=/w"});
+  EXPECT_EQ(LayersFromMounts(no_lower).error().code(), Code::kInvalidArgument);
+}
+
+class LayerCacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (std::system("command -v mkfs.erofs >/dev/null") != 0) {
+      GTEST_SKIP() << "mkfs.erofs is not installed (erofs-utils)";
+    }
+    fs::create_directories(t_.path() + "/layer/etc");
+    std::ofstream(t_.path() + "/layer/etc/hello") << "hello\n";
+  }
+
+  // Runs fn on the loop thread and waits.
+  template <typename Fn>
+  void OnLoop(Fn fn) {
+    lt_.Sync(fn);
+  }
+  std::unique_ptr<LayerCache> MakeCache(std::chrono::seconds keep,
+                                        std::string mkfs = "mkfs.erofs") {
+    return std::make_unique<LayerCache>(
+        t_.path() + "/cache", mkfs, keep, &workers_,
+        [this](std::function<void()> fn) { lt_.loop()->Post(std::move(fn)); });
+  }
+  Result<std::string> Acquire(LayerCache& c, const std::string& dir) {
+    std::promise<Result<std::string>> p;
+    auto f = p.get_future();
+    OnLoop([&] { c.Acquire(dir, [&](Result<std::string> r) { p.set_value(std::move(r)); }); });
+    return f.get();
+  }
+
+  TempDir t_;
+  WorkerPool workers_{2};
+  peapod::testing::LoopThread lt_;
+};
+
+TEST_F(LayerCacheTest, ConcurrentRequestsForOneLayerBuildItOnce) {
+  // A mkfs.erofs that counts its runs.
+  std::string counter = t_.path() + "/runs";
+  std::string wrapper = t_.path() + "/mkfs";
+  std::ofstream(wrapper) << "#!/bin/sh\necho run >> " << counter
+                         << "\nsleep 0.3\nexec mkfs.erofs \"$@\"\n";
+  fs::permissions(wrapper, fs::perms::owner_all);
+  auto cache = MakeCache(3600s, wrapper);
+  ASSERT_TRUE(cache->Init().ok());
+  std::vector<std::promise<Result<std::string>>> ps(4);
+  OnLoop([&] {
+    for (auto& p : ps) {
+      cache->Acquire(t_.path() + "/layer", [&p](Result<std::string> r) { p.set_value(r); });
+    }
+  });
+  std::string image;
+  for (auto& p : ps) {
+    auto r = p.get_future().get();
+    ASSERT_TRUE(r.ok()) << r.error().ToString();
+    if (image.empty()) image = *r;
+    EXPECT_EQ(*r, image);
+  }
+  std::ifstream runs(counter);
+  int n = 0;
+  for (std::string l; std::getline(runs, l);) ++n;
+  EXPECT_EQ(n, 1) << "one mkfs.erofs for four concurrent requests";
+  EXPECT_TRUE(fs::is_regular_file(image));
+  // A later request is served from the cache.
+  ASSERT_TRUE(Acquire(*cache, t_.path() + "/layer").ok());
+  runs = std::ifstream(counter);
+  n = 0;
+  for (std::string l; std::getline(runs, l);) ++n;
+  EXPECT_EQ(n, 1);
+}
+
+TEST_F(LayerCacheTest, UnusedImagesAreCollectedAfterTheirKeepTime) {
+  auto cache = MakeCache(0s);
+  ASSERT_TRUE(cache->Init().ok());
+  auto a = Acquire(*cache, t_.path() + "/layer");
+  auto b = Acquire(*cache, t_.path() + "/layer");
+  ASSERT_TRUE(a.ok() && b.ok());
+  OnLoop([&] {
+    cache->Release(*a);
+    cache->Collect();
+  });
+  EXPECT_TRUE(fs::exists(*a)) << "still used once";
+  OnLoop([&] {
+    cache->Release(*b);
+    cache->Collect();
+  });
+  EXPECT_FALSE(fs::exists(*a));
+
+  // Kept for an hour: survives collection, and a restart (Init) finds it again.
+  auto kept = MakeCache(3600s);
+  ASSERT_TRUE(kept->Init().ok());
+  auto c = Acquire(*kept, t_.path() + "/layer");
+  ASSERT_TRUE(c.ok());
+  OnLoop([&] {
+    kept->Release(*c);
+    kept->Collect();
+  });
+  EXPECT_TRUE(fs::exists(*c));
+  std::ofstream(t_.path() + "/cache/x.erofs.tmp-1234") << "half a build";
+  auto again = MakeCache(3600s);
+  ASSERT_TRUE(again->Init().ok());
+  EXPECT_FALSE(fs::exists(t_.path() + "/cache/x.erofs.tmp-1234"));
+  OnLoop([&] { EXPECT_TRUE(again->IsCached(*c)); });
+}
+
+TEST_F(LayerCacheTest, ALayerMkfsRejectsIsAClearErrorAndLeavesNothing) {
+  auto cache = MakeCache(0s);
+  ASSERT_TRUE(cache->Init().ok());
+  std::ofstream(t_.path() + "/not-a-dir") << "x";
+  auto r = Acquire(*cache, t_.path() + "/not-a-dir");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kInvalidArgument);
+  EXPECT_NE(r.error().message().find("mkfs.erofs rejected"), std::string::npos)
+      << r.error().ToString();
+  EXPECT_NE(r.error().message().find("not a directory"), std::string::npos) << r.error().ToString();
+  EXPECT_TRUE(fs::is_empty(t_.path() + "/cache"));
+  auto missing = Acquire(*cache, t_.path() + "/nope");
+  EXPECT_EQ(missing.error().code(), Code::kNotFound) << missing.error().ToString();
+}
+
+TEST(RemoveTreeSafelyTest, UnmountsAndNeverDeletesThroughAMount) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to bind-mount";
+  TempDir t;
+  std::string volume = t.path() + "/volume";
+  fs::create_directories(volume);
+  std::ofstream(volume + "/precious") << "data";
+  std::string share = t.path() + "/run/share";
+  ASSERT_TRUE(BindMount(volume, share + "/volumes/c1/0", false).ok());
+  std::ofstream(t.path() + "/file") << "f";
+  ASSERT_TRUE(BindMount(t.path() + "/file", share + "/volumes/c1/1", true).ok());
+  EXPECT_FALSE(std::ofstream(share + "/volumes/c1/1").good()) << "read-only bind is writable";
+  ASSERT_TRUE(RemoveTreeSafely(t.path() + "/run").ok());
+  EXPECT_FALSE(fs::exists(t.path() + "/run"));
+  EXPECT_TRUE(fs::exists(volume + "/precious")) << "deleted through the bind mount";
+  EXPECT_TRUE(fs::exists(t.path() + "/file"));
+  EXPECT_TRUE(RemoveTreeSafely(t.path() + "/run").ok()) << "idempotent";
+}
+
+TEST(ConfigTest, ReadsKeysAndRefusesUnknownOnes) {
+  TempDir t;
+  std::string path = t.path() + "/c.json";
+  std::ofstream(path) << R"({"memory_mib": 256, "memory_overhead_mib": 64,
+                            "layer_cache_keep_seconds": 5, "shim_listen": "/x/shim.sock"})";
+  auto c = Config::Load(path, true);
+  ASSERT_TRUE(c.ok()) << c.error().ToString();
+  EXPECT_EQ(c->memory_mib, 256u);
+  EXPECT_EQ(c->memory_overhead_mib, 64u);
+  EXPECT_EQ(c->layer_cache_keep_seconds, 5u);
+  EXPECT_EQ(c->shim_listen, "/x/shim.sock");
+  EXPECT_EQ(c->scratch_size_mib, 10240u);
+  std::ofstream(path) << R"({"memroy_mib": 256})";
+  auto bad = Config::Load(path, true);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().message().find("memroy_mib"), std::string::npos);
+  std::ofstream(path) << R"({"vcpus": "two"})";
+  EXPECT_NE(Config::Load(path, true).error().message().find("vcpus"), std::string::npos);
+  EXPECT_TRUE(Config::Load(t.path() + "/missing.json", false).ok());
+  EXPECT_FALSE(Config::Load(t.path() + "/missing.json", true).ok());
+}
+
+TEST(PodOptionsFromCriTest, ReadsHostnameDnsSysctlsAndLimits) {
+  peapod::cri::v1::PodSandboxConfig cfg;
+  cfg.set_hostname("web-0");
+  cfg.mutable_dns_config()->add_servers("10.96.0.10");
+  cfg.mutable_dns_config()->add_searches("default.svc.cluster.local");
+  cfg.mutable_dns_config()->add_options("ndots:5");
+  (*cfg.mutable_linux()->mutable_sysctls())["net.ipv4.ip_unprivileged_port_start"] = "0";
+  cfg.mutable_linux()->mutable_resources()->set_cpu_quota(150000);
+  cfg.mutable_linux()->mutable_resources()->set_cpu_period(100000);
+  cfg.mutable_linux()->mutable_resources()->set_memory_limit_in_bytes(256ll << 20);
+  cfg.mutable_linux()->mutable_overhead()->set_memory_limit_in_bytes(100ll << 20);
+  google::protobuf::Any any;
+  any.set_type_url("type.googleapis.com/runtime.v1.PodSandboxConfig");
+  any.set_value(cfg.SerializeAsString());
+  PodOptions opts;
+  ASSERT_TRUE(PodOptionsFromCri(any, &opts).ok());
+  EXPECT_EQ(opts.hostname, "web-0");
+  EXPECT_EQ(opts.dns_servers, std::vector<std::string>{"10.96.0.10"});
+  EXPECT_EQ(opts.dns_options, std::vector<std::string>{"ndots:5"});
+  EXPECT_EQ(opts.sysctls.at("net.ipv4.ip_unprivileged_port_start"), "0");
+  EXPECT_DOUBLE_EQ(opts.cpus, 1.5);
+  EXPECT_EQ(opts.memory_limit_bytes, 256ll << 20);
+  EXPECT_EQ(opts.memory_overhead_bytes, 100ll << 20);
+
+  PodOptions untouched;
+  google::protobuf::Any other;
+  other.set_type_url("type.googleapis.com/something.Else");
+  EXPECT_TRUE(PodOptionsFromCri(other, &untouched).ok());
+  EXPECT_TRUE(untouched.hostname.empty());
+  any.set_value("\xff\xff garbage");
+  EXPECT_EQ(PodOptionsFromCri(any, &untouched).error().code(), Code::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace peapod::sandboxer
