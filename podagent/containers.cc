@@ -650,10 +650,16 @@ void ContainerManager::Update(const std::string& id, const std::string& resource
 }
 
 Result<v1::StatsContainerResponse> ContainerManager::Stats(const std::string& id) {
-  PP_ASSIGN_OR_RETURN(auto c, Find(id));
   if (opts_.cgroup_root.empty()) {
     return Error::Make(Code::kUnimplemented, "stats need cgroup v2 (not in local mode)");
   }
+  if (id.empty()) {
+    // The whole pod: the cgroup every container lives under.
+    v1::StatsContainerResponse resp;
+    PP_TRY(ReadCgroupMetrics(opts_.cgroup_root + opts_.cgroup_parent, resp.mutable_metrics()));
+    return resp;
+  }
+  PP_ASSIGN_OR_RETURN(auto c, Find(id));
   if (c->status == Container::Status::kCreating) return NotRunning(id, "read stats");
   v1::StatsContainerResponse resp;
   PP_TRY(ReadCgroupMetrics(CgroupDir(id), resp.mutable_metrics()));

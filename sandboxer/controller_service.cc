@@ -165,11 +165,17 @@ grpc::Status ControllerService::Shutdown(grpc::ServerContext*,
 
 grpc::Status ControllerService::Metrics(grpc::ServerContext*,
                                         const sbv1::ControllerMetricsRequest* req,
-                                        sbv1::ControllerMetricsResponse*) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      "sandbox metrics are not implemented yet (container stats come from each "
-                      "container's shim); sandbox " +
-                          req->sandbox_id());
+                                        sbv1::ControllerMetricsResponse* resp) {
+  std::string id = req->sandbox_id();
+  auto r = OnLoop<std::string>(loop_, [this, id](auto done) { pods_->Metrics(id, done); });
+  if (!r.ok()) return ToGrpc(r.error());
+  auto* m = resp->mutable_metrics();
+  *m->mutable_timestamp() = TimeUtil::GetCurrentTime();
+  m->set_id(id);
+  // cgroups v2 statistics of the whole pod, as a task's Stats carries them.
+  m->mutable_data()->set_type_url("type.googleapis.com/io.containerd.cgroups.v2.Metrics");
+  m->mutable_data()->set_value(std::move(*r));
+  return grpc::Status::OK;
 }
 
 grpc::Status ControllerService::Update(grpc::ServerContext*,

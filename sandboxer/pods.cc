@@ -527,6 +527,27 @@ void PodManager::Wait(const std::string& id, Reply<PodExit> reply) {
   pod->waiters.push_back(std::move(reply));
 }
 
+void PodManager::Metrics(const std::string& id, Reply<std::string> reply) {
+  Pod* pod = Find(id);
+  if (!pod) return reply(UnknownPod(id));
+  if (pod->rec.phase != Phase::kRunning || !pod->agent) {
+    return reply(Error::Make(Code::kFailedPrecondition, "sandbox {} is {}: no metrics", id,
+                             PhaseName(pod->rec.phase)));
+  }
+  v1::ContainerRequest req;  // no container: the pod
+  ttrpc::CallOptions opts;
+  opts.timeout = 10s;
+  pod->agent->Call(kAgentService, "StatsContainer", req.SerializeAsString(), opts,
+                   [reply, id](Result<std::string> r) {
+                     if (!r.ok()) return reply(std::move(r).error().Wrap("metrics of " + id));
+                     v1::StatsContainerResponse resp;
+                     if (!resp.ParseFromString(*r)) {
+                       return reply(Error::Internal("metrics of {}: bad agent answer", id));
+                     }
+                     reply(resp.metrics().SerializeAsString());
+                   });
+}
+
 PodStatus PodManager::StatusOf(const Pod& pod) const {
   PodStatus s;
   s.id = pod.rec.id;

@@ -90,6 +90,8 @@ class PodManager {
   void Wait(const std::string& id, Reply<PodExit> reply);
   Result<PodStatus> Status(const std::string& id);
   void Shutdown(const std::string& id, Reply<void> reply);
+  // The pod's cgroup v2 statistics, read by the agent (all its containers together).
+  void Metrics(const std::string& id, Reply<std::string> reply);
   // Answers every pending Wait with UNAVAILABLE (the sandboxer is going away; pods are not).
   void CancelWaiters();
   // Called (any thread) by the backend when a VM stops.

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "containerd/cgroups/v2/metrics.pb.h"
 #include "containerd/services/sandbox/v1/sandbox.grpc.pb.h"
 #include "k8s/cri/v1/pod_sandbox_config.pb.h"
 #include "peapod/sandboxer/v1/sandboxer.pb.h"
@@ -463,6 +464,22 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
   std::string line;
   std::getline(from_guest, line);
   EXPECT_EQ(line, "hi") << "the volume write did not reach the host";
+
+  // Pod metrics: the guest's cgroup statistics for all containers.
+  {
+    grpc::ClientContext ctx;
+    sbv1::ControllerMetricsRequest req;
+    req.set_sandbox_id("pod4");
+    sbv1::ControllerMetricsResponse resp;
+    auto st = stub_->Metrics(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.metrics().id(), "pod4");
+    EXPECT_EQ(resp.metrics().data().type_url(),
+              "type.googleapis.com/io.containerd.cgroups.v2.Metrics");
+    io::containerd::cgroups::v2::Metrics metrics;
+    ASSERT_TRUE(metrics.ParseFromString(resp.metrics().data().value()));
+    EXPECT_GT(metrics.cpu().usage_usec(), 0u) << metrics.DebugString();
+  }
 
   // Release: volumes unbound, layer disks detached once no container uses them.
   for (const char* c : {"c1", "c2"}) {
