@@ -68,7 +68,9 @@ PodManager::PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend)
                });
              }) {}
 
-PodManager::~PodManager() { *alive_ = false; }
+// Callbacks posted by workers and clients hold a weak_ptr to alive_: dropping it first makes
+// every one of them a no-op, even those that run while members are being destroyed.
+PodManager::~PodManager() { alive_.reset(); }
 
 std::string PodManager::RunDir(const std::string& id) const { return cfg_.run_dir + "/pods/" + id; }
 
@@ -150,14 +152,18 @@ Result<void> PodManager::Recover() {
     if (rec.phase == Phase::kRunning && alive) {
       if (live[rec.domain].pid) pod->rec.pid = live[rec.domain].pid;
       if (auto r = AttachChannel(*pod); !r.ok()) {
-        spdlog::error("pod {}: cannot reattach its agent channel: {}", rec.id,
+        // A VM nobody can reach is no pod: stop it rather than report it ready.
+        spdlog::error("pod {}: cannot reattach its agent channel ({}); stopping its VM", rec.id,
                       r.error().ToString());
+        alive = false;
       } else {
         spdlog::info("pod {}: re-adopted running VM {} (pid {})", rec.id, rec.domain, pod->rec.pid);
+        (void)Save(*pod);
       }
-    } else if (rec.phase == Phase::kRunning || rec.phase == Phase::kStarting) {
-      // It died (or never finished starting) while we were away.
-      if (alive) (void)backend_->Destroy(rec.domain);
+    }
+    if ((rec.phase == Phase::kRunning && !alive) || rec.phase == Phase::kStarting) {
+      // It died (or never finished starting, or cannot be reached) while we were away.
+      if (live.count(rec.domain)) (void)backend_->Destroy(rec.domain);
       pod->rec.phase = rec.phase == Phase::kStarting ? Phase::kCreated : Phase::kStopped;
       if (pod->rec.phase == Phase::kStopped) {
         pod->rec.exited_at_ns = NowNs();
@@ -167,14 +173,19 @@ Result<void> PodManager::Recover() {
       spdlog::warn("pod {}: its VM is gone; now {}", rec.id, PhaseName(pod->rec.phase));
     }
     // A stopped VM holds no disk and no TAP any more: give them back now rather than at
-    // Shutdown, which may never come if containerd forgot the pod.
-    for (const auto& d : pod->rec.disks) {
-      if (d.cached && !cache_.Adopt(d.path)) {
-        spdlog::warn("pod {}: layer image {} is gone", rec.id, d.path);
+    // Shutdown, which may never come if containerd forgot the pod. (RemoveTap looks in our
+    // netns too, where a Start interrupted between creating and moving the TAP left it.)
+    if (pod->rec.phase == Phase::kRunning) {
+      for (const auto& d : pod->rec.disks) {
+        if (d.cached && !cache_.Adopt(d.path)) {
+          spdlog::warn("pod {}: layer image {} is gone", rec.id, d.path);
+        }
       }
-    }
-    if (pod->rec.phase != Phase::kRunning && !pod->rec.netns.empty()) {
-      RemoveTap(TapName(rec.id), pod->rec.netns);
+    } else {
+      pod->rec.disks.clear();
+      pod->rec.rootfs.clear();
+      if (!pod->rec.netns.empty()) RemoveTap(TapName(rec.id), pod->rec.netns);
+      (void)Save(*pod);
     }
     pods_[rec.id] = std::move(pod);
   }
@@ -317,6 +328,11 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
       }
     }
     if (!vm.ok() && net) RemoveTap(net->tap, netns);
+    if (!vm.ok()) {
+      for (const auto& d : spec.disks) {
+        if (!d.readonly) ::unlink(d.path.c_str());  // a failed Start leaves no scratch disk
+      }
+    }
     loop_->Post(
         [this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline]() mutable {
           if (alive.expired()) return;
@@ -346,13 +362,16 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   p->busy = false;
   p->rec.phase = Phase::kCreated;
   p->rec.pid = 0;
+  p->rec.scratch = false;
   p->mux.reset();
   p->agent.reset();
   (void)Save(*p);
   if (vm_started) {
-    workers_.Run([this, domain, id, netns] {
+    std::string scratch = store_.PodDir(id) + "/scratch.img";
+    workers_.Run([this, domain, id, netns, scratch] {
       (void)backend_->Destroy(domain);
       if (!netns.empty()) RemoveTap(TapName(id), netns);
+      ::unlink(scratch.c_str());
     });
   }
   reply(std::move(e).Wrap("start sandbox " + id));

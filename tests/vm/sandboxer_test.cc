@@ -39,7 +39,16 @@ class SandboxerTest : public AgentVmTest {
                           {"image_dir", ImageDir()},
                           {"accel", Accel() == "kvm" ? "kvm" : "tcg"},
                           {"log_level", "debug"}};
+    cfg_ = cfg;
     std::ofstream(dir_ + "/sandboxer.json") << cfg.dump(2);
+    StartSandboxer();
+  }
+
+  // Restarts the sandboxer with one config key changed.
+  void RestartWith(const std::string& key, const nlohmann::json& value) {
+    StopSandboxer(SIGTERM);
+    cfg_[key] = value;
+    std::ofstream(dir_ + "/sandboxer.json", std::ios::trunc) << cfg_.dump(2);
     StartSandboxer();
   }
 
@@ -150,6 +159,7 @@ class SandboxerTest : public AgentVmTest {
     return true;
   }
 
+  nlohmann::json cfg_;
   pid_t pid_ = -1;
   // Shared: a Wait in flight keeps its stub alive across a sandboxer restart.
   std::shared_ptr<sbv1::Controller::Stub> stub_;
@@ -309,6 +319,23 @@ TEST_F(SandboxerTest, UnknownSandboxesAreClearErrors) {
   EXPECT_EQ(Create("../bad").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(Stop("nosuch").ok());
   EXPECT_TRUE(Shutdown("nosuch").ok());
+
+  // A missing kernel image: Start says which file and which setting, and the pod stays as it
+  // was (created, not ready, no VM), ready for a Start once the file is there.
+  RestartWith("kernel", dir_ + "/no-such-vmlinux");
+  ASSERT_TRUE(Create("pod1").ok());
+  s = Start("pod1", &started);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.error_message().find("no-such-vmlinux"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("kernel"), std::string::npos) << s.error_message();
+  sbv1::ControllerStatusResponse st;
+  ASSERT_TRUE(Status("pod1", &st).ok());
+  EXPECT_EQ(st.state(), "SANDBOX_NOTREADY");
+  EXPECT_EQ(st.pid(), 0u);
+  EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1/scratch.img")) << "half-made pod left";
+  EXPECT_TRUE(Shutdown("pod1").ok());
+  EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1"));
+  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/pod1"));
 }
 
 // What is mounted at or below dir on the host.

@@ -1,0 +1,507 @@
+// The sandboxer's pod state machine (PodManager) over a fake VM backend whose "VMs" are the
+// real peapod-agent running as local processes: Create / Start / Stop / Wait / Shutdown, their
+// error answers, a VM that fails to start or dies, and a restarted sandboxer recovering its
+// pods. Needs root (the agent in local mode), so it is labelled root and skips without it.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "common/base/unique_fd.h"
+#include "common/ttrpc/client.h"
+#include "peapod/agent/v1/agent.pb.h"
+#include "sandboxer/pods.h"
+#include "tests/sandboxer/fake_backend.h"
+#include "tests/unit/loop_fixture.h"
+
+namespace peapod::sandboxer {
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = peapod::agent::v1;
+using namespace std::chrono_literals;
+using testing::FakeBackend;
+
+constexpr auto kReplyTimeout = 120s;
+
+#define ASSERT_OK(expr)                                                 \
+  do {                                                                  \
+    auto&& pp_r = (expr);                                               \
+    ASSERT_TRUE(pp_r.ok()) << #expr << ": " << pp_r.error().ToString(); \
+  } while (0)
+
+std::string Domain(const std::string& id) { return "peapod-" + id; }
+
+PodOptions InNetns(const std::string& netns) {
+  PodOptions o;
+  o.netns = netns;
+  return o;
+}
+
+class PodManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root (peapod-agent in local mode)";
+    if (::access("/usr/bin/crun", X_OK) != 0) GTEST_SKIP() << "crun is not installed";
+    if (::access(PEAPOD_AGENT_BINARY, X_OK) != 0) {
+      GTEST_SKIP() << PEAPOD_AGENT_BINARY << " is not built";
+    }
+    dir_ = (fs::temp_directory_path() / ("peapod-pmtest-" + std::to_string(::getpid()))).string();
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    cfg_.state_dir = dir_ + "/state";
+    cfg_.run_dir = dir_ + "/run";
+    cfg_.image_dir = dir_ + "/images";
+    cfg_.accel = "tcg";
+    cfg_.boot_timeout_seconds = 30;
+    backend_ = std::make_unique<FakeBackend>(PEAPOD_AGENT_BINARY, dir_ + "/vms");
+    lt_ = std::make_unique<peapod::testing::LoopThread>();
+    auto r = NewManager();
+    ASSERT_TRUE(r.ok()) << r.error().ToString();
+  }
+
+  void TearDown() override {
+    DropManager();
+    if (HasFailure() && backend_) {
+      for (const auto& e : fs::recursive_directory_iterator(dir_, ec_)) {
+        auto p = e.path().string();
+        if (p.ends_with(".log")) {
+          std::ifstream f(p);
+          std::printf("--- %s\n%s\n", p.c_str(),
+                      std::string(std::istreambuf_iterator<char>(f), {}).c_str());
+        }
+      }
+    }
+    backend_.reset();  // kills what is left
+    lt_.reset();
+    if (!dir_.empty()) fs::remove_all(dir_, ec_);
+  }
+
+  // A sandboxer (re)starting: a PodManager over the backend, recovered from the state dir.
+  Result<void> NewManager() {
+    lt_->Sync([&] { pm_ = std::make_unique<PodManager>(lt_->loop(), cfg_, backend_.get()); });
+    PodManager* pm = pm_.get();
+    backend_->SetOnStopped([pm](const std::string& name) { pm->VmStopped(name); });
+    return lt_->Sync([&] { return pm_->Recover(); });
+  }
+
+  // The sandboxer going away (as on SIGTERM): waiters answered, pods left running.
+  void DropManager() {
+    if (!pm_) return;
+    backend_->SetOnStopped(nullptr);
+    lt_->Sync([&] {
+      pm_->CancelWaiters();
+      pm_.reset();
+    });
+  }
+
+  // Runs op(reply) on the loop and waits for the reply.
+  template <typename T, typename Op>
+  Result<T> OnLoop(Op op) {
+    auto f = OnLoopAsync<T>(std::move(op));
+    if (f.wait_for(kReplyTimeout) != std::future_status::ready) {
+      return Error(Code::kDeadlineExceeded, "no reply from the PodManager");
+    }
+    return f.get();
+  }
+  template <typename T, typename Op>
+  std::future<Result<T>> OnLoopAsync(Op op) {
+    auto p = std::make_shared<std::promise<Result<T>>>();
+    auto f = p->get_future();
+    lt_->loop()->Post([op = std::move(op), p]() mutable {
+      op([p](Result<T> r) { p->set_value(std::move(r)); });
+    });
+    return f;
+  }
+
+  Result<void> Create(const std::string& id, PodOptions opts = {}) {
+    return OnLoop<void>([pm = pm_.get(), id, opts](auto done) { pm->Create(id, opts, done); });
+  }
+  Result<PodStatus> Start(const std::string& id) {
+    return OnLoop<PodStatus>([pm = pm_.get(), id](auto done) { pm->Start(id, done); });
+  }
+  Result<void> Stop(const std::string& id, uint32_t timeout = 5) {
+    return OnLoop<void>([pm = pm_.get(), id, timeout](auto done) { pm->Stop(id, timeout, done); });
+  }
+  Result<void> Shutdown(const std::string& id) {
+    return OnLoop<void>([pm = pm_.get(), id](auto done) { pm->Shutdown(id, done); });
+  }
+  std::future<Result<PodExit>> WaitAsync(const std::string& id) {
+    return OnLoopAsync<PodExit>([pm = pm_.get(), id](auto done) { pm->Wait(id, done); });
+  }
+  Result<PodStatus> Status(const std::string& id) {
+    return lt_->Sync([&] { return pm_->Status(id); });
+  }
+
+  // Asks the agent behind a pod's address (unix://...) for Check, as a shim would.
+  Result<void> CheckAgent(const std::string& address) {
+    if (address.rfind("unix://", 0) != 0) return Error::Invalid("address {}", address);
+    PP_ASSIGN_OR_RETURN(auto fd, ConnectUnix(address.substr(7)));
+    auto client = lt_->Sync([&] { return ttrpc::Client::Create(lt_->loop(), std::move(fd)); });
+    if (!client.ok()) return std::move(client).error();
+    ttrpc::CallOptions opts;
+    opts.timeout = 10s;
+    auto r = (*client)->CallSyncTyped<v1::CheckResponse>("peapod.agent.v1.Agent", "Check",
+                                                         v1::CheckRequest(), opts);
+    lt_->Sync([&] { client->reset(); });
+    if (!r.ok()) return std::move(r).error();
+    return Ok();
+  }
+
+  std::string AgentSocket(const std::string& id) {
+    return cfg_.run_dir + "/pods/" + id + "/agent.sock";
+  }
+  std::string RunDir(const std::string& id) { return cfg_.run_dir + "/pods/" + id; }
+  std::string RecordDir(const std::string& id) { return cfg_.state_dir + "/pods/" + id; }
+
+  // Create + Start, asserting both work.
+  void StartPod(const std::string& id, PodStatus* out = nullptr) {
+    ASSERT_OK(Create(id));
+    auto s = Start(id);
+    ASSERT_TRUE(s.ok()) << s.error().ToString();
+    ASSERT_TRUE(s->ready);
+    if (out) *out = *s;
+  }
+
+  std::string dir_;
+  std::error_code ec_;
+  Config cfg_;
+  std::unique_ptr<FakeBackend> backend_;
+  std::unique_ptr<peapod::testing::LoopThread> lt_;
+  std::unique_ptr<PodManager> pm_;
+};
+
+bool Alive(pid_t pid) { return ::kill(pid, 0) == 0; }
+
+template <typename T>
+Code CodeOf(const Result<T>& r) {
+  return r.ok() ? Code::kOk : r.error().code();
+}
+
+TEST_F(PodManagerTest, CreateThenStartMakesThePodReadyWithItsAgentReachable) {
+  ASSERT_OK(Create("pod1"));
+  auto created = Status("pod1");
+  ASSERT_TRUE(created.ok()) << created.error().ToString();
+  EXPECT_FALSE(created->ready);
+  EXPECT_EQ(created->phase, "created");
+  EXPECT_GT(created->created_at_ns, 0);
+  EXPECT_TRUE(fs::exists(RecordDir("pod1")));
+  EXPECT_TRUE(fs::exists(RunDir("pod1") + "/share/hosts"));
+
+  auto s = Start("pod1");
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  EXPECT_TRUE(s->ready);
+  EXPECT_EQ(s->phase, "running");
+  auto pid = backend_->PidOf(Domain("pod1"));
+  ASSERT_TRUE(pid.has_value());
+  EXPECT_EQ(s->pid, *pid);
+  EXPECT_EQ(s->address, "unix://" + AgentSocket("pod1"));
+  EXPECT_EQ(s->created_at_ns, created->created_at_ns);
+
+  auto st = Status("pod1");
+  ASSERT_TRUE(st.ok());
+  EXPECT_TRUE(st->ready);
+  EXPECT_EQ(st->pid, *pid);
+  EXPECT_EQ(st->address, s->address);
+  ASSERT_OK(CheckAgent(s->address));
+}
+
+TEST_F(PodManagerTest, StartIsIdempotent) {
+  PodStatus first;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &first));
+  auto again = Start("pod1");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_TRUE(again->ready);
+  EXPECT_EQ(again->pid, first.pid);
+  EXPECT_EQ(backend_->start_calls(), 1u);
+  EXPECT_EQ(backend_->List()->size(), 1u);
+  ASSERT_OK(CheckAgent(again->address));
+}
+
+TEST_F(PodManagerTest, CreatingTwiceIsAlreadyExistsAndLeavesTheFirstPodAlone) {
+  PodStatus first;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &first));
+  auto r = Create("pod1");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kAlreadyExists) << r.error().ToString();
+  // Also with options that would fail on their own.
+  r = Create("pod1", InNetns(dir_ + "/no-such-netns"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kAlreadyExists) << r.error().ToString();
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE(s->ready);
+  EXPECT_EQ(s->pid, first.pid);
+  EXPECT_TRUE(fs::exists(RecordDir("pod1")));
+  ASSERT_OK(CheckAgent(s->address));
+}
+
+TEST_F(PodManagerTest, AnInvalidIdIsInvalidArgument) {
+  for (std::string id : std::vector<std::string>{"", "../escape", "a/b", ".hidden", "-dash",
+                                                 std::string(129, 'a')}) {
+    auto r = Create(id);
+    ASSERT_FALSE(r.ok()) << "'" << id << "'";
+    EXPECT_EQ(r.error().code(), Code::kInvalidArgument) << r.error().ToString();
+  }
+  EXPECT_FALSE(fs::exists(cfg_.state_dir + "/escape"));
+  EXPECT_FALSE(fs::exists(cfg_.run_dir + "/escape"));
+  EXPECT_TRUE(fs::is_empty(cfg_.state_dir + "/pods"));
+}
+
+TEST_F(PodManagerTest, AMissingNetnsIsNotFoundAndLeavesNothing) {
+  auto r = Create("pod1", InNetns("/run/netns/peapod-test-does-not-exist"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kNotFound) << r.error().ToString();
+  EXPECT_EQ(CodeOf(Status("pod1")), Code::kNotFound);
+  EXPECT_FALSE(fs::exists(RecordDir("pod1")));
+  EXPECT_FALSE(fs::exists(RunDir("pod1")));
+  // The id is free for a good request.
+  ASSERT_OK(Create("pod1"));
+}
+
+TEST_F(PodManagerTest, UnknownIds) {
+  auto start = Start("nope");
+  ASSERT_FALSE(start.ok());
+  EXPECT_EQ(start.error().code(), Code::kNotFound);
+  auto status = Status("nope");
+  ASSERT_FALSE(status.ok());
+  EXPECT_EQ(status.error().code(), Code::kNotFound);
+  auto wait = WaitAsync("nope");
+  ASSERT_EQ(wait.wait_for(10s), std::future_status::ready);
+  auto w = wait.get();
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.error().code(), Code::kNotFound);
+  // containerd retries these after a crash: they must succeed.
+  ASSERT_OK(Stop("nope"));
+  ASSERT_OK(Shutdown("nope"));
+}
+
+TEST_F(PodManagerTest, AFailedVmStartLeavesThePodCreatedAndALaterStartWorks) {
+  ASSERT_OK(Create("pod1"));
+  backend_->FailNextStart(Error(Code::kResourceExhausted, "injected: no memory for the VM"));
+  auto r = Start("pod1");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kResourceExhausted) << r.error().ToString();
+  EXPECT_NE(r.error().ToString().find("injected"), std::string::npos) << r.error().ToString();
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->ready);
+  EXPECT_EQ(s->phase, "created");
+  EXPECT_EQ(s->pid, 0);
+  EXPECT_TRUE(backend_->List()->empty());
+  EXPECT_FALSE(fs::exists(AgentSocket("pod1")));
+
+  auto again = Start("pod1");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_TRUE(again->ready);
+  ASSERT_OK(CheckAgent(again->address));
+}
+
+TEST_F(PodManagerTest, AVmDyingWhileBootingFailsStartAndALaterStartWorks) {
+  ASSERT_OK(Create("pod1"));
+  backend_->KillAfterNextStart();
+  auto r = Start("pod1");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().ToString().find("start sandbox pod1"), std::string::npos)
+      << r.error().ToString();
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->ready);
+  EXPECT_EQ(s->phase, "created");
+  EXPECT_TRUE(backend_->List()->empty());
+
+  auto again = Start("pod1");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_TRUE(again->ready);
+  ASSERT_OK(CheckAgent(again->address));
+}
+
+TEST_F(PodManagerTest, AKilledVmMakesThePodNotReadyAndEndsWaitWith255) {
+  PodStatus st;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &st));
+  auto wait = WaitAsync("pod1");
+  ASSERT_EQ(wait.wait_for(200ms), std::future_status::timeout) << "Wait returned while running";
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(backend_->Kill(Domain("pod1")));
+  ASSERT_EQ(wait.wait_for(10s), std::future_status::ready);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  auto exit = wait.get();
+  ASSERT_TRUE(exit.ok()) << exit.error().ToString();
+  EXPECT_EQ(exit->exit_status, 255u);
+  EXPECT_GT(exit->exited_at_ns, 0);
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->ready);
+  EXPECT_EQ(s->phase, "stopped");
+  EXPECT_EQ(s->exited_at_ns, exit->exited_at_ns);
+  EXPECT_FALSE(fs::exists(AgentSocket("pod1")));
+  // A stopped pod does not start again; it can be stopped (nothing to do) and shut down.
+  auto restart = Start("pod1");
+  ASSERT_FALSE(restart.ok());
+  EXPECT_EQ(restart.error().code(), Code::kFailedPrecondition);
+  ASSERT_OK(Stop("pod1"));
+  ASSERT_OK(Shutdown("pod1"));
+  EXPECT_FALSE(fs::exists(RecordDir("pod1")));
+}
+
+TEST_F(PodManagerTest, StopEndsWaitWithStatusZero) {
+  PodStatus st;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &st));
+  auto wait = WaitAsync("pod1");
+  ASSERT_OK(Stop("pod1"));
+  ASSERT_EQ(wait.wait_for(10s), std::future_status::ready);
+  auto exit = wait.get();
+  ASSERT_TRUE(exit.ok()) << exit.error().ToString();
+  EXPECT_EQ(exit->exit_status, 0u);
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE(s->ready);
+  EXPECT_EQ(s->phase, "stopped");
+  EXPECT_TRUE(backend_->List()->empty());
+  EXPECT_FALSE(Alive(st.pid));
+  ASSERT_OK(Stop("pod1"));
+  // Wait after the fact answers at once, with the same status.
+  auto late = WaitAsync("pod1");
+  ASSERT_EQ(late.wait_for(10s), std::future_status::ready);
+  auto l = late.get();
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->exit_status, 0u);
+  EXPECT_EQ(l->exited_at_ns, exit->exited_at_ns);
+}
+
+TEST_F(PodManagerTest, ShutdownRemovesTheRecordAndRunDir) {
+  PodStatus st;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &st));
+  auto wait = WaitAsync("pod1");
+  ASSERT_OK(Shutdown("pod1"));
+  ASSERT_EQ(wait.wait_for(10s), std::future_status::ready);
+  EXPECT_TRUE(wait.get().ok());
+  EXPECT_FALSE(fs::exists(RecordDir("pod1")));
+  EXPECT_FALSE(fs::exists(RunDir("pod1")));
+  EXPECT_TRUE(backend_->List()->empty());
+  EXPECT_EQ(CodeOf(Status("pod1")), Code::kNotFound);
+  ASSERT_OK(Shutdown("pod1"));
+  // A pod that never started shuts down too.
+  ASSERT_OK(Create("pod2"));
+  ASSERT_OK(Shutdown("pod2"));
+  EXPECT_FALSE(fs::exists(RecordDir("pod2")));
+  EXPECT_FALSE(fs::exists(RunDir("pod2")));
+  EXPECT_EQ(backend_->start_calls(), 1u);
+}
+
+TEST_F(PodManagerTest, ARestartedSandboxerReadoptsRunningPods) {
+  PodStatus st;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &st));
+  auto wait = WaitAsync("pod1");
+  DropManager();
+  ASSERT_EQ(wait.wait_for(10s), std::future_status::ready);
+  auto w = wait.get();
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.error().code(), Code::kUnavailable) << w.error().ToString();
+  ASSERT_TRUE(Alive(st.pid));
+
+  ASSERT_OK(NewManager());
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  EXPECT_TRUE(s->ready);
+  EXPECT_EQ(s->pid, st.pid);
+  EXPECT_EQ(s->address, st.address);
+  EXPECT_EQ(s->created_at_ns, st.created_at_ns);
+  ASSERT_OK(CheckAgent(s->address));
+  EXPECT_EQ(backend_->start_calls(), 1u);
+
+  // And it still follows the pod: a crash now ends a new Wait.
+  auto wait2 = WaitAsync("pod1");
+  ASSERT_TRUE(backend_->Kill(Domain("pod1")));
+  ASSERT_EQ(wait2.wait_for(10s), std::future_status::ready);
+  auto w2 = wait2.get();
+  ASSERT_TRUE(w2.ok()) << w2.error().ToString();
+  EXPECT_EQ(w2->exit_status, 255u);
+}
+
+TEST_F(PodManagerTest, APodWhoseVmDiedWhileAwayComesBackStopped) {
+  PodStatus st;
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &st));
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod2"));
+  DropManager();
+  ASSERT_TRUE(backend_->Kill(Domain("pod1")));
+
+  ASSERT_OK(NewManager());
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  EXPECT_FALSE(s->ready);
+  EXPECT_EQ(s->phase, "stopped");
+  EXPECT_GT(s->exited_at_ns, 0);
+  auto wait = WaitAsync("pod1");
+  ASSERT_EQ(wait.wait_for(10s), std::future_status::ready);
+  auto w = wait.get();
+  ASSERT_TRUE(w.ok()) << w.error().ToString();
+  EXPECT_EQ(w->exit_status, 255u);
+  // The other pod was not disturbed.
+  auto s2 = Status("pod2");
+  ASSERT_TRUE(s2.ok());
+  EXPECT_TRUE(s2->ready);
+  ASSERT_OK(CheckAgent(s2->address));
+  ASSERT_OK(Shutdown("pod1"));
+  EXPECT_FALSE(fs::exists(RecordDir("pod1")));
+  EXPECT_FALSE(fs::exists(RunDir("pod1")));
+}
+
+TEST_F(PodManagerTest, APodLeftStartingByARestartComesBackCreated) {
+  ASSERT_OK(Create("pod1"));
+  // The sandboxer goes away right after accepting Start: the record says "starting" and the
+  // VM boots anyway (the worker finishes its job), but nobody sees it answer.
+  lt_->Sync([&] {
+    pm_->Start("pod1", [](Result<PodStatus>) {});
+    pm_->CancelWaiters();
+    backend_->SetOnStopped(nullptr);
+    pm_.reset();
+  });
+  EXPECT_EQ(backend_->start_calls(), 1u);
+
+  ASSERT_OK(NewManager());
+  EXPECT_TRUE(backend_->List()->empty()) << "the half-started VM was not destroyed";
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  EXPECT_FALSE(s->ready);
+  EXPECT_EQ(s->phase, "created");
+  auto again = Start("pod1");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_TRUE(again->ready);
+  ASSERT_OK(CheckAgent(again->address));
+}
+
+TEST_F(PodManagerTest, RecoverDestroysVmsWithoutARecord) {
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1"));
+  DropManager();
+  VmSpec orphan;
+  orphan.name = "peapod-orphan";
+  orphan.agent_socket = dir_ + "/orphan.sock";
+  auto vm = backend_->Start(orphan);
+  ASSERT_TRUE(vm.ok()) << vm.error().ToString();
+  ASSERT_TRUE(Alive(vm->pid));
+  // And a run dir with no record (a crash between removing the record and the dir).
+  fs::create_directories(RunDir("gone") + "/share");
+
+  ASSERT_OK(NewManager());
+  EXPECT_FALSE(backend_->PidOf("peapod-orphan").has_value());
+  EXPECT_FALSE(Alive(vm->pid));
+  auto list = backend_->List();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name, Domain("pod1"));
+  EXPECT_FALSE(fs::exists(RunDir("gone")));
+  auto s = Status("pod1");
+  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE(s->ready);
+}
+
+}  // namespace
+}  // namespace peapod::sandboxer
