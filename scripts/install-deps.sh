@@ -23,6 +23,8 @@ pkgs=(
   # VM and guest tooling (issues 5 and 6 use them; cheap to have from day one)
   qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu erofs-utils crun
   cpio xz-utils zstd busybox-static iproute2 iputils-ping kmod
+  # containerd 1.6 (classic CRI and plain ctr paths) and runc (the baseline runtime)
+  containerd runc
 )
 
 missing=()
