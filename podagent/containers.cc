@@ -238,6 +238,10 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
   PP_TRY(spec.Edit([&](oci::Json& d) {
     // Host-side things that mean nothing (or harm) in the guest.
     d.erase("hooks");
+    // containerd 2.x writes the spec version it was built with (1.3.0); the guest's crun (1.8)
+    // accepts only 1.0.x and refuses anything newer outright, while it reads the fields it
+    // knows of a newer spec just as well.
+    d["ociVersion"] = "1.0.2";
     if (d.contains("process")) {
       d["process"].erase("apparmorProfile");
       d["process"].erase("selinuxLabel");

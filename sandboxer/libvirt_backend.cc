@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <spdlog/spdlog.h>
 
@@ -55,6 +56,38 @@ Result<void> WriteQemuConf(const std::string& root) {
 }
 
 void EventTimer(int, void*) {}
+
+// Zombie children that are nobody's to wait for: QEMUs libvirt starts to probe capabilities are
+// daemonized, so as child subreaper we inherit them, and nobody waits for them when libvirt
+// kills them. libvirt waits for its own direct children at once; a zombie child still there a
+// sweep later (10 s) is an orphan we adopted, and is reaped by pid (never waitpid(-1)).
+void ReapOrphans(int, void* opaque) {
+  auto* seen = static_cast<std::set<pid_t>*>(opaque);
+  std::set<pid_t> now;
+  const std::string me = std::to_string(::getpid());
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream f(e.path() / "stat");
+    std::string line;
+    if (!std::getline(f, line)) continue;
+    auto close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    std::string state, ppid;
+    rest >> state >> ppid;
+    if (state == "Z" && ppid == me) now.insert(static_cast<pid_t>(std::stol(name)));
+  }
+  for (pid_t pid : now) {
+    if (!seen->count(pid)) continue;
+    siginfo_t info{};
+    if (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG) == 0) {
+      spdlog::debug("libvirt: reaped orphaned child {}", pid);
+    }
+  }
+  *seen = std::move(now);
+}
 
 int OnLifecycle(virConnectPtr, virDomainPtr dom, int event, int, void* opaque) {
   if (event == VIR_DOMAIN_EVENT_STOPPED) {
@@ -116,6 +149,9 @@ Result<std::unique_ptr<LibvirtBackend>> LibvirtBackend::Open(const LibvirtOption
   }
   // Wakes the loop regularly so the thread notices quit_.
   b->wake_timer_ = virEventAddTimeout(200, EventTimer, nullptr, nullptr);
+  if (!b->embed_root_.empty()) {
+    b->orphan_timer_ = virEventAddTimeout(10000, ReapOrphans, &b->orphans_seen_, nullptr);
+  }
   b->event_thread_ = std::thread([raw = b.get()] {
     while (!raw->quit_) virEventRunDefaultImpl();
   });
@@ -134,6 +170,7 @@ LibvirtBackend::~LibvirtBackend() {
   quit_ = true;
   if (event_thread_.joinable()) event_thread_.join();
   if (wake_timer_ >= 0) virEventRemoveTimeout(wake_timer_);
+  if (orphan_timer_ >= 0) virEventRemoveTimeout(orphan_timer_);
   if (conn_) virConnectClose(conn_);
 }
 

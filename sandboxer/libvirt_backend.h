@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -55,6 +56,8 @@ class LibvirtBackend : public VmBackend {
   std::thread event_thread_;
   std::atomic<bool> quit_{false};
   int wake_timer_ = -1;
+  int orphan_timer_ = -1;
+  std::set<pid_t> orphans_seen_;  // zombie children at the last sweep (libvirt thread)
   std::mutex mu_;
   std::function<void(const std::string&)> on_stopped_;  // guarded by mu_
 };

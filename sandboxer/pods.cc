@@ -574,7 +574,8 @@ PodStatus PodManager::StatusOf(const Pod& pod) const {
   s.pid = pod.rec.pid;
   s.created_at_ns = pod.rec.created_at_ns;
   s.exited_at_ns = pod.rec.exited_at_ns;
-  s.address = "unix://" + AgentSocket(pod.rec.id);
+  // containerd 2.x wants <protocol>+<transport>://: the agent mux speaks ttrpc.
+  s.address = "ttrpc+unix://" + AgentSocket(pod.rec.id);
   s.phase = PhaseName(pod.rec.phase);
   return s;
 }

@@ -63,7 +63,7 @@ struct PodStatus {
   int pid = 0;
   int64_t created_at_ns = 0;
   int64_t exited_at_ns = 0;
-  std::string address;  // the pod's agent socket, unix://...
+  std::string address;  // the pod's agent socket, ttrpc+unix://... (containerd 2.x's form)
   std::string phase;
 };
 

@@ -17,7 +17,8 @@ constexpr char kService[] = "peapod.sandboxer.v1.Sandboxer";
 pb::PodInfo InfoOf(const PodStatus& s) {
   pb::PodInfo info;
   info.set_pod_id(s.id);
-  info.set_agent_address(s.address.rfind("unix://", 0) == 0 ? s.address.substr(7) : s.address);
+  auto scheme = s.address.find("://");
+  info.set_agent_address(scheme == std::string::npos ? s.address : s.address.substr(scheme + 3));
   info.set_pid(static_cast<uint32_t>(s.pid));
   info.set_ready(s.ready);
   return info;

@@ -141,10 +141,11 @@ class PodManagerTest : public ::testing::Test {
     return lt_->Sync([&] { return pm_->Status(id); });
   }
 
-  // Asks the agent behind a pod's address (unix://...) for Check, as a shim would.
+  // Asks the agent behind a pod's address (ttrpc+unix://...) for Check, as a shim would.
   Result<void> CheckAgent(const std::string& address) {
-    if (address.rfind("unix://", 0) != 0) return Error::Invalid("address {}", address);
-    PP_ASSIGN_OR_RETURN(auto fd, ConnectUnix(address.substr(7)));
+    constexpr std::string_view kScheme = "ttrpc+unix://";
+    if (address.rfind(kScheme, 0) != 0) return Error::Invalid("address {}", address);
+    PP_ASSIGN_OR_RETURN(auto fd, ConnectUnix(address.substr(kScheme.size())));
     auto client = lt_->Sync([&] { return ttrpc::Client::Create(lt_->loop(), std::move(fd)); });
     if (!client.ok()) return std::move(client).error();
     ttrpc::CallOptions opts;
@@ -203,7 +204,7 @@ TEST_F(PodManagerTest, CreateThenStartMakesThePodReadyWithItsAgentReachable) {
   auto pid = backend_->PidOf(Domain("pod1"));
   ASSERT_TRUE(pid.has_value());
   EXPECT_EQ(s->pid, *pid);
-  EXPECT_EQ(s->address, "unix://" + AgentSocket("pod1"));
+  EXPECT_EQ(s->address, "ttrpc+unix://" + AgentSocket("pod1"));
   EXPECT_EQ(s->created_at_ns, created->created_at_ns);
 
   auto st = Status("pod1");
