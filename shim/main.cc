@@ -120,6 +120,10 @@ int Start(const Args& a, char** argv) {
     return 1;
   }
   ::chmod(path.c_str(), 0600);
+  // Exec the binary by its path (not /proc/self/exe) so the server's process name is ours.
+  std::error_code lec;
+  std::string self = fs::read_symlink("/proc/self/exe", lec).string();
+  if (self.empty()) self = "/proc/self/exe";
   pid_t pid = ::fork();
   if (pid < 0) {
     std::perror("fork");
@@ -137,15 +141,14 @@ int Start(const Args& a, char** argv) {
     ::dup2(null, 0);
     ::dup2(null, 1);
     ::dup2(null, 2);
-    std::vector<std::string> args = {
-        "/proc/self/exe", "-namespace",       opts.ns,   "-id",      opts.id,
-        "-address",       Flag(a, "address"), "-bundle", opts.bundle};
+    std::vector<std::string> args = {self,       "-namespace",       opts.ns,   "-id",      opts.id,
+                                     "-address", Flag(a, "address"), "-bundle", opts.bundle};
     if (a.debug) args.push_back("-debug");
     args.push_back("serve");
     std::vector<char*> cargs;
     for (auto& s : args) cargs.push_back(s.data());
     cargs.push_back(nullptr);
-    ::execv("/proc/self/exe", cargs.data());
+    ::execv(self.c_str(), cargs.data());
     ::_exit(127);
   }
   (void)argv;
