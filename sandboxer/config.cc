@@ -83,6 +83,14 @@ Result<Config> Config::Load(const std::string& path, bool required) {
     return Error::Invalid("{}: need vcpus >= 1, max_vcpus >= vcpus and memory_mib >= 128", path);
   }
   if (c.scratch_size_mib < 64) return Error::Invalid("{}: need scratch_size_mib >= 64", path);
+  // Unix socket paths hold 107 bytes: <run_dir>/pods/<64-character CRI id>/vm-agent.sock.
+  constexpr size_t kMaxRunDir = 107 - (6 + 64 + 14);
+  if (c.run_dir.size() > kMaxRunDir) {
+    return Error::Invalid(
+        "{}: run_dir \"{}\" is too long ({} characters, at most {}): pod sockets under it would "
+        "not fit a unix socket path for 64-character pod ids",
+        path, c.run_dir, c.run_dir.size(), kMaxRunDir);
+  }
   if (c.libvirt_root.empty()) c.libvirt_root = c.state_dir + "/libvirt";
   if (c.kernel.empty()) c.kernel = c.image_dir + "/vmlinux";
   if (c.initrd.empty()) c.initrd = c.image_dir + "/initrd.img";

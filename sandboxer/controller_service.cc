@@ -44,12 +44,12 @@ void FillStatus(const PodStatus& s, sbv1::ControllerStatusResponse* resp) {
 Result<void> PodOptionsFromCri(const google::protobuf::Any& options, PodOptions* opts) {
   // containerd's CRI passes the pod's PodSandboxConfig; anything else (ctr, other clients) has
   // nothing for us.
-  constexpr std::string_view kType = "/runtime.v1.PodSandboxConfig";
-  const std::string& type = options.type_url();
-  if (type.size() < kType.size() ||
-      type.compare(type.size() - kType.size(), kType.size(), kType) != 0) {
-    return Ok();
-  }
+  // containerd's typeurl names it "runtime.v1.PodSandboxConfig"; a type.googleapis.com/
+  // prefix is accepted too.
+  constexpr std::string_view kType = "runtime.v1.PodSandboxConfig";
+  std::string_view type = options.type_url();
+  if (auto slash = type.rfind('/'); slash != std::string_view::npos) type.remove_prefix(slash + 1);
+  if (type != kType) return Ok();
   peapod::cri::v1::PodSandboxConfig cfg;
   if (!cfg.ParseFromString(options.value())) {
     return Error::Invalid("sandbox options: not a valid runtime.v1.PodSandboxConfig");

@@ -822,8 +822,13 @@ void TaskService::Register(ttrpc::Server& server) {
                                       if (!req.now() && d->procs.count("") && !d->deleted)
                                         return reply(Empty());
                                       reply(Empty());
-                                      d->events->Flush();
-                                      if (on_shutdown_) d->loop->AddTimer(50ms, on_shutdown_);
+                                      // Send what is queued first; the sends need the loop, so wait
+                                      // off it.
+                                      std::lock_guard<std::mutex> l(d->threads_mu);
+                                      d->threads.emplace_back([this, d] {
+                                        d->events->Flush();
+                                        if (on_shutdown_) d->loop->Post(on_shutdown_);
+                                      });
                                     });
 }
 

@@ -265,6 +265,10 @@ TEST(ConfigTest, ReadsKeysAndRefusesUnknownOnes) {
   EXPECT_NE(bad.error().message().find("memroy_mib"), std::string::npos);
   std::ofstream(path) << R"({"vcpus": "two"})";
   EXPECT_NE(Config::Load(path, true).error().message().find("vcpus"), std::string::npos);
+  std::ofstream(path) << R"({"run_dir": "/a/very/long/run/directory/for/peapod"})";
+  auto long_dir = Config::Load(path, true);
+  ASSERT_FALSE(long_dir.ok());
+  EXPECT_NE(long_dir.error().message().find("too long"), std::string::npos);
   EXPECT_TRUE(Config::Load(t.path() + "/missing.json", false).ok());
   EXPECT_FALSE(Config::Load(t.path() + "/missing.json", true).ok());
 }
@@ -292,6 +296,11 @@ TEST(PodOptionsFromCriTest, ReadsHostnameDnsSysctlsAndLimits) {
   EXPECT_DOUBLE_EQ(opts.cpus, 1.5);
   EXPECT_EQ(opts.memory_limit_bytes, 256ll << 20);
   EXPECT_EQ(opts.memory_overhead_bytes, 100ll << 20);
+
+  PodOptions bare;  // as containerd's typeurl writes it: no URL prefix
+  any.set_type_url("runtime.v1.PodSandboxConfig");
+  ASSERT_TRUE(PodOptionsFromCri(any, &bare).ok());
+  EXPECT_EQ(bare.hostname, "web-0");
 
   PodOptions untouched;
   google::protobuf::Any other;

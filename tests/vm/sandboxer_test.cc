@@ -14,6 +14,7 @@
 #include "containerd/services/sandbox/v1/sandbox.grpc.pb.h"
 #include "k8s/cri/v1/pod_sandbox_config.pb.h"
 #include "peapod/sandboxer/v1/sandboxer.pb.h"
+#include "sandboxer/storage.h"
 #include "tests/common/agent_client.h"
 #include "tests/vm/vm_fixture.h"
 
@@ -30,11 +31,13 @@ class SandboxerTest : public AgentVmTest {
     if (IsSkipped()) return;
     if (::geteuid() != 0) GTEST_SKIP() << "the sandboxer needs root (libvirt, mounts)";
     const char* root = std::getenv("PEAPOD_TEST_LIBVIRT_ROOT");
+    // Short: pod sockets under it must fit a unix socket path.
+    run_dir_ = "/run/ppt-" + std::to_string(::getpid());
     nlohmann::json cfg = {{"listen", dir_ + "/sandboxer.sock"},
                           {"shim_listen", dir_ + "/shim.sock"},
                           {"layer_cache_keep_seconds", 0},  // images go with their last user
                           {"state_dir", dir_ + "/state"},
-                          {"run_dir", dir_ + "/run"},
+                          {"run_dir", run_dir_},
                           {"libvirt_root", root && *root ? root : "/var/lib/peapod/test-libvirt"},
                           {"image_dir", ImageDir()},
                           {"accel", Accel() == "kvm" ? "kvm" : "tcg"},
@@ -64,6 +67,7 @@ class SandboxerTest : public AgentVmTest {
     }
     StopSandboxer(SIGTERM);
     if (HasFailure()) std::printf("sandboxer log:\n%s\n", Log().c_str());
+    if (!run_dir_.empty()) (void)sandboxer::RemoveTreeSafely(run_dir_);
     AgentVmTest::TearDown();
   }
 
@@ -152,7 +156,7 @@ class SandboxerTest : public AgentVmTest {
   bool AgentAnswers(const std::string& id, std::string* boot_id) {
     peapod::testing::LoopThread lt;
     v1::CheckResponse check;
-    auto c = ConnectAndCheck(lt, dir_ + "/run/pods/" + id + "/agent.sock", &check, 30s);
+    auto c = ConnectAndCheck(lt, run_dir_ + "/pods/" + id + "/agent.sock", &check, 30s);
     if (!c) return false;
     *boot_id = check.boot_id();
     lt.Sync([&] { c.reset(); });
@@ -160,6 +164,7 @@ class SandboxerTest : public AgentVmTest {
   }
 
   nlohmann::json cfg_;
+  std::string run_dir_;
   pid_t pid_ = -1;
   // Shared: a Wait in flight keeps its stub alive across a sandboxer restart.
   std::shared_ptr<sbv1::Controller::Stub> stub_;
@@ -174,7 +179,7 @@ TEST_F(SandboxerTest, PodLifecycleSurvivesASandboxerCrashAndLeavesNothing) {
   EXPECT_NE(bad_netns.error_message().find("does-not-exist"), std::string::npos);
   sbv1::ControllerStatusResponse st;
   EXPECT_EQ(Status("podx", &st).error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/podx"));
+  EXPECT_FALSE(fs::exists(run_dir_ + "/pods/podx"));
 
   auto t0 = std::chrono::steady_clock::now();
   sbv1::ControllerStartResponse started;
@@ -225,7 +230,7 @@ TEST_F(SandboxerTest, PodLifecycleSurvivesASandboxerCrashAndLeavesNothing) {
   EXPECT_TRUE(Shutdown("pod1").ok());
   EXPECT_TRUE(Shutdown("pod1").ok());
   EXPECT_EQ(Status("pod1", &st).error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/pod1"));
+  EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod1"));
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1"));
   EXPECT_NE(::kill(static_cast<pid_t>(started.pid()), 0), 0) << "QEMU still running";
 }
@@ -335,7 +340,7 @@ TEST_F(SandboxerTest, UnknownSandboxesAreClearErrors) {
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1/scratch.img")) << "half-made pod left";
   EXPECT_TRUE(Shutdown("pod1").ok());
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1"));
-  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/pod1"));
+  EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod1"));
 }
 
 // What is mounted at or below dir on the host.
@@ -391,7 +396,7 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
   options.set_type_url("type.googleapis.com/runtime.v1.PodSandboxConfig");
   options.set_value(cri.SerializeAsString());
   ASSERT_TRUE(Create("pod4", "", &options).ok());
-  std::ifstream resolv(dir_ + "/run/pods/pod4/share/resolv.conf");
+  std::ifstream resolv(run_dir_ + "/pods/pod4/share/resolv.conf");
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(resolv), {}), "nameserver 10.96.0.10\n");
   sbv1::ControllerStartResponse started;
   auto s = Start("pod4", &started);
@@ -445,7 +450,7 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
 
   // Containers, through the pod's agent socket as the shim will run them.
   v1::CheckResponse check;
-  auto agent_conn = ConnectAndCheck(lt, dir_ + "/run/pods/pod4/agent.sock", &check, 30s);
+  auto agent_conn = ConnectAndCheck(lt, run_dir_ + "/pods/pod4/agent.sock", &check, 30s);
   ASSERT_TRUE(agent_conn);
   agenttest::AgentClient agent(agent_conn, {});
   auto run = [&](const std::string& id, const Result<pb::AttachRootfsResponse>& rootfs,
@@ -516,7 +521,7 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
     auto r = call.operator()<google::protobuf::Empty>("ReleaseContainer", rel);
     EXPECT_TRUE(r.ok()) << r.error().ToString();
   }
-  EXPECT_TRUE(MountsUnder(dir_ + "/run").empty());
+  EXPECT_TRUE(MountsUnder(run_dir_).empty());
   auto record = nlohmann::json::parse(std::ifstream(dir_ + "/state/pods/pod4/pod.json"));
   EXPECT_TRUE(record["disks"].empty()) << record.dump();
   EXPECT_TRUE(std::ifstream(volume + "/f").good()) << "releasing must not delete volume data";
@@ -557,9 +562,10 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
   ASSERT_EQ(wait.wait_for(30s), std::future_status::ready);
   ASSERT_TRUE(Shutdown("pod4").ok());
   EXPECT_TRUE(MountsUnder(dir_).empty()) << "mounts left: " << MountsUnder(dir_).size();
+  EXPECT_TRUE(MountsUnder(run_dir_).empty()) << "mounts left: " << MountsUnder(run_dir_).size();
   EXPECT_TRUE(fs::is_empty(dir_ + "/state/layers")) << "layer images left";
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod4"));
-  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/pod4"));
+  EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod4"));
   EXPECT_TRUE(std::ifstream(volume + "/f").good()) << "shutdown must not delete volume data";
   EXPECT_NE(::kill(static_cast<pid_t>(started.pid()), 0), 0) << "QEMU still running";
 }

@@ -1,0 +1,373 @@
+// The three ways into peapod, each against the real containerd it names (label cri):
+//   A: containerd 2.x (built from the Go module proxy) through the sandbox API, driven by crictl;
+//   B: Debian's containerd 1.6 through the classic CRI (the pause container's shim makes the pod);
+//   C: Debian's containerd 1.6 with plain `ctr run`.
+// Each starts its own peapod-sandboxer and containerd under a temporary root, with images built
+// here from busybox-static (no registry) and CNI from Debian's containernetworking-plugins, and
+// checks that nothing is left afterwards.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/base/unique_fd.h"
+
+namespace peapod::critest {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+struct Out {
+  int rc = -1;
+  std::string text;
+};
+
+// Runs a shell command line; stdout and stderr together.
+Out Sh(const std::string& cmd) {
+  Out o;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return o;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) o.text.append(buf.data(), n);
+  int st = ::pclose(p);
+  o.rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return o;
+}
+
+std::string Trim(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+  while (!s.empty() && (s.front() == '\n' || s.front() == '\r')) s.erase(0, 1);
+  return s;
+}
+
+// The last line that is not one of crictl's warnings.
+std::string LastLine(const std::string& text) {
+  std::istringstream in(text);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.find("level=warning") == std::string::npos) last = line;
+  }
+  return Trim(last);
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log,
+            const std::vector<std::string>& env) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    ::setpgid(0, 0);
+    int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    for (const auto& e : env) ::putenv(const_cast<char*>(e.c_str()));
+    std::vector<char*> a;
+    for (const auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    ::execv(a[0], a.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+void Stop(pid_t& pid) {
+  if (pid <= 0) return;
+  ::kill(pid, SIGTERM);
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+      pid = -1;
+      return;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  pid = -1;
+}
+
+class CriPathsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root (containerd, libvirt, mounts)";
+    for (const char* tool : {"/usr/bin/containerd", "/usr/bin/ctr", "/usr/lib/cni/bridge",
+                             "/usr/bin/mkfs.erofs", "/bin/busybox"}) {
+      if (::access(tool, X_OK) != 0) {
+        GTEST_SKIP() << tool << " is missing (scripts/install-deps.sh installs it)";
+      }
+    }
+    if (::access(PEAPOD_VM_IMAGE_DIR "/vmlinux", R_OK) != 0) {
+      GTEST_SKIP() << "no guest image in " PEAPOD_VM_IMAGE_DIR;
+    }
+    // Short: the sandboxer's run dir must leave room for sockets named by 64-character ids.
+    char tmpl[] = "/tmp/ppc-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    ASSERT_EQ(
+        Sh(std::string(PEAPOD_SOURCE_DIR) + "/tests/cri/make-images.sh " + dir_ + "/images").rc, 0);
+    const char* root = std::getenv("PEAPOD_TEST_LIBVIRT_ROOT");
+    std::ofstream(dir_ + "/sandboxer.json")
+        << "{\"listen\": \"" << dir_ << "/sandboxer.sock\", "
+        << "\"shim_listen\": \"" << dir_ << "/shim.sock\", \"state_dir\": \"" << dir_
+        << "/state\", "
+        << "\"run_dir\": \"" << dir_ << "/run\", \"libvirt_root\": \""
+        << (root && *root ? root : "/var/lib/peapod/test-libvirt") << "\", \"image_dir\": \""
+        << PEAPOD_VM_IMAGE_DIR << "\", \"accel\": \"tcg\", \"layer_cache_keep_seconds\": 0}";
+    sandboxer_ = Spawn({PEAPOD_SANDBOXER_BINARY, "--config", dir_ + "/sandboxer.json"},
+                       dir_ + "/sandboxer.log", {});
+    auto end = std::chrono::steady_clock::now() + 150s;
+    while (!ConnectUnix(dir_ + "/shim.sock").ok() && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(100ms);
+    }
+    ASSERT_TRUE(ConnectUnix(dir_ + "/shim.sock").ok()) << "sandboxer did not start:\n"
+                                                       << ReadAll(dir_ + "/sandboxer.log");
+    fs::create_directories(dir_ + "/net.d");
+    std::ofstream(dir_ + "/net.d/10-peapod-test.conflist")
+        << R"({"cniVersion": "1.0.0", "name": "peapod-test", "plugins": [
+             {"type": "bridge", "bridge": "ppcri0", "isGateway": true,
+              "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.97.0.0/24"}]],
+                       "routes": [{"dst": "0.0.0.0/0"}], "dataDir": ")"
+        << dir_ << R"(/ipam"}}]})";
+  }
+
+  void TearDown() override {
+    if (dir_.empty()) return;
+    if (HasFailure()) {
+      std::printf("--- sandboxer log (tail) ---\n%s\n--- containerd log (tail) ---\n%s\n",
+                  Sh("tail -40 " + dir_ + "/sandboxer.log").text.c_str(),
+                  Sh("grep -v level=debug " + dir_ + "/containerd.log | tail -40").text.c_str());
+    }
+    Stop(containerd_);
+    Stop(sandboxer_);
+    // Whatever a failed test left: shims and QEMUs name our directory on their command line.
+    Sh("pkill -9 -f " + dir_);
+    std::this_thread::sleep_for(300ms);
+    Sh("grep -o ' " + dir_ + "[^ ]*' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l");
+    Sh("ip link del ppcri0 2>/dev/null");
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  // Starts containerd (Debian's 1.6, or the 2.x build) with the CRI plugin and the peapod
+  // runtime, and imports the test images.
+  void StartContainerd(bool v2) {
+    std::string bin = "/usr/bin";
+    if (v2) {
+      auto p = Sh(std::string(PEAPOD_SOURCE_DIR) + "/scripts/go-tools.sh --print-path containerd");
+      bin = Trim(p.text);
+      if (p.rc != 0 || ::access((bin + "/containerd").c_str(), X_OK) != 0) {
+        GTEST_SKIP() << "containerd 2.x is not built (scripts/go-tools.sh containerd): " << p.text;
+      }
+    }
+    ctr_ = bin + "/ctr --address " + dir_ + "/containerd.sock";
+    std::ofstream cfg(dir_ + "/containerd.toml");
+    cfg << (v2 ? "version = 3\n" : "version = 2\n") << "root = \"" << dir_ << "/ctd-root\"\n"
+        << "state = \"" << dir_ << "/ctd-state\"\n[grpc]\n  address = \"" << dir_
+        << "/containerd.sock\"\n[ttrpc]\n  address = \"" << dir_ << "/containerd.sock.ttrpc\"\n"
+        << "[debug]\n  level = \"debug\"\n";
+    if (v2) {
+      cfg << "[proxy_plugins.peapod]\n  type = \"sandbox\"\n  address = \"" << dir_
+          << "/sandboxer.sock\"\n"
+          << "[plugins.'io.containerd.cri.v1.images'.pinned_images]\n"
+          << "  sandbox = \"registry.local/peapod/pause:test\"\n"
+          << "[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n"
+          << "  conf_dir = \"" << dir_ << "/net.d\"\n"
+          << "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]\n"
+          << "  runtime_type = \"io.containerd.peapod.v2\"\n  sandboxer = \"peapod\"\n";
+    } else {
+      cfg << "[plugins.\"io.containerd.grpc.v1.cri\"]\n"
+          << "  sandbox_image = \"registry.local/peapod/pause:test\"\n"
+          << "  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"/usr/lib/cni\"\n"
+          << "    conf_dir = \"" << dir_ << "/net.d\"\n"
+          << "  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n"
+          << "    runtime_type = \"io.containerd.runc.v2\"\n"
+          << "  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.peapod]\n"
+          << "    runtime_type = \"io.containerd.peapod.v2\"\n";
+    }
+    cfg.close();
+    std::string path = std::string("PATH=") + PEAPOD_SHIM_DIR + ":" + bin + ":" +
+                       (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
+    containerd_ =
+        Spawn({bin + "/containerd", "--config", dir_ + "/containerd.toml"},
+              dir_ + "/containerd.log", {path, "PEAPOD_SANDBOXER_SOCKET=" + dir_ + "/shim.sock"});
+    auto end = std::chrono::steady_clock::now() + 30s;
+    while (Sh(ctr_ + " version").rc != 0 && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(200ms);
+    }
+    ASSERT_EQ(Sh(ctr_ + " version").rc, 0) << ReadAll(dir_ + "/containerd.log");
+    for (const char* ns : {"k8s.io", "default"}) {
+      for (const char* img : {"busybox", "pause"}) {
+        auto r = Sh(ctr_ + " -n " + ns + " images import " + dir_ + "/images/" + img + ".tar");
+        ASSERT_EQ(r.rc, 0) << r.text;
+      }
+    }
+    std::ofstream(dir_ + "/crictl.yaml")
+        << "runtime-endpoint: unix://" << dir_ << "/containerd.sock\nimage-endpoint: unix://"
+        << dir_ << "/containerd.sock\ntimeout: 120\n";
+  }
+
+  Out Crictl(const std::string& args) {
+    return Sh("CRI_CONFIG_FILE=" + dir_ + "/crictl.yaml " + crictl_ + " " + args);
+  }
+
+  // The pod scenario of paths A and B.
+  void PodScenario() {
+    auto found = Sh(std::string(PEAPOD_SOURCE_DIR) + "/scripts/go-tools.sh --print-path crictl");
+    crictl_ = Trim(found.text) + "/crictl";
+    if (found.rc != 0 || ::access(crictl_.c_str(), X_OK) != 0) {
+      GTEST_SKIP() << "crictl is not built (scripts/go-tools.sh crictl)";
+    }
+    // containerd's CRI plugin comes up after the daemon answers.
+    auto end = std::chrono::steady_clock::now() + 60s;
+    while (Crictl("version").rc != 0 && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(300ms);
+    }
+    fs::create_directories(dir_ + "/logs");
+    std::ofstream(dir_ + "/pod.json")
+        << R"({"metadata": {"name": "web", "namespace": "default", "uid": "uid-web", "attempt": 0},
+               "hostname": "web-0", "log_directory": ")"
+        << dir_ << R"(/logs", "linux": {}})";
+    auto container = [&](const std::string& name, const std::string& script) {
+      std::ofstream(dir_ + "/" + name + ".json")
+          << R"({"metadata": {"name": ")" << name
+          << R"("}, "image": {"image": "docker.io/peapod/busybox:test"}, "command": ["sh", "-c", ")"
+          << script << R"("], "log_path": ")" << name << R"(.log", "linux": {}})";
+    };
+    container("c1", "echo c1 says hi; sleep 3600");
+    container("c2", "echo c2 says hi; sleep 3600");
+    container("c3", "echo c3 exits 3; exit 3");
+
+    auto runp = Crictl("runp --runtime peapod " + dir_ + "/pod.json");
+    ASSERT_EQ(runp.rc, 0) << runp.text;
+    std::string pod = LastLine(runp.text);
+    std::vector<std::string> ids;
+    for (const char* c : {"c1", "c2", "c3"}) {
+      auto created = Crictl("create " + pod + " " + dir_ + "/" + c + ".json " + dir_ + "/pod.json");
+      ASSERT_EQ(created.rc, 0) << created.text;
+      ids.push_back(LastLine(created.text));
+      auto started = Crictl("start " + ids.back());
+      ASSERT_EQ(started.rc, 0) << started.text;
+    }
+    // One kernel for the pod, not the host's.
+    std::string host_boot = Trim(ReadAll("/proc/sys/kernel/random/boot_id"));
+    auto b1 = Crictl("exec -s " + ids[0] + " cat /proc/sys/kernel/random/boot_id");
+    auto b2 = Crictl("exec -s " + ids[1] + " cat /proc/sys/kernel/random/boot_id");
+    ASSERT_EQ(b1.rc, 0) << b1.text;
+    EXPECT_EQ(LastLine(b1.text), LastLine(b2.text));
+    EXPECT_NE(LastLine(b1.text), host_boot);
+    EXPECT_EQ(LastLine(Crictl("exec -s " + ids[0] + " hostname").text), "web-0");
+    // Logs, the exit code, stats.
+    std::this_thread::sleep_for(2s);
+    EXPECT_NE(Crictl("logs " + ids[0]).text.find("c1 says hi"), std::string::npos);
+    EXPECT_NE(Crictl("logs " + ids[1]).text.find("c2 says hi"), std::string::npos);
+    EXPECT_NE(Crictl("inspect " + ids[2]).text.find("\"exitCode\": 3"), std::string::npos)
+        << Crictl("inspect " + ids[2]).text;
+    auto stats = Crictl("stats -o json " + ids[0]);
+    EXPECT_NE(stats.text.find("\"workingSetBytes\""), std::string::npos) << stats.text;
+    EXPECT_EQ(stats.text.find("\"workingSetBytes\": {\n          \"value\": \"0\""),
+              std::string::npos)
+        << stats.text;
+
+    // A shim killed with -9: the pod and its other containers live on; removing works.
+    auto shim = Sh("pgrep -f '[c]ontainerd-shim-peapod-v2.*-id " + ids[0] + "'");
+    ASSERT_EQ(shim.rc, 0) << "no shim for " << ids[0];
+    Sh("kill -9 " + LastLine(shim.text));
+    std::this_thread::sleep_for(3s);
+    auto still = Crictl("exec -s " + ids[1] + " echo alive");
+    EXPECT_EQ(LastLine(still.text), "alive") << still.text;
+    EXPECT_EQ(Crictl("rm -f " + ids[0]).rc, 0);
+
+    for (size_t i = 1; i < ids.size(); ++i) {
+      EXPECT_EQ(Crictl("stop " + ids[i]).rc, 0);
+      EXPECT_EQ(Crictl("rm " + ids[i]).rc, 0);
+    }
+    auto stopp = Crictl("stopp " + pod);
+    EXPECT_EQ(stopp.rc, 0) << stopp.text;
+    auto rmp = Crictl("rmp " + pod);
+    EXPECT_EQ(rmp.rc, 0) << rmp.text;
+    ExpectNothingLeft();
+  }
+
+  void ExpectNothingLeft() {
+    std::this_thread::sleep_for(1s);
+    std::error_code ec;
+    EXPECT_TRUE(fs::is_empty(dir_ + "/state/pods", ec)) << "pod records left";
+    EXPECT_TRUE(fs::is_empty(dir_ + "/run/pods", ec)) << "pod run dirs left";
+    EXPECT_TRUE(!fs::exists(dir_ + "/state/layers") || fs::is_empty(dir_ + "/state/layers"))
+        << "layer images left";
+    // "[q]": the pattern must not match the shell that runs pgrep.
+    EXPECT_NE(Sh("pgrep -f '[q]emu.*" + dir_ + "'").rc, 0) << "QEMU left";
+    auto shims = Sh("pgrep -af '[c]ontainerd-shim-peapod-v2.*" + dir_ + "'");
+    EXPECT_NE(shims.rc, 0) << "shims left: " << shims.text;
+    EXPECT_NE(Sh("grep -q ' " + dir_ + "/run' /proc/self/mountinfo").rc, 0) << "mounts left";
+  }
+
+  std::string dir_;
+  std::string ctr_, crictl_;
+  pid_t sandboxer_ = -1, containerd_ = -1;
+};
+
+TEST_F(CriPathsTest, A_Containerd2SandboxApiRunsAPodOfContainersInOneVm) {
+  ASSERT_NO_FATAL_FAILURE(StartContainerd(/*v2=*/true));
+  if (IsSkipped()) return;
+  PodScenario();
+}
+
+TEST_F(CriPathsTest, B_Containerd16ClassicCriRunsAPodOfContainersInOneVm) {
+  ASSERT_NO_FATAL_FAILURE(StartContainerd(/*v2=*/false));
+  PodScenario();
+}
+
+TEST_F(CriPathsTest, C_PlainCtrRunIsAOneContainerPod) {
+  ASSERT_NO_FATAL_FAILURE(StartContainerd(/*v2=*/false));
+  const std::string run = ctr_ + " run --runtime io.containerd.peapod.v2 ";
+  const std::string img = " docker.io/peapod/busybox:test ";
+  auto once = Sh(run + "--rm" + img + "t1 sh -c 'echo hello from $(uname -r); exit 3'");
+  EXPECT_EQ(once.rc, 3) << once.text;
+  EXPECT_NE(once.text.find("hello from"), std::string::npos) << once.text;
+  EXPECT_EQ(once.text.find(Trim(Sh("uname -r").text)), std::string::npos) << "the host's kernel";
+
+  ASSERT_EQ(Sh(run + "-d" + img + "t2 sleep 3600").rc, 0);
+  auto exec = Sh(ctr_ + " task exec --exec-id e1 t2 sh -c 'echo from-exec; exit 4'");
+  EXPECT_EQ(exec.rc, 4) << exec.text;
+  EXPECT_NE(exec.text.find("from-exec"), std::string::npos);
+  auto ps = Sh(ctr_ + " task ps t2");
+  EXPECT_EQ(ps.rc, 0) << ps.text;
+  EXPECT_NE(ps.text.find("PID"), std::string::npos);
+  EXPECT_EQ(Sh(ctr_ + " task kill -s KILL t2").rc, 0);
+  std::this_thread::sleep_for(1s);
+  EXPECT_NE(Sh(ctr_ + " task ls").text.find("STOPPED"), std::string::npos);
+  EXPECT_EQ(Sh(ctr_ + " task delete t2").rc, 0);
+  EXPECT_EQ(Sh(ctr_ + " container rm t2").rc, 0);
+
+  // A tty session, driven through `script` (ctr wants a terminal).
+  if (Sh("command -v script").rc == 0) {
+    auto tty =
+        Sh("(sleep 8; echo 'echo tty-ok $(tty)'; sleep 1; echo 'exit 5') | timeout 120 "
+           "script -qec \"" +
+           run + "-t --rm" + img + "t3 sh\" /dev/null");
+    EXPECT_EQ(tty.rc, 5) << tty.text;
+    EXPECT_NE(tty.text.find("tty-ok /dev/pts/"), std::string::npos) << tty.text;
+  }
+  ExpectNothingLeft();
+}
+
+}  // namespace
+}  // namespace peapod::critest
