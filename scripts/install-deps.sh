@@ -23,8 +23,9 @@ pkgs=(
   # VM and guest tooling (issues 5 and 6 use them; cheap to have from day one)
   qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu erofs-utils crun
   cpio xz-utils zstd busybox-static iproute2 iputils-ping kmod
-  # containerd 1.6 (classic CRI and plain ctr paths) and runc (the baseline runtime)
-  containerd runc
+  # containerd 1.6 (classic CRI and plain ctr paths), runc (the baseline runtime), CNI plugins
+  # for the CRI tests' pod network
+  containerd runc containernetworking-plugins
 )
 
 missing=()
@@ -58,4 +59,6 @@ if [[ "${1:-}" == "--apt-only" ]]; then
   exit 0
 fi
 
-"$here/go-tools.sh" ttrpc-interop
+# The interop tests' Go deps, and containerd 2.x + crictl for the CRI tests (minutes the first
+# time on a fresh machine, then cached).
+"$here/go-tools.sh" ttrpc-interop containerd crictl

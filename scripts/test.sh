@@ -2,7 +2,8 @@
 # The test suite behind `make test` (and CI's .ci/run). Builds and runs, in order:
 #   format  clang-format check of every tracked C++ file
 #   unit    the regular build: CTest labels unit, interop (Go reference ttrpc), root (the agent
-#           in local mode with real crun) and vm (the guest image in QEMU under TCG)
+#           in local mode with real crun, the sandboxer's state machine), vm (the guest image
+#           and the sandboxer in QEMU under TCG) and cri (containerd 2.x, 1.6 and ctr)
 #   asan    unit, interop and root built with AddressSanitizer + UndefinedBehaviorSanitizer
 #   fuzz    libFuzzer targets (clang), PEAPOD_FUZZ_SECONDS each (default 60)
 # Tests that need what this host lacks (root, a VM, containerd) print why they skip.
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 only=""
 if [[ "${1:-}" == "--only" ]]; then only="${2:?--only needs a suite name}"; fi
 fuzz_seconds="${PEAPOD_FUZZ_SECONDS:-60}"
-labels='unit|interop|root|vm'
+labels='unit|interop|root|vm|cri'
 asan_labels='unit|interop|root'
 
 passed=0 failed=0 skipped=0
