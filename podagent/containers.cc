@@ -17,6 +17,7 @@
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
 
+#include "common/base/files.h"
 #include "common/base/ids.h"
 #include "common/oci/spec.h"
 #include "podagent/cgroup_stats.h"
@@ -84,14 +85,6 @@ struct ContainerManager::Container {
 namespace {
 
 using Status = v1::StateContainerResponse;
-
-Result<std::string> ReadFile(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return Error::Errno("open " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 Result<void> WriteFile(const std::string& path, const std::string& data) {
   UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));

@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include "common/base/files.h"
 #include "common/base/ids.h"
 #include "containerd/events/task.pb.h"
 #include "containerd/runtime/task/v2/shim.pb.h"
@@ -74,14 +75,6 @@ Result<PodRole> RoleFromSpec(const std::string& id, const std::string& config_js
 }
 
 namespace {
-
-Result<std::string> ReadFile(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return Error::Errno("read " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // Where a stdio stream of containerd's goes: a FIFO path, a file:// URI, or nothing.
 Result<UniqueFd> OpenOutput(const std::string& target) {
