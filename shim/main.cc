@@ -9,6 +9,7 @@
 // /run/peapod/shim.sock); the shim speaks to the pod's agent through the sandboxer's mux.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -170,6 +171,13 @@ int Delete(const Args& a) {
 
 int Serve(const Args& a) {
   auto opts = OptionsFrom(a);
+  // fd 3 must be the listening socket `start` handed over; anything else is a bug, not a
+  // server to run.
+  int listening = 0;
+  socklen_t len = sizeof listening;
+  if (::getsockopt(kListenFd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0 || !listening) {
+    return 1;
+  }
   // containerd reads the shim's log from the "log" FIFO in the bundle, when it made one.
   int logfd = ::open((opts.bundle + "/log").c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
   if (logfd >= 0) {

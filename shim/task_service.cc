@@ -96,6 +96,20 @@ Result<UniqueFd> OpenOutput(const std::string& target) {
 
 google::protobuf::Timestamp Now() { return TimeUtil::GetCurrentTime(); }
 
+// Runtime options containerd passes from the runtime's `options` table. peapod has none of its
+// own; runc's (which containerd's CRI sends by default) are accepted and have nothing to do in a
+// VM. Anything else is a configuration mistake worth saying out loud.
+Result<void> CheckRuntimeOptions(const google::protobuf::Any& options) {
+  std::string_view type = options.type_url();
+  if (type.empty()) return Ok();
+  if (auto slash = type.rfind('/'); slash != std::string_view::npos) type.remove_prefix(slash + 1);
+  if (type == "containerd.runc.v1.Options") return Ok();
+  return Error::Invalid(
+      "runtime options of type {} are not understood by peapod: remove the runtime's options "
+      "table for io.containerd.peapod.v2 from containerd's config",
+      options.type_url());
+}
+
 }  // namespace
 
 // One process: the container's init (exec_id empty) or an exec.
@@ -284,6 +298,7 @@ struct TaskService::Impl {
   Result<uint32_t> CreateWork(const task::CreateTaskRequest& req) {
     PP_ASSIGN_OR_RETURN(std::string config, ReadFile(opts.bundle + "/config.json"));
     PP_ASSIGN_OR_RETURN(role, RoleFromSpec(opts.id, config));
+    PP_TRY(CheckRuntimeOptions(req.options()));
     // The pod: created by us for a pause container (classic CRI) or a plain container; found
     // for the others (created by the sandbox controller, or by the pause container's shim).
     sb::PodInfo pod;

@@ -104,7 +104,15 @@ void Server::Accept() {
     int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (errno != EAGAIN) spdlog::warn("ttrpc: accept: {}", Error::Errno("accept").ToString());
+      if (errno == EAGAIN) return;
+      int err = errno;
+      spdlog::warn("ttrpc: accept: {}", Error::Errno("accept", err).ToString());
+      // Out of descriptors passes; anything else (the fd is not a listening socket any more)
+      // would only repeat on every wakeup: stop accepting rather than spin.
+      if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+        loop_->Unwatch(listen_watch_);
+        listen_watch_ = 0;
+      }
       return;
     }
     if (auto r = ServeConnection(UniqueFd(fd)); !r.ok()) {
