@@ -222,8 +222,8 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
       server, "StateContainer",
       [cm](const v1::ContainerRequest& req) { return cm->State(req.container_id()); });
   RegisterLong<v1::GetOOMEventRequest, v1::OOMEvent>(
-      server, "GetOOMEvent", [cm](v1::GetOOMEventRequest&&, auto waiting, auto reply) {
-        cm->NextOOMEvent(std::move(waiting), std::move(reply));
+      server, "GetOOMEvent", [cm](v1::GetOOMEventRequest&& req, auto waiting, auto reply) {
+        cm->NextOOMEvent(req.container_id(), std::move(waiting), std::move(reply));
       });
 
   ttrpc::RegisterTyped<v1::WriteStreamRequest, v1::WriteStreamResponse>(

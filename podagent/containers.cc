@@ -796,26 +796,34 @@ void ContainerManager::OnInotify() {
     spdlog::info("agent: container {} OOM-killed ({} kills)", id, *kills);
     oom_events_.push_back(id);
   }
-  while (!oom_events_.empty() && !oom_waiters_.empty()) {
-    auto w = std::move(oom_waiters_.front());
-    oom_waiters_.pop_front();
-    if (!w.waiting()) continue;
-    v1::OOMEvent ev;
-    ev.set_container_id(oom_events_.front());
-    oom_events_.pop_front();
-    w.reply(std::move(ev));
-  }
+  DeliverOOMEvents();
 }
 
-void ContainerManager::NextOOMEvent(std::function<bool()> waiting, Reply<v1::OOMEvent> reply) {
-  if (!oom_events_.empty()) {
-    v1::OOMEvent ev;
-    ev.set_container_id(oom_events_.front());
-    oom_events_.pop_front();
-    return reply(std::move(ev));
-  }
+void ContainerManager::DeliverOOMEvents() {
   std::erase_if(oom_waiters_, [](const OOMWaiter& w) { return !w.waiting(); });
-  oom_waiters_.push_back({std::move(waiting), std::move(reply)});
+  for (auto e = oom_events_.begin(); e != oom_events_.end();) {
+    auto w = std::find_if(oom_waiters_.begin(), oom_waiters_.end(), [&](const OOMWaiter& w) {
+      return w.container_id.empty() || w.container_id == *e;
+    });
+    if (w == oom_waiters_.end()) {
+      ++e;
+      continue;
+    }
+    v1::OOMEvent ev;
+    ev.set_container_id(*e);
+    auto reply = std::move(w->reply);
+    oom_waiters_.erase(w);
+    e = oom_events_.erase(e);
+    reply(std::move(ev));
+  }
+  // Kills nobody asks about are not kept forever.
+  while (oom_events_.size() > 1024) oom_events_.pop_front();
+}
+
+void ContainerManager::NextOOMEvent(const std::string& container_id, std::function<bool()> waiting,
+                                    Reply<v1::OOMEvent> reply) {
+  oom_waiters_.push_back({container_id, std::move(waiting), std::move(reply)});
+  DeliverOOMEvents();
 }
 
 Result<OutputStream*> ContainerManager::Output(const std::string& id, const std::string& exec_id,

@@ -72,7 +72,9 @@ class ContainerManager {
   Result<v1::StateContainerResponse> State(const std::string& id);
   void Remove(const std::string& id, bool force, Reply<void> reply);
   // Answers with the next container OOM kill (waiting if there is none yet).
-  void NextOOMEvent(std::function<bool()> waiting, Reply<v1::OOMEvent> reply);
+  // Only container_id's, unless it is empty.
+  void NextOOMEvent(const std::string& container_id, std::function<bool()> waiting,
+                    Reply<v1::OOMEvent> reply);
 
   // stdio of a process (exec_id empty: the container's init).
   Result<OutputStream*> Output(const std::string& id, const std::string& exec_id, bool stderr);
@@ -116,8 +118,10 @@ class ContainerManager {
   UniqueFd inotify_;
   EventLoop::WatchId inotify_watch_ = 0;
   std::map<int, std::string> oom_watches_;  // inotify wd -> container id
+  void DeliverOOMEvents();
   std::deque<std::string> oom_events_;
   struct OOMWaiter {
+    std::string container_id;  // empty: any container
     std::function<bool()> waiting;
     Reply<v1::OOMEvent> reply;
   };

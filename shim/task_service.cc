@@ -274,6 +274,25 @@ struct TaskService::Impl {
     return Ok();
   }
 
+  // Publishes /tasks/oom for each OOM kill in this container (CRI learns of OOM only this
+  // way), until the agent connection ends.
+  void WatchOOM() {
+    std::lock_guard<std::mutex> l(threads_mu);
+    threads.emplace_back([this] {
+      av1::GetOOMEventRequest r;
+      r.set_container_id(opts.id);
+      for (;;) {
+        auto oom = CallAgent<av1::OOMEvent>("GetOOMEvent", r, 0ns);
+        if (!oom.ok()) return;
+        loop->Post([this] {
+          ev::TaskOOM e;
+          e.set_container_id(opts.id);
+          events->Publish("/tasks/oom", e);
+        });
+      }
+    });
+  }
+
   void Exited(const std::shared_ptr<Process>& p, uint32_t status,
               const google::protobuf::Timestamp& at) {
     if (p->state == Process::State::kStopped) return;
@@ -522,6 +541,7 @@ void TaskService::Register(ttrpc::Server& server) {
                 e.set_container_id(d->opts.id);
                 e.set_pid(*pid);
                 d->events->Publish("/tasks/start", e);
+                d->WatchOOM();
               } else {
                 ev::TaskExecStarted e;
                 e.set_container_id(d->opts.id);

@@ -253,12 +253,17 @@ class CriPathsTest : public ::testing::Test {
     container("c1", "echo c1 says hi; sleep 3600");
     container("c2", "echo c2 says hi; sleep 3600");
     container("c3", "echo c3 exits 3; exit 3");
+    // 32 MiB of memory for a 64 MiB buffer: the guest kernel OOM-kills it.
+    std::ofstream(dir_ + "/c4.json")
+        << R"({"metadata": {"name": "c4"}, "image": {"image": "docker.io/peapod/busybox:test"},
+               "command": ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+               "log_path": "c4.log", "linux": {"resources": {"memory_limit_in_bytes": 33554432}}})";
 
     auto runp = Crictl("runp --runtime peapod " + dir_ + "/pod.json");
     ASSERT_EQ(runp.rc, 0) << runp.text;
     std::string pod = LastLine(runp.text);
     std::vector<std::string> ids;
-    for (const char* c : {"c1", "c2", "c3"}) {
+    for (const char* c : {"c1", "c2", "c3", "c4"}) {
       auto created = Crictl("create " + pod + " " + dir_ + "/" + c + ".json " + dir_ + "/pod.json");
       ASSERT_EQ(created.rc, 0) << created.text;
       ids.push_back(LastLine(created.text));
@@ -279,6 +284,10 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_NE(Crictl("logs " + ids[1]).text.find("c2 says hi"), std::string::npos);
     EXPECT_NE(Crictl("inspect " + ids[2]).text.find("\"exitCode\": 3"), std::string::npos)
         << Crictl("inspect " + ids[2]).text;
+    // OOM: containerd's CRI learns it only from the shim's /tasks/oom event.
+    auto oom = Crictl("inspect " + ids[3]).text;
+    EXPECT_NE(oom.find("\"reason\": \"OOMKilled\""), std::string::npos) << oom;
+    EXPECT_NE(oom.find("\"exitCode\": 137"), std::string::npos) << oom;
     auto stats = Crictl("stats -o json " + ids[0]);
     EXPECT_NE(stats.text.find("\"workingSetBytes\""), std::string::npos) << stats.text;
     EXPECT_EQ(stats.text.find("\"workingSetBytes\": {\n          \"value\": \"0\""),
