@@ -43,6 +43,7 @@ void ForEachKey(Config& c, F f) {
   f("memory_overhead_mib", &c.memory_overhead_mib);
   f("scratch_size_mib", &c.scratch_size_mib);
   f("layer_cache_keep_seconds", &c.layer_cache_keep_seconds);
+  f("cri_root", &c.cri_root);
   f("mkfs_erofs", &c.mkfs_erofs);
   f("mkfs_ext4", &c.mkfs_ext4);
   f("accel", &c.accel);

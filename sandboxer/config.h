@@ -31,6 +31,10 @@ struct Config {
   uint64_t scratch_size_mib = 10240;
   // Layer images built by mkfs.erofs stay cached this long after their last user goes.
   unsigned layer_cache_keep_seconds = 3600;
+  // containerd's CRI root: on the sandbox-API path containerd bind-mounts a pod's hostname,
+  // hosts and resolv.conf into its containers only if <cri_root>/sandboxes/<id>/ has them, and
+  // leaves writing them to the sandbox controller.
+  std::string cri_root = "/var/lib/containerd/io.containerd.grpc.v1.cri";
   std::string mkfs_erofs = "mkfs.erofs";
   std::string mkfs_ext4 = "mkfs.ext4";
   std::string accel = "auto";  // auto: kvm if /dev/kvm opens, else tcg; or "kvm" / "tcg"

@@ -55,6 +55,7 @@ Result<void> PodOptionsFromCri(const google::protobuf::Any& options, PodOptions*
     return Error::Invalid("sandbox options: not a valid runtime.v1.PodSandboxConfig");
   }
   opts->hostname = cfg.hostname();
+  opts->cri_files = true;  // containerd's CRI is the caller: it mounts the files from its dir
   opts->dns_servers.assign(cfg.dns_config().servers().begin(), cfg.dns_config().servers().end());
   opts->dns_searches.assign(cfg.dns_config().searches().begin(), cfg.dns_config().searches().end());
   opts->dns_options.assign(cfg.dns_config().options().begin(), cfg.dns_config().options().end());

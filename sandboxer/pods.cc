@@ -74,6 +74,10 @@ PodManager::~PodManager() { alive_.reset(); }
 
 std::string PodManager::RunDir(const std::string& id) const { return cfg_.run_dir + "/pods/" + id; }
 
+std::string PodManager::CriSandboxDir(const std::string& id) const {
+  return cfg_.cri_root + "/sandboxes/" + id;
+}
+
 std::string PodManager::AgentSocket(const std::string& id) const {
   return RunDir(id) + "/agent.sock";
 }
@@ -127,11 +131,19 @@ Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {
     resolv += fmt::format("options {}\n", fmt::join(rec.dns_options, " "));
   std::string hosts =
       fmt::format("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-  for (const auto& [name, text] : {std::pair<const char*, std::string>{"hosts", hosts},
-                                   {"resolv.conf", resolv},
-                                   {"hostname", hostname + "\n"}}) {
-    PP_TRY(WriteFileAtomic(share + "/" + name, text));
-    ::chmod((share + "/" + name).c_str(), 0644);
+  std::vector<std::string> dirs = {share};
+  if (rec.cri_files) {
+    dirs.push_back(CriSandboxDir(rec.id));
+    fs::create_directories(dirs.back(), ec);
+    if (ec) return Error::Errno("mkdir " + dirs.back(), ec.value());
+  }
+  for (const auto& dir : dirs) {
+    for (const auto& [name, text] : {std::pair<const char*, std::string>{"hosts", hosts},
+                                     {"resolv.conf", resolv},
+                                     {"hostname", hostname + "\n"}}) {
+      PP_TRY(WriteFileAtomic(dir + "/" + name, text));
+      ::chmod((dir + "/" + name).c_str(), 0644);
+    }
   }
   return Ok();
 }
@@ -264,9 +276,11 @@ void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<voi
   pod->rec.dns_searches = opts.dns_searches;
   pod->rec.dns_options = opts.dns_options;
   pod->rec.sysctls = opts.sysctls;
+  pod->rec.cri_files = opts.cri_files;
   if (auto r = PreparePodFiles(pod->rec); !r.ok()) {
     std::error_code ec;
     fs::remove_all(RunDir(id), ec);
+    RemoveCriFiles(pod->rec);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
   }
   if (auto r = Save(*pod); !r.ok()) {
@@ -609,6 +623,7 @@ void PodManager::Shutdown(const std::string& id, Reply<void> reply) {
       return reply(std::move(r).error().Wrap("shutdown sandbox " + id));
     }
     ReleaseHostResources(*pod);
+    RemoveCriFiles(pod->rec);
     if (auto s = store_.Remove(id); !s.ok()) return reply(s.error());
     auto ops = std::move(pod->ops);
     pods_.erase(id);
@@ -617,6 +632,14 @@ void PodManager::Shutdown(const std::string& id, Reply<void> reply) {
     spdlog::info("pod {}: shut down and removed", id);
     reply(Ok());
   });
+}
+
+void PodManager::RemoveCriFiles(const PodRecord& rec) {
+  if (!rec.cri_files) return;
+  // Only what we wrote: the directory is containerd's.
+  for (const char* name : {"hosts", "resolv.conf", "hostname"}) {
+    ::unlink((CriSandboxDir(rec.id) + "/" + name).c_str());
+  }
 }
 
 void PodManager::ReleaseHostResources(Pod& pod) {

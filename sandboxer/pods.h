@@ -39,6 +39,8 @@ struct PodOptions {
   int64_t memory_overhead_bytes = 0;
   std::vector<std::string> dns_servers, dns_searches, dns_options;
   std::map<std::string, std::string> sysctls;
+  // Also write the pod files where containerd's CRI looks for them (the sandbox-API path).
+  bool cri_files = false;
 };
 
 // Where a container's rootfs is in the guest: what goes into the agent's CreateContainer.
@@ -127,6 +129,9 @@ class PodManager {
   // Removes what a pod leaves on the host once it is gone: cache references, share mounts
   // and the run dir, the TAP.
   void ReleaseHostResources(Pod& pod);
+  // <cri_root>/sandboxes/<id>: where containerd's CRI looks for the pod files.
+  std::string CriSandboxDir(const std::string& id) const;
+  void RemoveCriFiles(const PodRecord& rec);
   Result<void> AttachChannel(Pod& pod);
   // Undoes a Start that failed (destroying the VM and TAP if they exist) and answers reply.
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);

@@ -82,6 +82,7 @@ Result<void> StateStore::Save(const PodRecord& r) {
                       {"dns_searches", r.dns_searches},
                       {"dns_options", r.dns_options},
                       {"sysctls", r.sysctls},
+                      {"cri_files", r.cri_files},
                       {"volumes", r.volumes},
                       {"rootfs", r.rootfs}};
   j["disks"] = nlohmann::json::array();
@@ -132,6 +133,7 @@ Result<std::vector<PodRecord>> StateStore::LoadAll() {
       r.dns_searches = j.value("dns_searches", std::vector<std::string>{});
       r.dns_options = j.value("dns_options", std::vector<std::string>{});
       r.sysctls = j.value("sysctls", std::map<std::string, std::string>{});
+      r.cri_files = j.value("cri_files", false);
       if (j.contains("volumes")) {
         r.volumes = j.at("volumes").get<std::map<std::string, std::vector<std::string>>>();
       }

@@ -37,6 +37,7 @@ struct PodRecord {
   uint64_t memory_mib = 0;
   std::vector<std::string> dns_servers, dns_searches, dns_options;
   std::map<std::string, std::string> sysctls;
+  bool cri_files = false;
   bool scratch = false;           // the scratch disk (unit 0) exists
   std::vector<DiskRecord> disks;  // hot-added layer disks
   // Per container: the units of its rootfs layers, topmost first.

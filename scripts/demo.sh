@@ -42,6 +42,7 @@ accel=tcg
 cat > "$dir/sandboxer.json" <<EOF
 {"listen": "$dir/sandboxer.sock", "shim_listen": "$dir/shim.sock", "state_dir": "$dir/state",
  "run_dir": "$dir/run", "libvirt_root": "/var/lib/peapod/demo-libvirt",
+ "cri_root": "$dir/ctd-root/io.containerd.grpc.v1.cri",
  "image_dir": "$build/vm-images", "accel": "$accel"}
 EOF
 "$build/sandboxer/peapod-sandboxer" --config "$dir/sandboxer.json" > "$dir/sandboxer.log" 2>&1 &

@@ -129,7 +129,8 @@ class CriPathsTest : public ::testing::Test {
         << "/state\", "
         << "\"run_dir\": \"" << dir_ << "/run\", \"libvirt_root\": \""
         << (root && *root ? root : "/var/lib/peapod/test-libvirt") << "\", \"image_dir\": \""
-        << PEAPOD_VM_IMAGE_DIR << "\", \"accel\": \"tcg\", \"layer_cache_keep_seconds\": 0}";
+        << PEAPOD_VM_IMAGE_DIR << "\", \"accel\": \"tcg\", \"layer_cache_keep_seconds\": 0, "
+        << "\"cri_root\": \"" << dir_ << "/ctd-root/io.containerd.grpc.v1.cri\"}";
     sandboxer_ = Spawn({PEAPOD_SANDBOXER_BINARY, "--config", dir_ + "/sandboxer.json"},
                        dir_ + "/sandboxer.log", {});
     auto end = std::chrono::steady_clock::now() + 150s;
@@ -242,7 +243,8 @@ class CriPathsTest : public ::testing::Test {
     fs::create_directories(dir_ + "/logs");
     std::ofstream(dir_ + "/pod.json")
         << R"({"metadata": {"name": "web", "namespace": "default", "uid": "uid-web", "attempt": 0},
-               "hostname": "web-0", "log_directory": ")"
+               "hostname": "web-0", "dns_config": {"servers": ["10.96.0.10"], "searches": ["svc.test"]},
+               "log_directory": ")"
         << dir_ << R"(/logs", "linux": {}})";
     auto container = [&](const std::string& name, const std::string& script) {
       std::ofstream(dir_ + "/" + name + ".json")
@@ -278,6 +280,10 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_EQ(LastLine(b1.text), LastLine(b2.text));
     EXPECT_NE(LastLine(b1.text), host_boot);
     EXPECT_EQ(LastLine(Crictl("exec -s " + ids[0] + " hostname").text), "web-0");
+    // The pod's DNS config, through the resolv.conf containerd mounts from the pod's files.
+    auto resolv = Crictl("exec -s " + ids[0] + " cat /etc/resolv.conf").text;
+    EXPECT_NE(resolv.find("nameserver 10.96.0.10"), std::string::npos) << resolv;
+    EXPECT_NE(resolv.find("search svc.test"), std::string::npos) << resolv;
     // Logs, the exit code, stats.
     std::this_thread::sleep_for(2s);
     EXPECT_NE(Crictl("logs " + ids[0]).text.find("c1 says hi"), std::string::npos);
