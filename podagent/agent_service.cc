@@ -109,7 +109,7 @@ Result<void> SetupSandbox(const v1::CreateSandboxRequest& req, bool local) {
 }  // namespace
 
 void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManager* cm,
-                          ServiceOptions opts) {
+                          PortRelay* ports, ServiceOptions opts) {
   ttrpc::RegisterTyped<v1::CheckRequest, v1::CheckResponse>(
       server, kAgentService, "Check",
       [](const ttrpc::CallContext&, v1::CheckRequest&&,
@@ -264,6 +264,54 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
   RegisterSync<v1::ResizePtyRequest, Empty>(
       server, "ResizePty",
       [cm](const v1::ResizePtyRequest& req) { return ToEmpty(cm->ResizePty(req)); });
+
+  // Port forwarding: connections to the pod's 127.0.0.1, relayed by the host.
+  RegisterLong<v1::OpenPortRequest, v1::OpenPortResponse>(
+      server, "OpenPort", [ports](v1::OpenPortRequest&& req, auto, auto reply) {
+        ports->Open(req.port(), [reply](Result<std::string> id) {
+          if (!id.ok()) return reply(std::move(id).error());
+          v1::OpenPortResponse resp;
+          resp.set_id(*id);
+          reply(std::move(resp));
+        });
+      });
+  RegisterLong<v1::PortIoRequest, v1::ReadStreamResponse>(
+      server, "ReadPort", [ports](v1::PortIoRequest&& req, auto waiting, auto reply) {
+        auto out = ports->Output(req.id());
+        if (!out.ok()) return reply(out.error());
+        size_t max = req.max_bytes() ? req.max_bytes() : OutputStream::kMaxRead;
+        (*out)->Read(
+            max, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
+                    v1::ReadStreamResponse resp;
+                    resp.set_data(std::move(data));
+                    resp.set_eof(eof);
+                    reply(std::move(resp));
+                  }});
+      });
+  RegisterLong<v1::PortIoRequest, v1::WriteStreamResponse>(
+      server, "WritePort", [ports](v1::PortIoRequest&& req, auto, auto reply) {
+        auto in = ports->Input(req.id());
+        if (!in.ok()) return reply(in.error());
+        bool close = req.close_write();
+        InputStream* stream = *in;
+        auto answer = [reply](Result<uint32_t> n) {
+          if (!n.ok()) return reply(n.error());
+          v1::WriteStreamResponse resp;
+          resp.set_len(*n);
+          reply(std::move(resp));
+        };
+        if (req.data().empty()) {
+          if (close) stream->Close();
+          return answer(0u);
+        }
+        stream->Write(std::move(*req.mutable_data()), std::move(answer));
+        if (close) stream->Close();
+      });
+  RegisterSync<v1::ClosePortRequest, Empty>(
+      server, "ClosePort", [ports](const v1::ClosePortRequest& req) -> Result<Empty> {
+        ports->Close(req.id());
+        return Empty();
+      });
 }
 
 }  // namespace peapod::agent

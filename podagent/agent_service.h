@@ -5,6 +5,7 @@
 
 #include "common/ttrpc/server.h"
 #include "podagent/containers.h"
+#include "podagent/ports.h"
 
 namespace peapod::agent {
 
@@ -18,6 +19,6 @@ struct ServiceOptions {
 };
 
 void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManager* containers,
-                          ServiceOptions opts);
+                          PortRelay* ports, ServiceOptions opts);
 
 }  // namespace peapod::agent

@@ -106,8 +106,9 @@ int main(int argc, char** argv) {
   agent::ContainerManager containers(loop, &reaper, copts);
   if (auto r = containers.Init(); !r.ok()) Fatal(pid1, r.error());
 
+  agent::PortRelay ports(loop);
   ttrpc::Server server(loop);
-  agent::RegisterAgentService(server, loop, &containers,
+  agent::RegisterAgentService(server, loop, &containers, &ports,
                               {.shutdown =
                                    [pid1, loop] {
                                      if (pid1) agent::PowerOff();

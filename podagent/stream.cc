@@ -1,5 +1,6 @@
 #include "podagent/stream.h"
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -41,9 +42,10 @@ void OutputStream::OnReadable() {
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) break;
-    // 0 is EOF on a pipe; a pty master reads EIO once the last slave fd is closed.
-    if (n < 0 && !(pty_ && errno == EIO)) {
-      spdlog::warn("agent: reading process output: {}", std::strerror(errno));
+    // 0 is EOF on a pipe; a pty master reads EIO once the last slave fd is closed; a socket
+    // whose peer aborted reads ECONNRESET.
+    if (n < 0 && !(pty_ && errno == EIO) && errno != ECONNRESET) {
+      spdlog::warn("agent: reading a stream: {}", std::strerror(errno));
     }
     closed_ = true;
     loop_->Unwatch(watch_);
@@ -84,7 +86,8 @@ void OutputStream::UpdateWatch() {
   if (auto r = loop_->Modify(watch_, want ? uint32_t{EPOLLIN} : 0u); r.ok()) watching_in_ = want;
 }
 
-InputStream::InputStream(EventLoop* loop, UniqueFd fd) : loop_(loop), fd_(std::move(fd)) {
+InputStream::InputStream(EventLoop* loop, UniqueFd fd, bool half_close)
+    : loop_(loop), fd_(std::move(fd)), half_close_(half_close) {
   (void)SetNonBlocking(fd_.get());
 }
 
@@ -136,7 +139,10 @@ void InputStream::Flush() {
     loop_->Unwatch(watch_);
     watch_ = 0;
   }
-  if (close_requested_ && pending_.empty()) fd_.Reset();
+  if (close_requested_ && pending_.empty() && fd_) {
+    if (half_close_) ::shutdown(fd_.get(), SHUT_WR);
+    fd_.Reset();
+  }
 }
 
 void InputStream::Fail(const Error& e) {

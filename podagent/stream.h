@@ -66,8 +66,9 @@ class OutputStream {
 
 class InputStream {
  public:
-  // fd: the write end of a pipe, or a dup of a pty master.
-  InputStream(EventLoop* loop, UniqueFd fd);
+  // fd: the write end of a pipe, or a dup of a pty master, or a socket (half_close: Close()
+  // shuts down its sending side, so the peer sees EOF even while another fd reads from it).
+  InputStream(EventLoop* loop, UniqueFd fd, bool half_close = false);
   ~InputStream();
   InputStream(const InputStream&) = delete;
   InputStream& operator=(const InputStream&) = delete;
@@ -86,6 +87,7 @@ class InputStream {
   EventLoop* loop_;
   UniqueFd fd_;
   EventLoop::WatchId watch_ = 0;
+  bool half_close_ = false;
   bool close_requested_ = false;
   struct Pending {
     std::string data;

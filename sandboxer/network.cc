@@ -63,26 +63,6 @@ void PutLink(rtnl_link* l) { rtnl_link_put(l); }
 void PutQdisc(rtnl_qdisc* q) { rtnl_qdisc_put(q); }
 void PutCls(rtnl_cls* c) { rtnl_cls_put(c); }
 
-// Runs fn on a thread that has entered the network namespace at path (setns affects only the
-// calling thread, so the sandboxer's own threads stay in the host netns).
-Result<void> InNetns(const std::string& path, const std::function<Result<void>()>& fn) {
-  Result<void> result = Ok();
-  std::thread t([&] {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) {
-      result = Error::Errno("open netns " + path);
-      return;
-    }
-    if (::setns(fd.get(), CLONE_NEWNET) < 0) {
-      result = Error::Errno("enter netns " + path);
-      return;
-    }
-    result = fn();
-  });
-  t.join();
-  return result;
-}
-
 std::string AddrStr(nl_addr* a) {
   char buf[128];
   return nl_addr2str(a, buf, sizeof(buf));
@@ -199,6 +179,24 @@ Result<void> Redirect(Sock& s, int from, int to, const std::string& what) {
 }
 
 }  // namespace
+
+Result<void> InNetns(const std::string& path, const std::function<Result<void>()>& fn) {
+  Result<void> result = Ok();
+  std::thread t([&] {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) {
+      result = Error::Errno("open netns " + path);
+      return;
+    }
+    if (::setns(fd.get(), CLONE_NEWNET) < 0) {
+      result = Error::Errno("enter netns " + path);
+      return;
+    }
+    result = fn();
+  });
+  t.join();
+  return result;
+}
 
 std::string TapName(const std::string& pod_id) {
   // IFNAMSIZ is 16: "pp" + 12 hex digits of a hash of the id.

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,11 @@ struct PodNetwork {
   // What the agent gets: the guest interface (eth0, the CNI MAC) and routes.
   peapod::agent::v1::ConfigureNetworkRequest guest;
 };
+
+// Runs fn on a thread that has entered the network namespace at path (setns affects only the
+// calling thread, so the sandboxer's own threads stay in the host netns). Sockets fn makes stay
+// in that netns.
+Result<void> InNetns(const std::string& path, const std::function<Result<void>()>& fn);
 
 // The TAP name of a pod: short, stable, unique per pod id.
 std::string TapName(const std::string& pod_id);

@@ -19,6 +19,7 @@
 #include "common/base/ids.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/network.h"
+#include "sandboxer/port_forward.h"
 
 namespace peapod::sandboxer {
 
@@ -34,7 +35,8 @@ struct PodManager::Pod {
   bool busy = false;      // Start or Stop in progress
   bool stopping = false;  // we asked for the stop (clean exit status)
   std::unique_ptr<AgentMux> mux;
-  std::shared_ptr<ttrpc::Client> agent;  // the sandboxer's own client, through the mux
+  std::shared_ptr<ttrpc::Client> agent;      // the sandboxer's own client, through the mux
+  std::unique_ptr<PortForwarder> forwarder;  // CRI PortForward into the guest; needs agent
   std::vector<Reply<PodExit>> waiters;
   std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
   std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
@@ -171,6 +173,7 @@ Result<void> PodManager::Recover() {
       } else {
         spdlog::info("pod {}: re-adopted running VM {} (pid {})", rec.id, rec.domain, pod->rec.pid);
         (void)Save(*pod);
+        StartPortForwarder(*pod);
       }
     }
     if ((rec.phase == Phase::kRunning && !alive) || rec.phase == Phase::kStarting) {
@@ -377,6 +380,7 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   p->rec.phase = Phase::kCreated;
   p->rec.pid = 0;
   p->rec.scratch = false;
+  p->forwarder.reset();
   p->mux.reset();
   p->agent.reset();
   (void)Save(*p);
@@ -466,10 +470,31 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
                            pod->busy = false;
                            pod->rec.phase = Phase::kRunning;
                            (void)Save(*pod);
+                           StartPortForwarder(*pod);
                            spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
                            reply(StatusOf(*pod));
                          });
       });
+}
+
+void PodManager::StartPortForwarder(Pod& pod) {
+  if (pod.rec.netns.empty() || !pod.agent) return;
+  // Never in our own netns: the program would take every connection to the host's 127.0.0.1.
+  struct stat ours {
+  }, theirs{};
+  if (::stat("/proc/self/ns/net", &ours) < 0 || ::stat(pod.rec.netns.c_str(), &theirs) < 0 ||
+      (ours.st_dev == theirs.st_dev && ours.st_ino == theirs.st_ino)) {
+    spdlog::warn("pod {}: no port forwarding: netns {} is the sandboxer's own", pod.rec.id,
+                 pod.rec.netns);
+    return;
+  }
+  auto f = PortForwarder::Start(loop_, pod.rec.id, pod.rec.netns, pod.agent);
+  if (!f.ok()) {
+    // The pod works without it; only CRI PortForward into it fails (containerd says so).
+    spdlog::warn("pod {}: no port forwarding: {}", pod.rec.id, f.error().ToString());
+    return;
+  }
+  pod.forwarder = std::move(*f);
 }
 
 void PodManager::MarkStopped(Pod& pod, uint32_t status) {
@@ -477,6 +502,7 @@ void PodManager::MarkStopped(Pod& pod, uint32_t status) {
   pod.rec.phase = Phase::kStopped;
   pod.rec.exit_status = status;
   pod.rec.exited_at_ns = NowNs();
+  pod.forwarder.reset();
   pod.agent.reset();
   pod.mux.reset();
   std::error_code ec;

@@ -5,10 +5,14 @@
 // Each starts its own peapod-sandboxer and containerd under a temporary root, with images built
 // here from busybox-static (no registry) and CNI from Debian's containernetworking-plugins, and
 // checks that nothing is left afterwards.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -87,6 +91,41 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log,
     ::_exit(127);
   }
   return pid;
+}
+
+// A TCP port on 127.0.0.1 that nothing listens on just now.
+uint16_t FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// GET / from 127.0.0.1:port: the whole answer, or "" if nothing answers.
+std::string HttpGet(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  std::string out;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
+    std::string req = "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    if (::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
+      char buf[4096];
+      ssize_t n;
+      while ((n = ::read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+    }
+  }
+  ::close(fd);
+  return out;
 }
 
 void Stop(pid_t& pid) {
@@ -255,6 +294,9 @@ class CriPathsTest : public ::testing::Test {
     container("c1", "echo c1 says hi; sleep 3600");
     container("c2", "echo c2 says hi; sleep 3600");
     container("c3", "echo c3 exits 3; exit 3");
+    // A web server on the guest's 8080, for PortForward.
+    container("c5",
+              "mkdir -p /www; echo peapod-pf > /www/index.html; exec httpd -f -p 8080 -h /www");
     // 32 MiB of memory for a 64 MiB buffer: the guest kernel OOM-kills it.
     std::ofstream(dir_ + "/c4.json")
         << R"({"metadata": {"name": "c4"}, "image": {"image": "docker.io/peapod/busybox:test"},
@@ -265,7 +307,7 @@ class CriPathsTest : public ::testing::Test {
     ASSERT_EQ(runp.rc, 0) << runp.text;
     std::string pod = LastLine(runp.text);
     std::vector<std::string> ids;
-    for (const char* c : {"c1", "c2", "c3", "c4"}) {
+    for (const char* c : {"c1", "c2", "c3", "c4", "c5"}) {
       auto created = Crictl("create " + pod + " " + dir_ + "/" + c + ".json " + dir_ + "/pod.json");
       ASSERT_EQ(created.rc, 0) << created.text;
       ids.push_back(LastLine(created.text));
@@ -299,6 +341,21 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_EQ(stats.text.find("\"workingSetBytes\": {\n          \"value\": \"0\""),
               std::string::npos)
         << stats.text;
+
+    // PortForward: containerd dials localhost:8080 inside the pod netns; the sandboxer's
+    // forwarder there relays the connection into the guest, where c5 serves.
+    uint16_t local = FreePort();
+    pid_t pf = Spawn({crictl_, "port-forward", pod, std::to_string(local) + ":8080"},
+                     dir_ + "/port-forward.log", {"CRI_CONFIG_FILE=" + dir_ + "/crictl.yaml"});
+    std::string page;
+    for (int i = 0; i < 100 && page.find("peapod-pf") == std::string::npos; ++i) {
+      std::this_thread::sleep_for(200ms);
+      page = HttpGet(local);
+    }
+    EXPECT_NE(page.find("peapod-pf"), std::string::npos) << page << "\n"
+                                                         << ReadAll(dir_ + "/port-forward.log");
+    EXPECT_NE(HttpGet(local).find("200 OK"), std::string::npos);  // and again: one per request
+    Stop(pf);
 
     // A shim killed with -9: the pod and its other containers live on; removing works.
     auto shim = Sh("pgrep -f '[c]ontainerd-shim-peapod-v2.*-id " + ids[0] + "'");
