@@ -15,6 +15,7 @@
 
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "common/base/ids.h"
 #include "peapod/agent/v1/agent.pb.h"
@@ -41,6 +42,15 @@ struct PodManager::Pod {
   std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
   std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
   bool op_running = false;
+  // Where a Start's time went (milliseconds per step, in order), logged when the pod is ready.
+  std::vector<std::pair<std::string, double>> start_steps;
+  std::chrono::steady_clock::time_point step_at;
+  void Step(const char* name) {
+    auto now = std::chrono::steady_clock::now();
+    start_steps.emplace_back(name,
+                             std::chrono::duration<double, std::milli>(now - step_at).count());
+    step_at = now;
+  }
 };
 
 namespace {
@@ -316,15 +326,25 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
   std::string netns = pod->rec.netns;
   std::weak_ptr<bool> alive = alive_;
   auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
+  pod->start_steps.clear();
+  pod->step_at = std::chrono::steady_clock::now();
   workers_.Run([this, alive, spec, id, netns, reply, deadline]() mutable {
     // The pod network first (the domain opens the TAP), then the VM, then the TAP joins the
     // CNI interface. Any failure undoes what was done.
+    std::vector<std::pair<std::string, double>> steps;
+    auto at = std::chrono::steady_clock::now();
+    auto step = [&](const char* name) {
+      auto now = std::chrono::steady_clock::now();
+      steps.emplace_back(name, std::chrono::duration<double, std::milli>(now - at).count());
+      at = now;
+    };
     std::optional<PodNetwork> net;
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
     Result<void> scratch = Ok();
     for (const auto& d : spec.disks) {
       if (!d.readonly) scratch = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
     }
+    step("scratch_disk");
     if (!scratch.ok()) {
       vm = std::move(scratch).error();
     } else if (!netns.empty()) {
@@ -337,34 +357,39 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
         spec.mac = net->mac;
       }
     }
+    step("tap_create");
     if (scratch.ok() && (netns.empty() || net)) vm = backend_->Start(spec);
+    step("vm_define_start");
     if (vm.ok() && net) {
       if (auto a = AttachTap(*net); !a.ok()) {
         (void)backend_->Destroy(spec.name);
         vm = std::move(a).error().Wrap("pod network");
       }
     }
+    step("tap_attach");
     if (!vm.ok() && net) RemoveTap(net->tap, netns);
     if (!vm.ok()) {
       for (const auto& d : spec.disks) {
         if (!d.readonly) ::unlink(d.path.c_str());  // a failed Start leaves no scratch disk
       }
     }
-    loop_->Post(
-        [this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline]() mutable {
-          if (alive.expired()) return;
-          Pod* pod = Find(id);
-          if (!pod) return reply(UnknownPod(id));
-          // The worker already undid its own steps when the VM did not start.
-          if (!vm.ok()) return FailStart(id, vm.error(), /*vm_started=*/false, reply);
-          pod->rec.pid = vm->pid;
-          pod->rec.scratch = backend_->SupportsDisks();
-          pod->net = std::move(net);
-          if (auto r = AttachChannel(*pod); !r.ok()) {
-            return FailStart(id, r.error(), /*vm_started=*/true, reply);
-          }
-          WaitForAgent(id, deadline, reply);
-        });
+    loop_->Post([this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline,
+                 steps = std::move(steps)]() mutable {
+      if (alive.expired()) return;
+      Pod* pod = Find(id);
+      if (!pod) return reply(UnknownPod(id));
+      pod->start_steps = std::move(steps);
+      pod->step_at = std::chrono::steady_clock::now();
+      // The worker already undid its own steps when the VM did not start.
+      if (!vm.ok()) return FailStart(id, vm.error(), /*vm_started=*/false, reply);
+      pod->rec.pid = vm->pid;
+      pod->rec.scratch = backend_->SupportsDisks();
+      pod->net = std::move(net);
+      if (auto r = AttachChannel(*pod); !r.ok()) {
+        return FailStart(id, r.error(), /*vm_started=*/true, reply);
+      }
+      WaitForAgent(id, deadline, reply);
+    });
   });
 }
 
@@ -425,6 +450,10 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
           });
           return;
         }
+        if (std::none_of(pod->start_steps.begin(), pod->start_steps.end(),
+                         [](const auto& st) { return st.first == "boot_to_agent"; })) {
+          pod->Step("boot_to_agent");  // the first answer: kernel, initrd, agent start
+        }
         v1::CreateSandboxRequest sb;
         sb.set_sandbox_id(id);
         sb.set_hostname(pod->rec.hostname.empty() ? id.substr(0, 63) : pod->rec.hostname);
@@ -457,6 +486,7 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
                              if (!r.ok()) {
                                return fail(std::move(r).error().Wrap("configure guest network"));
                              }
+                             if (Pod* p = Find(id)) p->Step("guest_network");
                              WaitForAgent(id, deadline, reply);  // Check again, then set up
                            });
           return;
@@ -470,11 +500,26 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
                            pod->busy = false;
                            pod->rec.phase = Phase::kRunning;
                            (void)Save(*pod);
+                           pod->Step("guest_setup");
                            StartPortForwarder(*pod);
+                           pod->Step("port_forwarder");
+                           LogStartSteps(*pod);
                            spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
                            reply(StatusOf(*pod));
                          });
       });
+}
+
+void PodManager::LogStartSteps(const Pod& pod) {
+  // One line a benchmark can parse: "pod <id>: start steps ms {json}".
+  nlohmann::json steps = nlohmann::json::object();
+  double total = 0;
+  for (const auto& [name, ms] : pod.start_steps) {
+    steps[name] = std::round(ms * 10) / 10;
+    total += ms;
+  }
+  steps["total"] = std::round(total * 10) / 10;
+  spdlog::info("pod {}: start steps ms {}", pod.rec.id, steps.dump());
 }
 
 void PodManager::StartPortForwarder(Pod& pod) {

@@ -135,6 +135,7 @@ class PodManager {
   Result<void> AttachChannel(Pod& pod);
   // Serves CRI PortForward for a ready pod with a netns (a warning if it cannot).
   void StartPortForwarder(Pod& pod);
+  void LogStartSteps(const Pod& pod);
   // Undoes a Start that failed (destroying the VM and TAP if they exist) and answers reply.
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
   void WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,
