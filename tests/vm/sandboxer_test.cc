@@ -1,12 +1,18 @@
 // peapod-sandboxer driven over gRPC exactly as containerd 2.x's sandbox proxy plugin drives it:
 // pods booted through libvirt's embedded driver, reached through the pod's agent socket (the
 // mux), surviving a kill -9 of the sandboxer, noticed when QEMU dies, removed without a trace.
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 
 #include <future>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -251,6 +257,26 @@ TEST_F(SandboxerTest, AKilledQemuMakesThePodNotReadyAndWaitReturns) {
   EXPECT_TRUE(Shutdown("pod2").ok());
 }
 
+// Whether a TCP connection to 127.0.0.1:port made inside the netns at path is accepted: what
+// containerd's PortForward does first.
+bool LoopbackAccepts(const std::string& path, uint16_t port) {
+  bool accepted = false;
+  std::thread t([&] {
+    int ns = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (ns < 0 || ::setns(ns, CLONE_NEWNET) < 0) return;
+    ::close(ns);
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    accepted = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    ::close(fd);
+  });
+  t.join();
+  return accepted;
+}
+
 // A pod netns as CNI leaves it: a veth end named eth0 with an address and a default route.
 class PodNetns {
  public:
@@ -307,6 +333,14 @@ TEST_F(SandboxerTest, TheGuestAnswersAsThePodOnTheCniNetwork) {
                   << std::string(std::istreambuf_iterator<char>(console), {}) << "\nlog:\n"
                   << Log();
   }
+  // CRI PortForward's listener: containerd's dial of 127.0.0.1:<port> in the pod netns is
+  // accepted (and relayed into the guest, see tests/sandboxer/port_forward_test.cc), also once a
+  // restarted sandboxer has re-adopted the pod.
+  EXPECT_TRUE(LoopbackAccepts(ns.path(), 8080)) << Log();
+  StopSandboxer(SIGKILL);
+  EXPECT_FALSE(LoopbackAccepts(ns.path(), 8080)) << "the listener outlived its sandboxer";
+  StartSandboxer();
+  EXPECT_TRUE(LoopbackAccepts(ns.path(), 8080)) << Log();
   ASSERT_TRUE(Shutdown("pod3").ok());
   // The TAP is gone from both namespaces.
   std::string tap_check = "ip netns exec " + ns.path().substr(15) + " ip link | grep -q ' pp'";
