@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -149,10 +151,37 @@ Result<void> SetLink(int index, const std::string& what, unsigned flags, unsigne
   return Transact(req, what);
 }
 
+Result<std::array<uint8_t, 6>> ParseMac(const std::string& mac) {
+  std::array<uint8_t, 6> b{};
+  unsigned v[6];
+  char extra;
+  if (std::sscanf(mac.c_str(), "%x:%x:%x:%x:%x:%x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                  &extra) != 6) {
+    return Error::Invalid("'{}' is not a MAC address (aa:bb:cc:dd:ee:ff)", mac);
+  }
+  for (int i = 0; i < 6; ++i) {
+    if (v[i] > 0xff) return Error::Invalid("'{}' is not a MAC address", mac);
+    b[i] = static_cast<uint8_t>(v[i]);
+  }
+  return b;
+}
+
 Result<void> ConfigureInterface(const v1::Interface& itf) {
-  PP_ASSIGN_OR_RETURN(auto found, FindByMac(itf.mac()));
+  bool remac = !itf.current_mac().empty() && itf.current_mac() != itf.mac();
+  PP_ASSIGN_OR_RETURN(auto found, FindByMac(remac ? itf.current_mac() : itf.mac()));
   auto [index, name] = found;
   std::string label = itf.name().empty() ? name : itf.name();
+  if (remac) {
+    // The pod's MAC (the CNI interface's): frames the tc redirect hands over are addressed to it.
+    PP_ASSIGN_OR_RETURN(auto mac, ParseMac(itf.mac()));
+    PP_TRY(SetLink(index, "set " + name + " down", 0, IFF_UP));
+    NlRequest req(RTM_NEWLINK, 0, sizeof(ifinfomsg));
+    auto* ifi = req.body<ifinfomsg>();
+    ifi->ifi_family = AF_UNSPEC;
+    ifi->ifi_index = index;
+    req.Attr(IFLA_ADDRESS, mac.data(), mac.size());
+    PP_TRY(Transact(req, "set " + name + " MAC " + itf.mac()));
+  }
   if (!itf.name().empty() && itf.name() != name) {
     if (itf.name().size() >= IFNAMSIZ) {
       return Error::Invalid("interface name '{}' is longer than {} bytes", itf.name(),

@@ -44,6 +44,7 @@ void ForEachKey(Config& c, F f) {
   f("scratch_size_mib", &c.scratch_size_mib);
   f("layer_cache_keep_seconds", &c.layer_cache_keep_seconds);
   f("cri_root", &c.cri_root);
+  f("pool_size", &c.pool_size);
   f("mkfs_erofs", &c.mkfs_erofs);
   f("mkfs_ext4", &c.mkfs_ext4);
   f("accel", &c.accel);

@@ -29,6 +29,9 @@ struct Config {
   uint64_t memory_overhead_mib = 128;
   // Per-pod scratch disk (sparse; writable layers of containers live there).
   uint64_t scratch_size_mib = 10240;
+  // Pre-booted VMs kept ready for pods of the default size (vcpus, memory_mib): a pod Start
+  // adopts one instead of booting. 0: every pod boots its own VM.
+  unsigned pool_size = 0;
   // Layer images built by mkfs.erofs stay cached this long after their last user goes.
   unsigned layer_cache_keep_seconds = 3600;
   // containerd's CRI root: on the sandbox-API path containerd bind-mounts a pod's hostname,

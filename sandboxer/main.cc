@@ -105,6 +105,7 @@ int main(int argc, char** argv) {
                      r.error().ToString());
     return 1;
   }
+  pods.FillPool();  // pool_size pre-booted VMs (none by default)
 
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(cfg->listen).parent_path(), ec);
@@ -152,6 +153,7 @@ int main(int argc, char** argv) {
     while (::read(sfd.get(), &info, sizeof(info)) == sizeof(info)) {
       spdlog::info("sandboxer: signal {}: exiting; pods keep running", info.ssi_signo);
       pods.CancelWaiters();
+      pods.DestroyPool();
       loop->Stop();
     }
   });

@@ -208,20 +208,30 @@ std::string TapName(const std::string& pod_id) {
   return buf;
 }
 
-Result<PodNetwork> PrepareTap(const std::string& pod_id, const std::string& netns) {
+Result<PodNetwork> ReadPodNetwork(const std::string& netns) {
   PodNetwork net;
   net.netns = netns;
-  net.tap = TapName(pod_id);
   PP_TRY(InNetns(netns, [&] { return ReadCniInterface(net); }));
+  return net;
+}
+
+Result<void> CreateTap(const std::string& tap) {
   // A persistent TAP in our netns for libvirt to open (managed='no'); removed by RemoveTap.
-  RemoveTap(net.tap, "");
+  RemoveTap(tap, "");
   UniqueFd tun(::open("/dev/net/tun", O_RDWR | O_CLOEXEC));
   if (!tun) return Error::Errno("open /dev/net/tun");
   ifreq ifr{};
-  std::strncpy(ifr.ifr_name, net.tap.c_str(), IFNAMSIZ - 1);
+  std::strncpy(ifr.ifr_name, tap.c_str(), IFNAMSIZ - 1);
   ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-  if (::ioctl(tun.get(), TUNSETIFF, &ifr) < 0) return Error::Errno("create TAP " + net.tap);
-  if (::ioctl(tun.get(), TUNSETPERSIST, 1) < 0) return Error::Errno("persist TAP " + net.tap);
+  if (::ioctl(tun.get(), TUNSETIFF, &ifr) < 0) return Error::Errno("create TAP " + tap);
+  if (::ioctl(tun.get(), TUNSETPERSIST, 1) < 0) return Error::Errno("persist TAP " + tap);
+  return Ok();
+}
+
+Result<PodNetwork> PrepareTap(const std::string& pod_id, const std::string& netns) {
+  PP_ASSIGN_OR_RETURN(PodNetwork net, ReadPodNetwork(netns));
+  net.tap = TapName(pod_id);
+  PP_TRY(CreateTap(net.tap));
   spdlog::info("pod {}: TAP {} for CNI interface {} ({}, {} addresses, {} routes)", pod_id, net.tap,
                net.cni_ifname, net.mac, net.guest.interfaces(0).addresses_size(),
                net.guest.routes_size());

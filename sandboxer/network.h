@@ -42,6 +42,10 @@ Result<void> InNetns(const std::string& path, const std::function<Result<void>()
 std::string TapName(const std::string& pod_id);
 
 Result<PodNetwork> PrepareTap(const std::string& pod_id, const std::string& netns);
+// The pieces of PrepareTap, for a pool VM whose TAP exists before its pod does: the CNI
+// interface read in netns (no TAP), and a persistent TAP in our netns.
+Result<PodNetwork> ReadPodNetwork(const std::string& netns);
+Result<void> CreateTap(const std::string& tap);
 Result<void> AttachTap(const PodNetwork& net);
 // Deletes the TAP in the host netns or in the pod netns (if it still exists). Missing is fine.
 void RemoveTap(const std::string& tap, const std::string& netns);

@@ -1,4 +1,5 @@
 #include "sandboxer/pods.h"
+#include "sandboxer/pods_internal.h"
 
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -31,38 +32,15 @@ using Phase = PodRecord::Phase;
 
 constexpr char kAgentService[] = "peapod.agent.v1.Agent";
 
-struct PodManager::Pod {
-  PodRecord rec;
-  bool busy = false;      // Start or Stop in progress
-  bool stopping = false;  // we asked for the stop (clean exit status)
-  std::unique_ptr<AgentMux> mux;
-  std::shared_ptr<ttrpc::Client> agent;      // the sandboxer's own client, through the mux
-  std::unique_ptr<PortForwarder> forwarder;  // CRI PortForward into the guest; needs agent
-  std::vector<Reply<PodExit>> waiters;
-  std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
-  std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
-  bool op_running = false;
-  // Where a Start's time went (milliseconds per step, in order), logged when the pod is ready.
-  std::vector<std::pair<std::string, double>> start_steps;
-  std::chrono::steady_clock::time_point step_at;
-  void Step(const char* name) {
-    auto now = std::chrono::steady_clock::now();
-    start_steps.emplace_back(name,
-                             std::chrono::duration<double, std::milli>(now - step_at).count());
-    step_at = now;
-  }
-};
-
 namespace {
+
+std::string TapOf(const PodRecord& r) { return r.tap.empty() ? TapName(r.id) : r.tap; }
+bool HasTap(const PodRecord& r) { return !r.tap.empty() || !r.netns.empty(); }
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-Error UnknownPod(const std::string& id) {
-  return Error::NotFound("sandbox {} not found (never created here, or already shut down)", id);
 }
 
 }  // namespace
@@ -82,7 +60,11 @@ PodManager::PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend)
 
 // Callbacks posted by workers and clients hold a weak_ptr to alive_: dropping it first makes
 // every one of them a no-op, even those that run while members are being destroyed.
-PodManager::~PodManager() { alive_.reset(); }
+PodManager::~PodManager() {
+  // Pool VMs belong to no pod: they go with us (a crash leaves them to CleanPoolLeftovers).
+  DestroyPool();
+  alive_.reset();
+}
 
 std::string PodManager::RunDir(const std::string& id) const { return cfg_.run_dir + "/pods/" + id; }
 
@@ -209,7 +191,10 @@ Result<void> PodManager::Recover() {
     } else {
       pod->rec.disks.clear();
       pod->rec.rootfs.clear();
-      if (!pod->rec.netns.empty()) RemoveTap(TapName(rec.id), pod->rec.netns);
+      if (HasTap(pod->rec)) RemoveTap(TapOf(pod->rec), pod->rec.netns);
+      pod->rec.tap.clear();
+      // A pool VM it was adopting is gone: its next Start boots (or adopts) afresh.
+      if (pod->rec.phase == Phase::kCreated) pod->rec.domain = "peapod-" + rec.id;
       (void)Save(*pod);
     }
     pods_[rec.id] = std::move(pod);
@@ -226,6 +211,7 @@ Result<void> PodManager::Recover() {
     }
   }
   cache_.Collect();
+  CleanPoolLeftovers();
   for (auto& [name, vm] : live) {
     if (!known.count(name)) {
       spdlog::warn("recover: destroying VM {} that has no pod record", name);
@@ -235,20 +221,26 @@ Result<void> PodManager::Recover() {
   return Ok();
 }
 
-Result<void> PodManager::AttachChannel(Pod& pod) {
-  std::string dir = RunDir(pod.rec.id);
+Result<PodManager::Channel> PodManager::ConnectAgent(const std::string& dir) {
+  Channel ch;
   PP_ASSIGN_OR_RETURN(auto upstream, ConnectUnix(dir + "/vm-agent.sock"));
   PP_TRY(SetNonBlocking(upstream.get()));
-  auto mux = std::make_unique<AgentMux>(loop_);
-  PP_TRY(mux->AttachUpstream(std::move(upstream)));
-  PP_ASSIGN_OR_RETURN(auto listener, ListenUnix(AgentSocket(pod.rec.id)));
-  ::chmod(AgentSocket(pod.rec.id).c_str(), 0600);  // root only: it drives the whole pod
-  PP_TRY(mux->ServeListener(std::move(listener)));
+  ch.mux = std::make_unique<AgentMux>(loop_);
+  PP_TRY(ch.mux->AttachUpstream(std::move(upstream)));
+  PP_ASSIGN_OR_RETURN(auto listener, ListenUnix(dir + "/agent.sock"));
+  ::chmod((dir + "/agent.sock").c_str(), 0600);  // root only: it drives the whole pod
+  PP_TRY(ch.mux->ServeListener(std::move(listener)));
   PP_ASSIGN_OR_RETURN(auto pair, SocketPair());
   PP_TRY(SetNonBlocking(pair.first.get()));
-  PP_TRY(mux->AddClient(std::move(pair.first)));
-  PP_ASSIGN_OR_RETURN(pod.agent, ttrpc::Client::Create(loop_, std::move(pair.second)));
-  pod.mux = std::move(mux);
+  PP_TRY(ch.mux->AddClient(std::move(pair.first)));
+  PP_ASSIGN_OR_RETURN(ch.agent, ttrpc::Client::Create(loop_, std::move(pair.second)));
+  return ch;
+}
+
+Result<void> PodManager::AttachChannel(Pod& pod) {
+  PP_ASSIGN_OR_RETURN(Channel ch, ConnectAgent(RunDir(pod.rec.id)));
+  pod.mux = std::move(ch.mux);
+  pod.agent = std::move(ch.agent);
   return Ok();
 }
 
@@ -317,10 +309,26 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
   }
   pod->busy = true;
   pod->rec.phase = Phase::kStarting;
+  auto pooled = TakePoolVm(*pod);
+  if (pooled) {
+    // Recorded before anything moves: a crash from here on leaves a record naming the pool VM,
+    // which Recover then destroys with the pod back in "created".
+    pod->rec.domain = pooled->domain;
+    pod->rec.tap = pooled->tap;
+  }
   if (auto r = Save(*pod); !r.ok()) {
     pod->busy = false;
     pod->rec.phase = Phase::kCreated;
+    pod->rec.domain = "peapod-" + id;
+    pod->rec.tap.clear();
+    if (pooled) DestroyPoolVm(std::move(pooled));
     return reply(r.error());
+  }
+  if (pooled) {
+    auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
+    pod->start_steps.clear();
+    pod->step_at = std::chrono::steady_clock::now();
+    return AdoptPoolVm(id, std::move(pooled), deadline, reply);
   }
   VmSpec spec = SpecFor(*pod);
   std::string netns = pod->rec.netns;
@@ -400,20 +408,24 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   // Back to "created", as if Start had not been called: a failed request changes nothing.
   std::string domain = p->rec.domain;
   std::string netns = p->rec.netns;
+  std::string tap = TapOf(p->rec);
+  bool has_tap = HasTap(p->rec);
   p->net.reset();
   p->busy = false;
   p->rec.phase = Phase::kCreated;
   p->rec.pid = 0;
   p->rec.scratch = false;
+  p->rec.domain = "peapod-" + id;  // a pool VM it was adopting is destroyed below
+  p->rec.tap.clear();
   p->forwarder.reset();
   p->mux.reset();
   p->agent.reset();
   (void)Save(*p);
   if (vm_started) {
     std::string scratch = store_.PodDir(id) + "/scratch.img";
-    workers_.Run([this, domain, id, netns, scratch] {
+    workers_.Run([this, domain, tap, has_tap, netns, scratch] {
       (void)backend_->Destroy(domain);
-      if (!netns.empty()) RemoveTap(TapName(id), netns);
+      if (has_tap) RemoveTap(tap, netns);
       ::unlink(scratch.c_str());
     });
   }
@@ -573,6 +585,9 @@ void PodManager::VmStopped(const std::string& domain) {
   std::weak_ptr<bool> alive = alive_;
   loop_->Post([this, alive, domain] {
     if (alive.expired()) return;
+    for (const auto& vm : pool_) {
+      if (vm->domain == domain) return DropPoolVm(vm->name, "its VM stopped");
+    }
     for (auto& [id, pod] : pods_) {
       if (pod->rec.domain != domain) continue;
       if (pod->rec.phase == Phase::kRunning) {
@@ -720,7 +735,7 @@ void PodManager::ReleaseHostResources(Pod& pod) {
   pod.rec.disks.clear();
   pod.rec.rootfs.clear();
   pod.rec.volumes.clear();
-  if (!pod.rec.netns.empty()) RemoveTap(TapName(pod.rec.id), pod.rec.netns);
+  if (HasTap(pod.rec)) RemoveTap(TapOf(pod.rec), pod.rec.netns);
 }
 
 void PodManager::Enqueue(const std::string& id, std::function<void(std::function<void()>)> op) {

@@ -8,6 +8,7 @@
 // so a restarted sandboxer re-adopts running VMs (Recover) and cleans what has no record.
 #pragma once
 
+#include <atomic>
 #include <deque>
 #include <functional>
 #include <map>
@@ -111,6 +112,15 @@ class PodManager {
   void ReleaseContainer(const std::string& id, const std::string& container, Reply<void> reply);
   LayerCache& layer_cache() { return cache_; }
 
+  // Boots pool VMs until cfg.pool_size are ready or booting (loop thread, after Recover; also
+  // called when one is taken or dies).
+  void FillPool();
+  // Pool VMs ready to be adopted.
+  size_t pool_ready() const;
+  // Stops and removes every pool VM, waiting for boots in flight (the sandboxer is exiting; a
+  // pool VM belongs to no pod). Loop thread. The pool stays empty afterwards.
+  void DestroyPool();
+
   // <run_dir>/pods/<id>: the pod's sockets and share.
   std::string RunDir(const std::string& id) const;
   std::string AgentSocket(const std::string& id) const;
@@ -132,7 +142,37 @@ class PodManager {
   // <cri_root>/sandboxes/<id>: where containerd's CRI looks for the pod files.
   std::string CriSandboxDir(const std::string& id) const;
   void RemoveCriFiles(const PodRecord& rec);
+  // A VM's agent channel: connects to <dir>/vm-agent.sock, serves <dir>/agent.sock.
+  struct Channel {
+    std::unique_ptr<AgentMux> mux;
+    std::shared_ptr<ttrpc::Client> agent;
+  };
+  Result<Channel> ConnectAgent(const std::string& dir);
   Result<void> AttachChannel(Pod& pod);
+
+  // The warm pool (pool.cc). A pool VM is booted with no identity: its own name, run dir (the
+  // pod run dir layout, under a pool name), scratch disk, console log, and a TAP left in our
+  // netns. A pod adopts it once: the run dir is renamed to the pod's, the TAP moved into the pod
+  // netns, and the agent then gets the pod's network (with the CNI MAC), hostname and storage.
+  struct PoolVm {
+    std::string name;  // pool-<hex>
+    std::string domain, tap, mac;
+    int pid = 0;
+    bool ready = false;
+    Channel channel;
+  };
+  std::string PoolStateDir(const std::string& name) const;
+  void BootPoolVm();
+  void PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline);
+  void DropPoolVm(const std::string& name, const std::string& why);
+  // Stops a pool VM that is out of pool_ and removes its TAP and directories.
+  void DestroyPoolVm(std::unique_ptr<PoolVm> vm);
+  // Takes a ready pool VM for pod if one fits it (the default VM size); else null.
+  std::unique_ptr<PoolVm> TakePoolVm(const Pod& pod);
+  void AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm,
+                   EventLoop::Clock::time_point deadline, Reply<PodStatus> reply);
+  // Destroys pool VMs a previous sandboxer left (they have no pod record) and their TAPs.
+  void CleanPoolLeftovers();
   // Serves CRI PortForward for a ready pod with a netns (a warning if it cannot).
   void StartPortForwarder(Pod& pod);
   void LogStartSteps(const Pod& pod);
@@ -155,6 +195,10 @@ class PodManager {
   WorkerPool workers_{2};
   LayerCache cache_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
+  std::vector<std::unique_ptr<PoolVm>> pool_;  // booting and ready
+  // Shared with boot workers, which outlive nothing but may finish after DestroyPool began.
+  std::shared_ptr<std::atomic<int>> pool_booting_ = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<std::atomic<bool>> pool_closed_ = std::make_shared<std::atomic<bool>>(false);
 };
 
 }  // namespace peapod::sandboxer

@@ -83,6 +83,7 @@ Result<void> StateStore::Save(const PodRecord& r) {
                       {"dns_options", r.dns_options},
                       {"sysctls", r.sysctls},
                       {"cri_files", r.cri_files},
+                      {"tap", r.tap},
                       {"volumes", r.volumes},
                       {"rootfs", r.rootfs}};
   j["disks"] = nlohmann::json::array();
@@ -134,6 +135,7 @@ Result<std::vector<PodRecord>> StateStore::LoadAll() {
       r.dns_options = j.value("dns_options", std::vector<std::string>{});
       r.sysctls = j.value("sysctls", std::map<std::string, std::string>{});
       r.cri_files = j.value("cri_files", false);
+      r.tap = j.value("tap", std::string());
       if (j.contains("volumes")) {
         r.volumes = j.at("volumes").get<std::map<std::string, std::vector<std::string>>>();
       }

@@ -38,6 +38,7 @@ struct PodRecord {
   std::vector<std::string> dns_servers, dns_searches, dns_options;
   std::map<std::string, std::string> sysctls;
   bool cri_files = false;
+  std::string tap;                // the pod's TAP when not TapName(id) (a pool VM's)
   bool scratch = false;           // the scratch disk (unit 0) exists
   std::vector<DiskRecord> disks;  // hot-added layer disks
   // Per container: the units of its rootfs layers, topmost first.

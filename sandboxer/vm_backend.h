@@ -63,6 +63,8 @@ class VmBackend {
   // False for a backend whose guests cannot see disks (the local-process fake): the pod then
   // has no scratch disk and containers write into the agent's own directory.
   virtual bool SupportsDisks() const { return true; }
+  // False for a backend whose guests have no NIC (the fake): pool VMs then get no TAP.
+  virtual bool SupportsNetwork() const { return true; }
   // The running VMs this backend manages (for recovery after a restart).
   virtual Result<std::vector<VmInfo>> List() = 0;
   // Called, from any thread, when a VM stops for whatever reason (power-off, crash, kill).

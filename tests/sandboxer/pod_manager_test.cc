@@ -504,5 +504,72 @@ TEST_F(PodManagerTest, RecoverDestroysVmsWithoutARecord) {
   EXPECT_TRUE(s->ready);
 }
 
+// The warm pool: a Start adopts a pre-booted VM (no boot on the pod's path), each VM serves one
+// pod only, the pool refills behind it, and the pool goes with the sandboxer while pods stay.
+TEST_F(PodManagerTest, APoolVmIsAdoptedByOnePodAndThePoolRefills) {
+  DropManager();
+  cfg_.pool_size = 1;
+  ASSERT_TRUE(NewManager().ok());
+  lt_->Sync([&] { pm_->FillPool(); });
+  auto pool_vm = [&](const std::set<std::string>& not_these) -> std::optional<VmInfo> {
+    for (int i = 0; i < 300; ++i) {
+      size_t ready = 0;
+      lt_->Sync([&] { ready = pm_->pool_ready(); });
+      if (ready) {
+        auto vms = backend_->List();
+        for (const auto& vm : vms.ok() ? *vms : std::vector<VmInfo>{}) {
+          if (vm.name.starts_with("peapod-pool-") && !not_these.count(vm.name)) return vm;
+        }
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+    return std::nullopt;
+  };
+  auto first = pool_vm({});
+  ASSERT_TRUE(first) << "no pool VM became ready";
+
+  ASSERT_TRUE(Create("pod1").ok());
+  auto s1 = Start("pod1");
+  ASSERT_TRUE(s1.ok()) << s1.error().ToString();
+  EXPECT_EQ(s1->pid, first->pid) << "pod1 did not get the pool VM";
+  EXPECT_TRUE(s1->ready);
+  // Its files moved in: the agent socket serves pod1 from pod1's run dir.
+  EXPECT_TRUE(fs::exists(dir_ + "/run/pods/pod1/agent.sock"));
+  EXPECT_FALSE(fs::exists(dir_ + "/run/pods/" + first->name.substr(7)));
+
+  // The pool refills with another VM; the next pod takes that one, never pod1's.
+  auto second = pool_vm({first->name});
+  ASSERT_TRUE(second) << "the pool did not refill";
+  ASSERT_TRUE(Create("pod2").ok());
+  auto s2 = Start("pod2");
+  ASSERT_TRUE(s2.ok()) << s2.error().ToString();
+  EXPECT_EQ(s2->pid, second->pid);
+  EXPECT_NE(s2->pid, s1->pid);
+
+  // pod1's VM (the pool's first) goes with pod1.
+  ASSERT_TRUE(Stop("pod1").ok());
+  ASSERT_TRUE(Shutdown("pod1").ok());
+  auto after1 = backend_->List();
+  ASSERT_TRUE(after1.ok());
+  for (const auto& vm : *after1) EXPECT_NE(vm.name, first->name);
+
+  // A sandboxer restart without a pool: pod2 is re-adopted, and the pool VMs are gone.
+  auto third = pool_vm({first->name, second->name});
+  ASSERT_TRUE(third);
+  DropManager();
+  cfg_.pool_size = 0;
+  ASSERT_TRUE(NewManager().ok());
+  auto st = Status("pod2");
+  ASSERT_TRUE(st.ok());
+  EXPECT_TRUE(st->ready);
+  auto after = backend_->List();
+  ASSERT_TRUE(after.ok());
+  ASSERT_EQ(after->size(), 1u);
+  EXPECT_EQ(after->front().name, second->name);  // pod2's, named as the pool named it
+  ASSERT_TRUE(Shutdown("pod2").ok());
+  EXPECT_TRUE(fs::is_empty(dir_ + "/run/pods", ec_));
+  EXPECT_FALSE(fs::exists(dir_ + "/state/pool") && !fs::is_empty(dir_ + "/state/pool", ec_));
+}
+
 }  // namespace
 }  // namespace peapod::sandboxer

@@ -20,6 +20,7 @@
 #include "containerd/services/sandbox/v1/sandbox.grpc.pb.h"
 #include "k8s/cri/v1/pod_sandbox_config.pb.h"
 #include "peapod/sandboxer/v1/sandboxer.pb.h"
+#include "sandboxer/network.h"
 #include "sandboxer/storage.h"
 #include "tests/common/agent_client.h"
 #include "tests/vm/vm_fixture.h"
@@ -63,7 +64,7 @@ class SandboxerTest : public AgentVmTest {
 
   void TearDown() override {
     if (stub_) {
-      for (const char* id : {"pod1", "pod2", "pod3", "pod4"}) {
+      for (const char* id : {"pod1", "pod2", "pod3", "pod4", "pod5", "pod6"}) {
         grpc::ClientContext ctx;
         sbv1::ControllerShutdownRequest req;
         req.set_sandbox_id(id);
@@ -255,6 +256,19 @@ TEST_F(SandboxerTest, AKilledQemuMakesThePodNotReadyAndWaitReturns) {
   ASSERT_TRUE(Status("pod2", &st).ok());
   EXPECT_EQ(st.state(), "SANDBOX_NOTREADY");
   EXPECT_TRUE(Shutdown("pod2").ok());
+}
+
+// A command's stdout, without the final newline.
+std::string Capture(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return out;
+  char buf[512];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  ::pclose(p);
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
 }
 
 // Whether a TCP connection to 127.0.0.1:port made inside the netns at path is accepted: what
@@ -602,6 +616,117 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
   EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod4"));
   EXPECT_TRUE(std::ifstream(volume + "/f").good()) << "shutdown must not delete volume data";
   EXPECT_NE(::kill(static_cast<pid_t>(started.pid()), 0), 0) << "QEMU still running";
+}
+
+// The warm pool: with pool_size 1, a pod starts on a pre-booted VM that then takes the pod's
+// identity (its CNI IP and MAC, hostname, storage); the next pod gets another VM, never that one.
+TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
+  if (std::system("command -v ip >/dev/null") != 0) GTEST_SKIP() << "iproute2 is not installed";
+  RestartWith("pool_size", 1);
+  auto pool_ready = [&](size_t n) {
+    for (int i = 0; i < 600; ++i) {
+      std::string log = Log();
+      size_t count = 0;
+      for (size_t p = 0; (p = log.find("pool: pool-", p)) != std::string::npos; ++p) {
+        size_t eol = log.find('\n', p);
+        count += log.substr(p, eol - p).find(" ready (QEMU pid") != std::string::npos;
+      }
+      if (count >= n) return true;
+      std::this_thread::sleep_for(200ms);
+    }
+    return false;
+  };
+  ASSERT_TRUE(pool_ready(1)) << Log();
+
+  PodNetns ns("pp-pool-" + std::to_string(::getpid() % 100000));
+  ASSERT_TRUE(ns.ok());
+  peapod::cri::v1::PodSandboxConfig cri;
+  cri.set_hostname("warm-0");
+  google::protobuf::Any options;
+  options.set_type_url("type.googleapis.com/runtime.v1.PodSandboxConfig");
+  options.set_value(cri.SerializeAsString());
+  ASSERT_TRUE(Create("pod5", ns.path(), &options).ok());
+  auto t0 = std::chrono::steady_clock::now();
+  sbv1::ControllerStartResponse started;
+  auto s = Start("pod5", &started);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\nlog:\n" << Log();
+  std::printf("Start from the pool took %.2f s\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  EXPECT_NE(Log().find("pod pod5: adopting pool VM pool-"), std::string::npos) << Log();
+
+  // A container in it sees the pod's hostname, IP and MAC (the CNI interface's).
+  std::string layer = dir_ + "/busybox";
+  ASSERT_EQ(agenttest::BuildBusyboxRoot(layer), "");
+  peapod::testing::LoopThread lt;
+  auto fd = ConnectUnix(dir_ + "/shim.sock");
+  ASSERT_TRUE(fd.ok()) << fd.error().ToString();
+  auto shim = lt.Sync([&] { return *ttrpc::Client::Create(lt.loop(), std::move(*fd)); });
+  pb::AttachRootfsRequest attach;
+  attach.set_pod_id("pod5");
+  attach.set_container_id("c1");
+  auto* m = attach.add_mounts();
+  m->set_type("bind");
+  m->set_source(layer);
+  m->add_options("ro");
+  m->add_options("rbind");
+  ttrpc::CallOptions opts;
+  opts.timeout = 120s;
+  auto rootfs = shim->CallSyncTyped<pb::AttachRootfsResponse>("peapod.sandboxer.v1.Sandboxer",
+                                                              "AttachRootfs", attach, opts);
+  ASSERT_TRUE(rootfs.ok()) << rootfs.error().ToString() << "\nlog:\n" << Log();
+  v1::CheckResponse check;
+  auto conn = ConnectAndCheck(lt, run_dir_ + "/pods/pod5/agent.sock", &check, 30s);
+  ASSERT_TRUE(conn);
+  std::string boot5 = check.boot_id();
+  agenttest::AgentClient agent(conn, {});
+  v1::CreateContainerRequest req;
+  req.set_container_id("c1");
+  req.set_oci_spec(agenttest::Spec(
+      {"sh", "-c", "hostname; ip -4 -o addr show eth0; cat /sys/class/net/eth0/address"}));
+  *req.mutable_layers() = rootfs->layers();
+  req.set_upper_dir(rootfs->upper_dir());
+  ASSERT_TRUE(agent.Create(req).ok());
+  ASSERT_TRUE(agent.Start("c1").ok());
+  std::string out = agent.ReadAll("c1");
+  EXPECT_TRUE(agent.Wait("c1").ok());
+  EXPECT_NE(out.find("warm-0\n"), std::string::npos) << out;
+  EXPECT_NE(out.find("10.98.0.2/24"), std::string::npos) << out;
+  std::string cni_mac =
+      Capture("ip netns exec " + ns.path().substr(15) + " cat /sys/class/net/eth0/address");
+  ASSERT_EQ(cni_mac.size(), 17u) << cni_mac;
+  EXPECT_NE(out.find(cni_mac), std::string::npos) << out << " vs CNI MAC " << cni_mac;
+  // And the guest answers as the pod from outside (the pool VM's TAP joined the CNI interface).
+  std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
+  ASSERT_EQ(std::system(flush.c_str()), 0);
+  EXPECT_EQ(std::system("ping -c 3 -W 5 -i 0.3 10.98.0.2 >/dev/null"), 0);
+  EXPECT_TRUE(agent.Remove("c1").ok());
+
+  // The next pod gets another VM (the refilled pool's): a different QEMU and kernel boot.
+  ASSERT_TRUE(pool_ready(2)) << Log();
+  ASSERT_TRUE(Create("pod6").ok());
+  sbv1::ControllerStartResponse started6;
+  ASSERT_TRUE(Start("pod6", &started6).ok()) << Log();
+  EXPECT_NE(started6.pid(), started.pid());
+  std::string boot6;
+  ASSERT_TRUE(AgentAnswers("pod6", &boot6));
+  EXPECT_NE(boot6, boot5);
+
+  // pod5's VM goes with pod5; the pool VMs go with the sandboxer; nothing is left.
+  ASSERT_TRUE(Shutdown("pod5").ok());
+  ASSERT_TRUE(Shutdown("pod6").ok());
+  EXPECT_NE(::kill(static_cast<pid_t>(started.pid()), 0), 0) << "pod5's QEMU still runs";
+  StopSandboxer(SIGTERM);
+  EXPECT_NE(std::system(("pgrep -f '[q]emu.*" + dir_ + "' >/dev/null").c_str()), 0)
+      << "QEMU left after the sandboxer stopped";
+  // Every pool VM's TAP (the names follow from the pool names in the log) is gone.
+  std::string log = Log();
+  for (size_t p = 0; (p = log.find("pool: booting ", p)) != std::string::npos; ++p) {
+    std::string name = log.substr(p + 14, log.find('\n', p) - p - 14);
+    std::string tap = sandboxer::TapName(name);
+    EXPECT_NE(std::system(("ip link show " + tap + " >/dev/null 2>&1").c_str()), 0)
+        << "TAP " << tap << " of " << name << " left on host";
+  }
+  EXPECT_TRUE(MountsUnder(run_dir_).empty());
 }
 
 }  // namespace

@@ -1,0 +1,45 @@
+// What pods.cc and pool.cc share about a pod: PodManager's private per-pod state.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "sandboxer/network.h"
+#include "sandboxer/pods.h"
+#include "sandboxer/port_forward.h"
+
+namespace peapod::sandboxer {
+
+struct PodManager::Pod {
+  PodRecord rec;
+  bool busy = false;      // Start or Stop in progress
+  bool stopping = false;  // we asked for the stop (clean exit status)
+  std::unique_ptr<AgentMux> mux;
+  std::shared_ptr<ttrpc::Client> agent;      // the sandboxer's own client, through the mux
+  std::unique_ptr<PortForwarder> forwarder;  // CRI PortForward into the guest; needs agent
+  std::vector<Reply<PodExit>> waiters;
+  std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
+  std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
+  bool op_running = false;
+  // Where a Start's time went (milliseconds per step, in order), logged when the pod is ready.
+  std::vector<std::pair<std::string, double>> start_steps;
+  std::chrono::steady_clock::time_point step_at;
+  void Step(const char* name) {
+    auto now = std::chrono::steady_clock::now();
+    start_steps.emplace_back(name,
+                             std::chrono::duration<double, std::milli>(now - step_at).count());
+    step_at = now;
+  }
+};
+
+inline Error UnknownPod(const std::string& id) {
+  return Error::NotFound("sandbox {} not found (never created here, or already shut down)", id);
+}
+
+}  // namespace peapod::sandboxer

@@ -1,0 +1,309 @@
+// The warm VM pool: pre-booted VMs with no identity, adopted once by a pod's Start.
+// See PodManager::PoolVm in pods.h and docs/sandboxer.md ("Warm pool").
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
+#include <spdlog/spdlog.h>
+
+#include "peapod/agent/v1/agent.pb.h"
+#include "sandboxer/network.h"
+#include "sandboxer/pods.h"
+#include "sandboxer/pods_internal.h"
+#include "sandboxer/storage.h"
+
+namespace peapod::sandboxer {
+
+namespace fs = std::filesystem;
+namespace v1 = peapod::agent::v1;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr char kAgentService[] = "peapod.agent.v1.Agent";
+constexpr auto kRetryAfter = 10s;  // after a pool VM failed to boot or died
+
+std::string RandomBytesHex(size_t n, const char* sep = "") {
+  std::string raw(n, '\0');
+  UniqueFd fd(::open("/dev/urandom", O_RDONLY | O_CLOEXEC));
+  if (!fd || ::read(fd.get(), raw.data(), n) != static_cast<ssize_t>(n)) {
+    auto t = std::chrono::steady_clock::now().time_since_epoch().count();
+    for (size_t i = 0; i < n; ++i) raw[i] = static_cast<char>((t >> (8 * (i % 8))) ^ ::getpid());
+  }
+  std::string out;
+  for (size_t i = 0; i < n; ++i) {
+    char b[3];
+    std::snprintf(b, sizeof(b), "%02x", static_cast<unsigned char>(raw[i]));
+    if (i) out += sep;
+    out += b;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string PodManager::PoolStateDir(const std::string& name) const {
+  return cfg_.state_dir + "/pool/" + name;
+}
+
+size_t PodManager::pool_ready() const {
+  return static_cast<size_t>(
+      std::count_if(pool_.begin(), pool_.end(), [](const auto& vm) { return vm->ready; }));
+}
+
+void PodManager::FillPool() {
+  if (*pool_closed_) return;
+  while (pool_.size() < cfg_.pool_size) BootPoolVm();
+}
+
+void PodManager::DestroyPool() {
+  *pool_closed_ = true;
+  // A boot in flight sees the pool closed and removes its own VM; wait for those to finish.
+  for (int i = 0; i < 1200 && *pool_booting_ > 0; ++i) std::this_thread::sleep_for(50ms);
+  for (auto& vm : pool_) {
+    vm->channel = {};
+    (void)backend_->Destroy(vm->domain);
+    if (!vm->tap.empty()) RemoveTap(vm->tap, "");
+    (void)RemoveTreeSafely(RunDir(vm->name));
+    std::error_code ec;
+    fs::remove_all(PoolStateDir(vm->name), ec);
+    spdlog::info("pool: removed {}", vm->name);
+  }
+  pool_.clear();
+}
+
+void PodManager::BootPoolVm() {
+  auto vm = std::make_unique<PoolVm>();
+  vm->name = "pool-" + RandomBytesHex(6);
+  vm->domain = "peapod-" + vm->name;
+  // A locally administered unicast MAC; the agent gives the NIC the pod's MAC at adoption.
+  vm->mac = "02:" + RandomBytesHex(5, ":");
+  if (backend_->SupportsNetwork()) vm->tap = TapName(vm->name);
+  VmSpec s;
+  s.name = vm->domain;
+  s.kernel = cfg_.kernel;
+  s.initrd = cfg_.initrd;
+  s.cmdline = cfg_.cmdline;
+  s.vcpus = cfg_.vcpus;
+  s.memory_mib = cfg_.memory_mib;
+  s.kvm = UseKvm();
+  std::string dir = RunDir(vm->name), sdir = PoolStateDir(vm->name);
+  s.agent_socket = dir + "/vm-agent.sock";
+  s.share_dir = dir + "/share";
+  s.console_log = sdir + "/console.log";
+  if (backend_->SupportsDisks()) s.disks.push_back({sdir + "/scratch.img", 0, false});
+  s.tap = vm->tap;
+  if (!vm->tap.empty()) s.mac = vm->mac;
+  std::string name = vm->name;
+  spdlog::info("pool: booting {}", name);
+  pool_.push_back(std::move(vm));
+  std::weak_ptr<bool> alive = alive_;
+  auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
+  ++*pool_booting_;
+  workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
+                closed = pool_closed_] {
+    Result<VmInfo> vm = Error(Code::kUnknown, "not started");
+    std::error_code ec;
+    fs::create_directories(dir + "/share", ec);
+    fs::create_directories(sdir, ec);
+    if (ec) {
+      vm = Error::Errno("mkdir " + sdir, ec.value());
+    } else {
+      Result<void> prep = Ok();
+      for (const auto& d : s.disks) {
+        if (!d.readonly) prep = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
+      }
+      if (prep.ok() && !s.tap.empty()) prep = CreateTap(s.tap);
+      vm = prep.ok() ? backend_->Start(s) : Result<VmInfo>(std::move(prep).error());
+    }
+    if (*closed) {
+      // The sandboxer is going away (DestroyPool waits for us): leave nothing behind.
+      if (vm.ok()) (void)backend_->Destroy(s.name);
+      if (!s.tap.empty()) RemoveTap(s.tap, "");
+      (void)RemoveTreeSafely(dir);
+      std::error_code ec;
+      fs::remove_all(sdir, ec);
+      --*booting;
+      return;
+    }
+    loop_->Post([this, alive, vm = std::move(vm), name, dir, deadline]() mutable {
+      if (alive.expired()) return;
+      auto it =
+          std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
+      if (it == pool_.end()) return;
+      if (!vm.ok()) return DropPoolVm(name, vm.error().ToString());
+      (*it)->pid = vm->pid;
+      auto ch = ConnectAgent(dir);
+      if (!ch.ok()) return DropPoolVm(name, ch.error().ToString());
+      (*it)->channel = std::move(*ch);
+      PoolVmUp(name, deadline);
+    });
+    --*booting;
+  });
+}
+
+void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline) {
+  auto it =
+      std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
+  if (it == pool_.end() || !(*it)->channel.agent) return;
+  if (EventLoop::Clock::now() >= deadline) {
+    return DropPoolVm(
+        name, "its agent did not answer in time (see " + PoolStateDir(name) + "/console.log)");
+  }
+  ttrpc::CallOptions opts;
+  opts.timeout = 1s;
+  std::weak_ptr<bool> alive = alive_;
+  (*it)->channel.agent->Call(kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
+                             [this, alive, name, deadline](Result<std::string> r) {
+                               if (alive.expired()) return;
+                               auto it =
+                                   std::find_if(pool_.begin(), pool_.end(),
+                                                [&](const auto& p) { return p->name == name; });
+                               if (it == pool_.end()) return;
+                               if (!r.ok()) {
+                                 loop_->AddTimer(200ms, [this, alive, name, deadline] {
+                                   if (!alive.expired()) PoolVmUp(name, deadline);
+                                 });
+                                 return;
+                               }
+                               (*it)->ready = true;
+                               spdlog::info("pool: {} ready (QEMU pid {}); {} of {} ready", name,
+                                            (*it)->pid, pool_ready(), cfg_.pool_size);
+                             });
+}
+
+void PodManager::DropPoolVm(const std::string& name, const std::string& why) {
+  auto it =
+      std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
+  if (it == pool_.end()) return;
+  spdlog::warn("pool: dropping {}: {}", name, why);
+  auto vm = std::move(*it);
+  pool_.erase(it);
+  DestroyPoolVm(std::move(vm));
+  // Not at once: a VM that cannot boot would otherwise be retried in a tight loop.
+  std::weak_ptr<bool> alive = alive_;
+  loop_->AddTimer(kRetryAfter, [this, alive] {
+    if (!alive.expired()) FillPool();
+  });
+}
+
+void PodManager::DestroyPoolVm(std::unique_ptr<PoolVm> vm) {
+  vm->channel = {};
+  workers_.Run([this, domain = vm->domain, tap = vm->tap, dir = RunDir(vm->name),
+                sdir = PoolStateDir(vm->name)] {
+    (void)backend_->Destroy(domain);
+    if (!tap.empty()) RemoveTap(tap, "");
+    if (auto r = RemoveTreeSafely(dir); !r.ok()) spdlog::warn("pool: {}", r.error().ToString());
+    std::error_code ec;
+    fs::remove_all(sdir, ec);
+  });
+}
+
+std::unique_ptr<PodManager::PoolVm> PodManager::TakePoolVm(const Pod& pod) {
+  if (cfg_.pool_size == 0) return nullptr;
+  // Only a pod of the pool's VM size (no limits, or limits that come to the default).
+  VmSpec want = SpecFor(pod);
+  if (want.vcpus != cfg_.vcpus || want.memory_mib != cfg_.memory_mib) return nullptr;
+  auto it = std::find_if(pool_.begin(), pool_.end(), [](const auto& p) { return p->ready; });
+  if (it == pool_.end()) return nullptr;
+  auto vm = std::move(*it);
+  pool_.erase(it);
+  FillPool();  // the refill boots on the workers, beside the adoption
+  return vm;
+}
+
+void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_in,
+                             EventLoop::Clock::time_point deadline, Reply<PodStatus> reply) {
+  Pod* pod = Find(id);
+  if (!pod) {
+    DestroyPoolVm(std::move(vm_in));
+    return reply(UnknownPod(id));
+  }
+  spdlog::info("pod {}: adopting pool VM {} (QEMU pid {})", id, vm_in->name, vm_in->pid);
+  std::shared_ptr<PoolVm> vm(std::move(vm_in));
+  std::weak_ptr<bool> alive = alive_;
+  std::string netns = pod->rec.netns;
+  std::string pod_state = store_.PodDir(id);
+  workers_.Run([this, alive, id, vm, netns, pod_state, deadline, reply] {
+    std::optional<PodNetwork> net;
+    Result<void> done = Ok();
+    // The pod network: the pool VM's TAP joins the CNI interface in the pod netns.
+    if (!netns.empty()) {
+      auto n = ReadPodNetwork(netns);
+      if (!n.ok()) {
+        done = std::move(n).error().Wrap("pod network");
+      } else if (vm->tap.empty()) {
+        done = Error::Make(Code::kFailedPrecondition, "pool VM {} has no NIC", vm->name);
+      } else {
+        n->tap = vm->tap;
+        n->guest.mutable_interfaces(0)->set_current_mac(vm->mac);
+        done = AttachTap(*n);
+        if (done.ok()) net = std::move(*n);
+      }
+    }
+    // Its files become the pod's: the run dir (sockets, the share QEMU exports, which keeps
+    // exporting the same directory under its new name), the console log and scratch disk.
+    if (done.ok()) done = RemoveTreeSafely(RunDir(id));
+    if (done.ok() && ::rename(RunDir(vm->name).c_str(), RunDir(id).c_str()) < 0) {
+      done = Error::Errno("rename " + RunDir(vm->name) + " to " + RunDir(id));
+    }
+    if (done.ok()) {
+      for (const char* f : {"console.log", "scratch.img"}) {
+        std::string from = PoolStateDir(vm->name) + "/" + f;
+        if (::access(from.c_str(), F_OK) == 0 &&
+            ::rename(from.c_str(), (pod_state + "/" + f).c_str()) < 0) {
+          done = Error::Errno("rename " + from);
+          break;
+        }
+      }
+      std::error_code ec;
+      fs::remove_all(PoolStateDir(vm->name), ec);
+    }
+    loop_->Post([this, alive, id, vm, net = std::move(net), done = std::move(done), deadline,
+                 reply]() mutable {
+      if (alive.expired()) return;
+      Pod* pod = Find(id);
+      if (!pod) {
+        DestroyPoolVm(std::make_unique<PoolVm>(std::move(*vm)));
+        return reply(UnknownPod(id));
+      }
+      // FailStart destroys the VM (the record names it) and the TAP wherever it went.
+      if (!done.ok()) return FailStart(id, done.error().Wrap("adopt pool VM"), true, reply);
+      pod->rec.pid = vm->pid;
+      pod->rec.scratch = backend_->SupportsDisks();
+      pod->mux = std::move(vm->channel.mux);
+      pod->agent = std::move(vm->channel.agent);
+      pod->net = std::move(net);
+      if (auto r = PreparePodFiles(pod->rec); !r.ok()) return FailStart(id, r.error(), true, reply);
+      if (auto r = Save(*pod); !r.ok()) return FailStart(id, r.error(), true, reply);
+      pod->Step("adopt_pool_vm");
+      // Then as for a VM of its own: network, hostname and storage, and ready.
+      WaitForAgent(id, deadline, reply);
+    });
+  });
+}
+
+void PodManager::CleanPoolLeftovers() {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(cfg_.state_dir + "/pool", ec)) {
+    std::string name = e.path().filename().string();
+    std::string domain = "peapod-" + name;
+    bool owned = std::any_of(pods_.begin(), pods_.end(),
+                             [&](const auto& p) { return p.second->rec.domain == domain; });
+    if (!owned) {
+      spdlog::warn("recover: destroying pool VM {} left by a previous sandboxer", name);
+      (void)backend_->Destroy(domain);
+      if (backend_->SupportsNetwork()) RemoveTap(TapName(name), "");
+      (void)RemoveTreeSafely(RunDir(name));
+    }
+    std::error_code ec2;
+    fs::remove_all(e.path(), ec2);
+  }
+}
+
+}  // namespace peapod::sandboxer
