@@ -39,6 +39,7 @@ struct ContainerManager::Process {
   UniqueFd console_listener;  // crun connects here to hand over the pty master
   std::optional<uint32_t> exit_code;
   Timestamp exited_at;
+  std::chrono::steady_clock::time_point started{};  // when StartContainer/Exec returned
   struct Waiter {
     std::function<bool()> waiting;
     Reply<v1::WaitProcessResponse> reply;
@@ -462,6 +463,7 @@ void ContainerManager::Start(const std::string& id, Reply<v1::StartContainerResp
     if (ct->status == Container::Status::kCreated) {
       ct->status = Container::Status::kRunning;
     }
+    ct->init.started = std::chrono::steady_clock::now();
     v1::StartContainerResponse resp;
     resp.set_pid(static_cast<uint32_t>(ct->init.pid));
     reply(std::move(resp));
@@ -542,8 +544,40 @@ Result<void> ContainerManager::Signal(const v1::SignalProcessRequest& req) {
     return Error::NotFound("process {} of container {} has already exited",
                            req.exec_id().empty() ? "init" : req.exec_id(), req.container_id());
   }
+  // A container's init is PID 1 of its PID namespace, and the kernel drops a signal sent to such
+  // a process unless it has a handler for it. Right after start, a program that will handle
+  // SIGTERM may not have installed its handler yet (under TCG that window is tens of ms, where
+  // runc on the host rarely loses the race), and the stop would then wait out its whole
+  // timeout. So a catchable signal to an init started moments ago waits, up to kSignalGrace
+  // after its start, for the handler to appear, and is then sent as asked.
+  if (req.exec_id().empty() && sig != SIGKILL && sig != SIGSTOP &&
+      std::chrono::steady_clock::now() - p->started < kSignalGrace && !Catches(p->pid, sig)) {
+    DeferSignal(req.container_id(), p->pid, sig, p->started + kSignalGrace);
+    return Ok();
+  }
   if (::kill(p->pid, sig) < 0) return Error::Errno(fmt::format("kill {} {}", p->pid, sig));
   return Ok();
+}
+
+bool ContainerManager::Catches(pid_t pid, int sig) {
+  auto status = ReadFile("/proc/" + std::to_string(pid) + "/status");
+  if (!status.ok()) return true;  // gone or unreadable: send at once, as before
+  size_t at = status->find("SigCgt:");
+  if (at == std::string::npos) return true;
+  uint64_t mask = std::strtoull(status->c_str() + at + 7, nullptr, 16);
+  return (mask >> (sig - 1)) & 1;
+}
+
+void ContainerManager::DeferSignal(const std::string& id, pid_t pid, int sig,
+                                   std::chrono::steady_clock::time_point until) {
+  loop_->AddTimer(std::chrono::milliseconds(20), [this, id, pid, sig, until] {
+    auto p = FindProcess(id, "");
+    if (!p.ok() || (*p)->pid != pid || (*p)->exit_code) return;  // gone meanwhile
+    if (!Catches(pid, sig) && std::chrono::steady_clock::now() < until) {
+      return DeferSignal(id, pid, sig, until);
+    }
+    ::kill(pid, sig);
+  });
 }
 
 void ContainerManager::Wait(const std::string& id, const std::string& exec_id,

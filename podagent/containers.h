@@ -13,6 +13,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <chrono>
 
 #include <deque>
 #include <functional>
@@ -106,6 +107,11 @@ class ContainerManager {
                const std::vector<UniqueFd>& child_fds,
                std::function<void(Result<std::string>)> done);
   std::string CgroupDir(const std::string& id) const;
+  // Signal handling of a freshly started init (see Signal).
+  static constexpr std::chrono::milliseconds kSignalGrace{2000};
+  static bool Catches(pid_t pid, int sig);
+  void DeferSignal(const std::string& id, pid_t pid, int sig,
+                   std::chrono::steady_clock::time_point until);
   void WatchOOM(const ContainerPtr& c);
   void OnInotify();
 
