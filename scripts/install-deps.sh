@@ -26,6 +26,10 @@ pkgs=(
   # containerd 1.6 (classic CRI and plain ctr paths), runc (the baseline runtime), CNI plugins
   # for the CRI tests' pod network
   containerd runc containernetworking-plugins
+  # cri-tests/run.sh: the loopback image registry, and its report and readiness checks
+  docker-registry python3 curl
+  # bench/run.sh: plots (Debian's python3 has matplotlib; pip's does not) and callgrind
+  python3-matplotlib valgrind
 )
 
 missing=()
@@ -44,6 +48,13 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "install-deps: Debian packages already present"
+fi
+
+# docker-registry's package enables a system-wide registry on :5000; cri-tests/run.sh starts its
+# own on loopback and wants none running.
+if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet docker-registry 2>/dev/null; then
+  echo "install-deps: disabling the docker-registry service (cri-tests runs its own)"
+  systemctl disable --now docker-registry
 fi
 
 # libvirt's QEMU driver looks up its build-time default user before it reads qemu.conf, so the
