@@ -75,6 +75,18 @@ Result<Empty> ToEmpty(Result<void> r) {
   return Empty();
 }
 
+// Answers a ReadStdout/ReadStderr/ReadPort from out: data as soon as there is some, or EOF.
+template <typename Waiting, typename Reply>
+void ReadStream(OutputStream* out, uint32_t max_bytes, Waiting waiting, Reply reply) {
+  size_t max = max_bytes ? max_bytes : OutputStream::kMaxRead;
+  out->Read(max, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
+                    v1::ReadStreamResponse resp;
+                    resp.set_data(std::move(data));
+                    resp.set_eof(eof);
+                    reply(std::move(resp));
+                  }});
+}
+
 Result<void> SetupSandbox(const v1::CreateSandboxRequest& req, bool local) {
   if (!local && !req.hostname().empty()) {
     if (::sethostname(req.hostname().data(), req.hostname().size()) < 0) {
@@ -245,14 +257,7 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
         [cm, err](v1::ReadStreamRequest&& req, auto waiting, auto reply) {
           auto out = cm->Output(req.container_id(), req.exec_id(), err);
           if (!out.ok()) return reply(out.error());
-          size_t max = req.max_bytes() ? req.max_bytes() : OutputStream::kMaxRead;
-          (*out)->Read(
-              max, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
-                      v1::ReadStreamResponse resp;
-                      resp.set_data(std::move(data));
-                      resp.set_eof(eof);
-                      reply(std::move(resp));
-                    }});
+          ReadStream(*out, req.max_bytes(), std::move(waiting), std::move(reply));
         });
   }
   RegisterSync<v1::ProcessRequest, Empty>(
@@ -279,14 +284,7 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
       server, "ReadPort", [ports](v1::PortIoRequest&& req, auto waiting, auto reply) {
         auto out = ports->Output(req.id());
         if (!out.ok()) return reply(out.error());
-        size_t max = req.max_bytes() ? req.max_bytes() : OutputStream::kMaxRead;
-        (*out)->Read(
-            max, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
-                    v1::ReadStreamResponse resp;
-                    resp.set_data(std::move(data));
-                    resp.set_eof(eof);
-                    reply(std::move(resp));
-                  }});
+        ReadStream(*out, req.max_bytes(), std::move(waiting), std::move(reply));
       });
   RegisterLong<v1::PortIoRequest, v1::WriteStreamResponse>(
       server, "WritePort", [ports](v1::PortIoRequest&& req, auto, auto reply) {
