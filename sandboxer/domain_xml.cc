@@ -122,7 +122,12 @@ Result<std::string> DomainXml(const VmSpec& s) {
   w.Element("on_poweroff", "destroy");
   w.Element("on_reboot", "destroy");
   w.Element("on_crash", "destroy");
-  w.Open("features").Open("acpi").Close().Close();
+  w.Open("features").Open("acpi").Close();
+  if (!s.kvm && s.tcg_tb_cache_mib) {
+    w.Open("tcg").Open("tb-cache").Attr("unit", "MiB");
+    w.Text(std::to_string(s.tcg_tb_cache_mib)).Close().Close();
+  }
+  w.Close();
   if (s.kvm) {
     w.Open("cpu").Attr("mode", "host-passthrough").Close();
   }

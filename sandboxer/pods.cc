@@ -99,6 +99,7 @@ VmSpec PodManager::SpecFor(const Pod& pod) const {
   s.vcpus = pod.rec.vcpus ? pod.rec.vcpus : cfg_.vcpus;
   s.memory_mib = pod.rec.memory_mib ? pod.rec.memory_mib : cfg_.memory_mib;
   s.kvm = UseKvm();
+  s.tcg_tb_cache_mib = cfg_.tcg_tb_cache_mib;
   std::string dir = RunDir(pod.rec.id);
   s.agent_socket = dir + "/vm-agent.sock";
   s.share_dir = dir + "/share";

@@ -92,6 +92,7 @@ void PodManager::BootPoolVm() {
   s.vcpus = cfg_.vcpus;
   s.memory_mib = cfg_.memory_mib;
   s.kvm = UseKvm();
+  s.tcg_tb_cache_mib = cfg_.tcg_tb_cache_mib;
   std::string dir = RunDir(vm->name), sdir = PoolStateDir(vm->name);
   s.agent_socket = dir + "/vm-agent.sock";
   s.share_dir = dir + "/share";

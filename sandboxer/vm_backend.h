@@ -30,6 +30,9 @@ struct VmSpec {
   unsigned vcpus = 1;
   uint64_t memory_mib = 512;
   bool kvm = false;  // domain type kvm, else qemu (TCG)
+  // TCG only: the size of QEMU's translated-code cache (0: QEMU's default, which grows to
+  // hundreds of MiB per VM).
+  uint64_t tcg_tb_cache_mib = 0;
   // QEMU listens here for the virtio-serial agent port (io.peapod.agent.0).
   std::string agent_socket;
   // Exported to the guest over 9p with mount tag "peapod-share" (empty: none).

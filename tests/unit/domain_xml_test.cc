@@ -35,6 +35,14 @@ TEST(DomainXmlTest, DescribesTheGuest) {
   auto kvm = Good();
   kvm.kvm = true;
   EXPECT_NE(DomainXml(kvm)->find("<domain type=\"kvm\">"), std::string::npos);
+  // The TCG translation cache is capped when asked, and only for TCG.
+  EXPECT_EQ(xml->find("tb-cache"), std::string::npos);
+  auto tcg = Good();
+  tcg.tcg_tb_cache_mib = 64;
+  EXPECT_NE(DomainXml(tcg)->find("<tb-cache unit=\"MiB\">64</tb-cache>"), std::string::npos)
+      << *DomainXml(tcg);
+  kvm.tcg_tb_cache_mib = 64;
+  EXPECT_EQ(DomainXml(kvm)->find("tb-cache"), std::string::npos);
 }
 
 TEST(DomainXmlTest, EscapesWhatComesFromRequests) {
