@@ -81,6 +81,9 @@ struct ContainerManager::Container {
   uint64_t oom_kills = 0;
   int oom_wd = -1;
   int exec_seq = 0;
+  // False when it shares the VM's PID namespace (CRI POD/NODE): its init's exit then does not
+  // end the processes it started, so they are killed with it, as containerd's runc shim does.
+  bool own_pid_ns = true;
 };
 
 namespace {
@@ -251,6 +254,10 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
       for (auto ns : linux_doc["namespaces"]) {
         std::string type = ns.value("type", "");
         if (type == "network" || type == "ipc" || type == "uts") continue;
+        // A PID namespace with a path is the pod's (CRI PodPID) or the node's (HostPID): both
+        // mean the VM's own, where every such container sees the others (and the agent as
+        // PID 1). Without a path, the container gets one of its own.
+        if (type == "pid" && ns.contains("path")) continue;
         // Paths name host namespaces (e.g. a pause container's): a new one in the guest.
         ns.erase("path");
         kept.push_back(ns);
@@ -316,7 +323,8 @@ Result<void> ContainerManager::FinishStdio(Process& p, const std::string& consol
 void ContainerManager::Track(const ContainerPtr& c, Process* p) {
   std::weak_ptr<Container> weak = c;
   std::string exec_id = p->exec_id;
-  reaper_->OnExit(p->pid, [weak, exec_id](int status) {
+  std::string procs = opts_.cgroup_root.empty() ? "" : CgroupDir(c->id) + "/cgroup.procs";
+  reaper_->OnExit(p->pid, [weak, exec_id, procs](int status) {
     auto c = weak.lock();
     if (!c) return;
     Process* proc = &c->init;
@@ -329,6 +337,14 @@ void ContainerManager::Track(const ContainerPtr& c, Process* p) {
     spdlog::info("agent: container {}{}{} pid {} exited with {}", c->id,
                  exec_id.empty() ? "" : " exec ", exec_id, proc->pid, code);
     if (exec_id.empty()) c->status = Container::Status::kStopped;
+    if (exec_id.empty() && !c->own_pid_ns && !procs.empty()) {
+      // Its children (say nginx's workers) live on in the shared namespace and would hold its
+      // stdio open: the container ends with its init.
+      if (auto text = ReadFile(procs); text.ok()) {
+        std::istringstream ss(*text);
+        for (pid_t pid; ss >> pid;) ::kill(pid, SIGKILL);
+      }
+    }
     proc->Exited(code);
   });
 }
@@ -409,6 +425,12 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   }
 
   if (auto r = RewriteSpec(id, spec, c->rootfs); !r.ok()) return fail(r.error());
+  c->own_pid_ns = false;
+  if (spec.doc().contains("linux") && spec.doc()["linux"].contains("namespaces")) {
+    for (const auto& ns : spec.doc()["linux"]["namespaces"]) {
+      if (ns.value("type", "") == "pid") c->own_pid_ns = true;
+    }
+  }
   if (auto r = WriteFile(c->dir + "/config.json", spec.Dump(2)); !r.ok()) return fail(r.error());
   const bool terminal = spec.process() && spec.process()->terminal;
 
