@@ -474,19 +474,7 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
         for (const auto& d : pod->rec.dns_searches) sb.add_dns_searches(d);
         for (const auto& d : pod->rec.dns_options) sb.add_dns_options(d);
         for (const auto& [k, v] : pod->rec.sysctls) (*sb.mutable_sysctls())[k] = v;
-        // Pod-wide mounts: the share (volumes, pod files) and the scratch disk.
-        auto* share = sb.add_storages();
-        share->set_driver(v1::Storage::VIRTIO_9P);
-        share->set_source("peapod-share");
-        share->set_fstype("9p");
-        share->set_mount_point(kGuestShareDir);
-        if (pod->rec.scratch) {
-          auto* scratch = sb.add_storages();
-          scratch->set_driver(v1::Storage::SCSI);
-          scratch->set_source("0:0");
-          scratch->set_fstype("ext4");
-          scratch->set_mount_point(kGuestScratchDir);
-        }
+        AddPodStorages(sb, pod->rec.scratch);
         ttrpc::CallOptions o;
         o.timeout = 30s;
         if (pod->net) {
@@ -521,6 +509,22 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
                            reply(StatusOf(*pod));
                          });
       });
+}
+
+void AddPodStorages(v1::CreateSandboxRequest& sb, bool scratch) {
+  // Pod-wide mounts: the share (volumes, pod files) and the scratch disk.
+  auto* share = sb.add_storages();
+  share->set_driver(v1::Storage::VIRTIO_9P);
+  share->set_source("peapod-share");
+  share->set_fstype("9p");
+  share->set_mount_point(kGuestShareDir);
+  if (scratch) {
+    auto* disk = sb.add_storages();
+    disk->set_driver(v1::Storage::SCSI);
+    disk->set_source("0:0");
+    disk->set_fstype("ext4");
+    disk->set_mount_point(kGuestScratchDir);
+  }
 }
 
 void PodManager::LogStartSteps(const Pod& pod) {

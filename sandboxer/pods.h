@@ -164,6 +164,7 @@ class PodManager {
   std::string PoolStateDir(const std::string& name) const;
   void BootPoolVm();
   void PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline);
+  void PoolVmMounted(const std::string& name, Result<std::string> r);
   void DropPoolVm(const std::string& name, const std::string& why);
   // Stops a pool VM that is out of pool_ and removes its TAP and directories.
   void DestroyPoolVm(std::unique_ptr<PoolVm> vm);

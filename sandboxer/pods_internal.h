@@ -38,6 +38,9 @@ struct PodManager::Pod {
   }
 };
 
+// The share and (if the VM has one) the scratch disk, as CreateSandbox mounts them.
+void AddPodStorages(peapod::agent::v1::CreateSandboxRequest& sb, bool scratch);
+
 inline Error UnknownPod(const std::string& id) {
   return Error::NotFound("sandbox {} not found (never created here, or already shut down)", id);
 }

@@ -159,23 +159,43 @@ void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point 
   ttrpc::CallOptions opts;
   opts.timeout = 1s;
   std::weak_ptr<bool> alive = alive_;
-  (*it)->channel.agent->Call(kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
-                             [this, alive, name, deadline](Result<std::string> r) {
-                               if (alive.expired()) return;
-                               auto it =
-                                   std::find_if(pool_.begin(), pool_.end(),
-                                                [&](const auto& p) { return p->name == name; });
-                               if (it == pool_.end()) return;
-                               if (!r.ok()) {
-                                 loop_->AddTimer(200ms, [this, alive, name, deadline] {
-                                   if (!alive.expired()) PoolVmUp(name, deadline);
-                                 });
-                                 return;
-                               }
-                               (*it)->ready = true;
-                               spdlog::info("pool: {} ready (QEMU pid {}); {} of {} ready", name,
-                                            (*it)->pid, pool_ready(), cfg_.pool_size);
-                             });
+  (*it)->channel.agent->Call(
+      kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
+      [this, alive, name, deadline](Result<std::string> r) {
+        if (alive.expired()) return;
+        auto it = std::find_if(pool_.begin(), pool_.end(),
+                               [&](const auto& p) { return p->name == name; });
+        if (it == pool_.end()) return;
+        if (!r.ok()) {
+          loop_->AddTimer(200ms, [this, alive, name, deadline] {
+            if (!alive.expired()) PoolVmUp(name, deadline);
+          });
+          return;
+        }
+        // The storage every pod mounts (share, scratch disk: ext4's
+        // modules load here, ~1 s under TCG) is mounted now, off the
+        // adopting pod's path; the adopting CreateSandbox names the same
+        // mounts, which the agent counts instead of mounting again.
+        v1::CreateSandboxRequest sb;
+        AddPodStorages(sb, backend_->SupportsDisks());
+        ttrpc::CallOptions o;
+        o.timeout = 60s;
+        (*it)->channel.agent->Call(kAgentService, "CreateSandbox", sb.SerializeAsString(), o,
+                                   [this, alive, name](Result<std::string> r) {
+                                     if (alive.expired()) return;
+                                     PoolVmMounted(name, std::move(r));
+                                   });
+      });
+}
+
+void PodManager::PoolVmMounted(const std::string& name, Result<std::string> r) {
+  auto it =
+      std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
+  if (it == pool_.end()) return;
+  if (!r.ok()) return DropPoolVm(name, "mount its storage: " + r.error().ToString());
+  (*it)->ready = true;
+  spdlog::info("pool: {} ready (QEMU pid {}); {} of {} ready", name, (*it)->pid, pool_ready(),
+               cfg_.pool_size);
 }
 
 void PodManager::DropPoolVm(const std::string& name, const std::string& why) {
