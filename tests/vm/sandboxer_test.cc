@@ -294,15 +294,17 @@ bool LoopbackAccepts(const std::string& path, uint16_t port) {
 // A pod netns as CNI leaves it: a veth end named eth0 with an address and a default route.
 class PodNetns {
  public:
-  explicit PodNetns(const std::string& name) : name_(name) {
+  // net: the /24 of the veth pair, distinct per test so that tests running at once do not route
+  // each other's pings.
+  explicit PodNetns(const std::string& name, const std::string& net = "10.98.0") : name_(name) {
     Run("ip netns add " + name_);
     Run("ip link add " + name_ + "-h type veth peer name eth0 netns " + name_);
-    Run("ip addr add 10.98.0.1/24 dev " + name_ + "-h");
+    Run("ip addr add " + net + ".1/24 dev " + name_ + "-h");
     Run("ip link set " + name_ + "-h up");
-    Run("ip -n " + name_ + " addr add 10.98.0.2/24 dev eth0");
+    Run("ip -n " + name_ + " addr add " + net + ".2/24 dev eth0");
     Run("ip -n " + name_ + " link set eth0 up");
     Run("ip -n " + name_ + " link set lo up");
-    Run("ip -n " + name_ + " route add default via 10.98.0.1");
+    Run("ip -n " + name_ + " route add default via " + net + ".1");
   }
   ~PodNetns() {
     Run("ip netns del " + name_ + " 2>/dev/null");
@@ -638,7 +640,7 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   };
   ASSERT_TRUE(pool_ready(1)) << Log();
 
-  PodNetns ns("pp-pool-" + std::to_string(::getpid() % 100000));
+  PodNetns ns("pp-pool-" + std::to_string(::getpid() % 100000), "10.97.0");
   ASSERT_TRUE(ns.ok());
   peapod::cri::v1::PodSandboxConfig cri;
   cri.set_hostname("warm-0");
@@ -690,7 +692,7 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   std::string out = agent.ReadAll("c1");
   EXPECT_TRUE(agent.Wait("c1").ok());
   EXPECT_NE(out.find("warm-0\n"), std::string::npos) << out;
-  EXPECT_NE(out.find("10.98.0.2/24"), std::string::npos) << out;
+  EXPECT_NE(out.find("10.97.0.2/24"), std::string::npos) << out;
   std::string cni_mac =
       Capture("ip netns exec " + ns.path().substr(15) + " cat /sys/class/net/eth0/address");
   ASSERT_EQ(cni_mac.size(), 17u) << cni_mac;
@@ -698,7 +700,7 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   // And the guest answers as the pod from outside (the pool VM's TAP joined the CNI interface).
   std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
   ASSERT_EQ(std::system(flush.c_str()), 0);
-  EXPECT_EQ(std::system("ping -c 3 -W 5 -i 0.3 10.98.0.2 >/dev/null"), 0);
+  EXPECT_EQ(std::system("ping -c 3 -W 5 -i 0.3 10.97.0.2 >/dev/null"), 0);
   EXPECT_TRUE(agent.Remove("c1").ok());
 
   // The next pod gets another VM (the refilled pool's): a different QEMU and kernel boot.
