@@ -90,24 +90,31 @@ bool PodManager::UseKvm() const {
   return fd.valid();
 }
 
-VmSpec PodManager::SpecFor(const Pod& pod) const {
+VmSpec PodManager::BaseSpec(const std::string& domain, const std::string& run_dir,
+                            const std::string& state_dir, unsigned vcpus,
+                            uint64_t memory_mib) const {
   VmSpec s;
-  s.name = pod.rec.domain;
+  s.name = domain;
   s.kernel = cfg_.kernel;
   s.initrd = cfg_.initrd;
   s.cmdline = cfg_.cmdline;
-  s.vcpus = pod.rec.vcpus ? pod.rec.vcpus : cfg_.vcpus;
-  s.memory_mib = pod.rec.memory_mib ? pod.rec.memory_mib : cfg_.memory_mib;
+  s.vcpus = vcpus;
+  s.memory_mib = memory_mib;
   s.kvm = UseKvm();
   s.tcg_tb_cache_mib = cfg_.tcg_tb_cache_mib;
-  std::string dir = RunDir(pod.rec.id);
-  s.agent_socket = dir + "/vm-agent.sock";
-  s.share_dir = dir + "/share";
-  s.console_log = store_.PodDir(pod.rec.id) + "/console.log";
+  s.agent_socket = run_dir + "/vm-agent.sock";
+  s.share_dir = run_dir + "/share";
+  s.console_log = state_dir + "/console.log";
   if (backend_->SupportsDisks()) {
-    s.disks.push_back({store_.PodDir(pod.rec.id) + "/scratch.img", 0, /*readonly=*/false});
+    s.disks.push_back({state_dir + "/scratch.img", 0, /*readonly=*/false});
   }
   return s;
+}
+
+VmSpec PodManager::SpecFor(const Pod& pod) const {
+  return BaseSpec(pod.rec.domain, RunDir(pod.rec.id), store_.PodDir(pod.rec.id),
+                  pod.rec.vcpus ? pod.rec.vcpus : cfg_.vcpus,
+                  pod.rec.memory_mib ? pod.rec.memory_mib : cfg_.memory_mib);
 }
 
 Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {

@@ -162,6 +162,14 @@ class PodManager {
     Channel channel;
   };
   std::string PoolStateDir(const std::string& name) const;
+  PoolVm* FindPoolVm(const std::string& name);
+  // Destroys pool VM name's domain ("peapod-<name>") and removes its TAP and directories.
+  // Blocking (libvirt): a worker, or the loop at exit.
+  void RemovePoolVmNow(const std::string& name, const std::string& tap);
+  // The VM all pods and pool VMs share: image, accel, and the sockets, share, console log and
+  // scratch disk under run_dir / state_dir.
+  VmSpec BaseSpec(const std::string& domain, const std::string& run_dir,
+                  const std::string& state_dir, unsigned vcpus, uint64_t memory_mib) const;
   void BootPoolVm();
   void PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline);
   void PoolVmMounted(const std::string& name, Result<std::string> r);

@@ -51,6 +51,22 @@ std::string PodManager::PoolStateDir(const std::string& name) const {
   return cfg_.state_dir + "/pool/" + name;
 }
 
+PodManager::PoolVm* PodManager::FindPoolVm(const std::string& name) {
+  auto it =
+      std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
+  return it == pool_.end() ? nullptr : it->get();
+}
+
+void PodManager::RemovePoolVmNow(const std::string& name, const std::string& tap) {
+  (void)backend_->Destroy("peapod-" + name);
+  if (!tap.empty()) RemoveTap(tap, "");
+  if (auto r = RemoveTreeSafely(RunDir(name)); !r.ok()) {
+    spdlog::warn("pool: {}", r.error().ToString());
+  }
+  std::error_code ec;
+  fs::remove_all(PoolStateDir(name), ec);
+}
+
 size_t PodManager::pool_ready() const {
   return static_cast<size_t>(
       std::count_if(pool_.begin(), pool_.end(), [](const auto& vm) { return vm->ready; }));
@@ -67,11 +83,7 @@ void PodManager::DestroyPool() {
   for (int i = 0; i < 1200 && *pool_booting_ > 0; ++i) std::this_thread::sleep_for(50ms);
   for (auto& vm : pool_) {
     vm->channel = {};
-    (void)backend_->Destroy(vm->domain);
-    if (!vm->tap.empty()) RemoveTap(vm->tap, "");
-    (void)RemoveTreeSafely(RunDir(vm->name));
-    std::error_code ec;
-    fs::remove_all(PoolStateDir(vm->name), ec);
+    RemovePoolVmNow(vm->name, vm->tap);
     spdlog::info("pool: removed {}", vm->name);
   }
   pool_.clear();
@@ -84,20 +96,8 @@ void PodManager::BootPoolVm() {
   // A locally administered unicast MAC; the agent gives the NIC the pod's MAC at adoption.
   vm->mac = "02:" + RandomBytesHex(5, ":");
   if (backend_->SupportsNetwork()) vm->tap = TapName(vm->name);
-  VmSpec s;
-  s.name = vm->domain;
-  s.kernel = cfg_.kernel;
-  s.initrd = cfg_.initrd;
-  s.cmdline = cfg_.cmdline;
-  s.vcpus = cfg_.vcpus;
-  s.memory_mib = cfg_.memory_mib;
-  s.kvm = UseKvm();
-  s.tcg_tb_cache_mib = cfg_.tcg_tb_cache_mib;
   std::string dir = RunDir(vm->name), sdir = PoolStateDir(vm->name);
-  s.agent_socket = dir + "/vm-agent.sock";
-  s.share_dir = dir + "/share";
-  s.console_log = sdir + "/console.log";
-  if (backend_->SupportsDisks()) s.disks.push_back({sdir + "/scratch.img", 0, false});
+  VmSpec s = BaseSpec(vm->domain, dir, sdir, cfg_.vcpus, cfg_.memory_mib);
   s.tap = vm->tap;
   if (!vm->tap.empty()) s.mac = vm->mac;
   std::string name = vm->name;
@@ -107,7 +107,7 @@ void PodManager::BootPoolVm() {
   auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
   ++*pool_booting_;
   workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
-                closed = pool_closed_] {
+                closed = pool_closed_, tap = s.tap] {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
     std::error_code ec;
     fs::create_directories(dir + "/share", ec);
@@ -124,24 +124,19 @@ void PodManager::BootPoolVm() {
     }
     if (*closed) {
       // The sandboxer is going away (DestroyPool waits for us): leave nothing behind.
-      if (vm.ok()) (void)backend_->Destroy(s.name);
-      if (!s.tap.empty()) RemoveTap(s.tap, "");
-      (void)RemoveTreeSafely(dir);
-      std::error_code ec;
-      fs::remove_all(sdir, ec);
+      RemovePoolVmNow(name, tap);
       --*booting;
       return;
     }
     loop_->Post([this, alive, vm = std::move(vm), name, dir, deadline]() mutable {
       if (alive.expired()) return;
-      auto it =
-          std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
-      if (it == pool_.end()) return;
+      PoolVm* pv = FindPoolVm(name);
+      if (!pv) return;
       if (!vm.ok()) return DropPoolVm(name, vm.error().ToString());
-      (*it)->pid = vm->pid;
+      pv->pid = vm->pid;
       auto ch = ConnectAgent(dir);
       if (!ch.ok()) return DropPoolVm(name, ch.error().ToString());
-      (*it)->channel = std::move(*ch);
+      pv->channel = std::move(*ch);
       PoolVmUp(name, deadline);
     });
     --*booting;
@@ -149,9 +144,8 @@ void PodManager::BootPoolVm() {
 }
 
 void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline) {
-  auto it =
-      std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
-  if (it == pool_.end() || !(*it)->channel.agent) return;
+  PoolVm* pv = FindPoolVm(name);
+  if (!pv || !pv->channel.agent) return;
   if (EventLoop::Clock::now() >= deadline) {
     return DropPoolVm(
         name, "its agent did not answer in time (see " + PoolStateDir(name) + "/console.log)");
@@ -159,42 +153,40 @@ void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point 
   ttrpc::CallOptions opts;
   opts.timeout = 1s;
   std::weak_ptr<bool> alive = alive_;
-  (*it)->channel.agent->Call(
-      kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
-      [this, alive, name, deadline](Result<std::string> r) {
-        if (alive.expired()) return;
-        auto it = std::find_if(pool_.begin(), pool_.end(),
-                               [&](const auto& p) { return p->name == name; });
-        if (it == pool_.end()) return;
-        if (!r.ok()) {
-          loop_->AddTimer(200ms, [this, alive, name, deadline] {
-            if (!alive.expired()) PoolVmUp(name, deadline);
-          });
-          return;
-        }
-        // The storage every pod mounts (share, scratch disk: ext4's
-        // modules load here, ~1 s under TCG) is mounted now, off the
-        // adopting pod's path; the adopting CreateSandbox names the same
-        // mounts, which the agent counts instead of mounting again.
-        v1::CreateSandboxRequest sb;
-        AddPodStorages(sb, backend_->SupportsDisks());
-        ttrpc::CallOptions o;
-        o.timeout = 60s;
-        (*it)->channel.agent->Call(kAgentService, "CreateSandbox", sb.SerializeAsString(), o,
-                                   [this, alive, name](Result<std::string> r) {
-                                     if (alive.expired()) return;
-                                     PoolVmMounted(name, std::move(r));
-                                   });
-      });
+  pv->channel.agent->Call(kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
+                          [this, alive, name, deadline](Result<std::string> r) {
+                            if (alive.expired()) return;
+                            PoolVm* pv = FindPoolVm(name);
+                            if (!pv) return;
+                            if (!r.ok()) {
+                              loop_->AddTimer(200ms, [this, alive, name, deadline] {
+                                if (!alive.expired()) PoolVmUp(name, deadline);
+                              });
+                              return;
+                            }
+                            // The storage every pod mounts (share, scratch disk: ext4's
+                            // modules load here, ~1 s under TCG) is mounted now, off the
+                            // adopting pod's path; the adopting CreateSandbox names the same
+                            // mounts, which the agent counts instead of mounting again.
+                            v1::CreateSandboxRequest sb;
+                            AddPodStorages(sb, backend_->SupportsDisks());
+                            ttrpc::CallOptions o;
+                            o.timeout = 60s;
+                            pv->channel.agent->Call(kAgentService, "CreateSandbox",
+                                                    sb.SerializeAsString(), o,
+                                                    [this, alive, name](Result<std::string> r) {
+                                                      if (alive.expired()) return;
+                                                      PoolVmMounted(name, std::move(r));
+                                                    });
+                          });
 }
 
 void PodManager::PoolVmMounted(const std::string& name, Result<std::string> r) {
-  auto it =
-      std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->name == name; });
-  if (it == pool_.end()) return;
+  PoolVm* pv = FindPoolVm(name);
+  if (!pv) return;
   if (!r.ok()) return DropPoolVm(name, "mount its storage: " + r.error().ToString());
-  (*it)->ready = true;
-  spdlog::info("pool: {} ready (QEMU pid {}); {} of {} ready", name, (*it)->pid, pool_ready(),
+  pv->ready = true;
+  spdlog::info("pool: {} ready (QEMU pid {}); {} of {} ready", name, pv->pid, pool_ready(),
                cfg_.pool_size);
 }
 
@@ -215,14 +207,7 @@ void PodManager::DropPoolVm(const std::string& name, const std::string& why) {
 
 void PodManager::DestroyPoolVm(std::unique_ptr<PoolVm> vm) {
   vm->channel = {};
-  workers_.Run([this, domain = vm->domain, tap = vm->tap, dir = RunDir(vm->name),
-                sdir = PoolStateDir(vm->name)] {
-    (void)backend_->Destroy(domain);
-    if (!tap.empty()) RemoveTap(tap, "");
-    if (auto r = RemoveTreeSafely(dir); !r.ok()) spdlog::warn("pool: {}", r.error().ToString());
-    std::error_code ec;
-    fs::remove_all(sdir, ec);
-  });
+  workers_.Run([this, name = vm->name, tap = vm->tap] { RemovePoolVmNow(name, tap); });
 }
 
 std::unique_ptr<PodManager::PoolVm> PodManager::TakePoolVm(const Pod& pod) {
@@ -318,12 +303,11 @@ void PodManager::CleanPoolLeftovers() {
                              [&](const auto& p) { return p.second->rec.domain == domain; });
     if (!owned) {
       spdlog::warn("recover: destroying pool VM {} left by a previous sandboxer", name);
-      (void)backend_->Destroy(domain);
-      if (backend_->SupportsNetwork()) RemoveTap(TapName(name), "");
-      (void)RemoveTreeSafely(RunDir(name));
+      RemovePoolVmNow(name, backend_->SupportsNetwork() ? TapName(name) : "");
+    } else {
+      std::error_code ec2;
+      fs::remove_all(e.path(), ec2);
     }
-    std::error_code ec2;
-    fs::remove_all(e.path(), ec2);
   }
 }
 

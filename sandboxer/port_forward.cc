@@ -64,9 +64,7 @@ Result<std::unique_ptr<PortForwarder>> PortForwarder::Start(EventLoop* loop,
   PortForwarder* self = f.get();
   PP_ASSIGN_OR_RETURN(
       f->watch_, loop->Watch(f->listener_.get(), EPOLLIN, [self](uint32_t) { self->OnAccept(); }));
-  // Connections a previous sandboxer (before a restart) left open in the guest.
-  f->agent_->Call(kAgentService, "ClosePort", v1::ClosePortRequest().SerializeAsString(), {},
-                  [](Result<std::string>) {});
+  f->CloseInGuest("");  // connections a previous sandboxer (before a restart) left open
   return f;
 }
 
@@ -74,13 +72,23 @@ PortForwarder::~PortForwarder() {
   if (watch_) loop_->Unwatch(watch_);
   for (auto& [n, c] : conns_) {
     if (c->watch) loop_->Unwatch(c->watch);
-    if (!c->id.empty() && agent_ && !agent_->closed()) {
-      v1::ClosePortRequest req;
-      req.set_id(c->id);
-      agent_->Call(kAgentService, "ClosePort", req.SerializeAsString(), {},
-                   [](Result<std::string>) {});
-    }
+    if (!c->id.empty()) CloseInGuest(c->id);
   }
+}
+
+void PortForwarder::CloseInGuest(const std::string& id) {
+  if (!agent_ || agent_->closed()) return;
+  v1::ClosePortRequest req;
+  req.set_id(id);
+  agent_->Call(kAgentService, "ClosePort", req.SerializeAsString(), {}, [](Result<std::string>) {});
+}
+
+void PortForwarder::Forget(uint64_t n) {
+  Conn* c = Find(n);
+  if (!c) return;
+  if (!c->id.empty()) CloseInGuest(c->id);
+  if (c->watch) loop_->Unwatch(c->watch);
+  conns_.erase(n);
 }
 
 PortForwarder::Conn* PortForwarder::Find(uint64_t n) {
@@ -264,25 +272,14 @@ void PortForwarder::FlushToHost(Conn& c) {
 void PortForwarder::MaybeFinish(uint64_t n) {
   Conn* c = Find(n);
   if (!c || !c->host_eof || c->to_guest || !c->guest_eof || !c->to_host.empty()) return;
-  v1::ClosePortRequest req;
-  req.set_id(c->id);
-  agent_->Call(kAgentService, "ClosePort", req.SerializeAsString(), {}, [](Result<std::string>) {});
-  if (c->watch) loop_->Unwatch(c->watch);
-  conns_.erase(n);
+  Forget(n);
 }
 
 void PortForwarder::Abort(uint64_t n, const std::string& why) {
   Conn* c = Find(n);
   if (!c) return;
   if (!why.empty()) spdlog::info("pod {}: port forward to port {}: {}", pod_id_, c->port, why);
-  if (!c->id.empty()) {
-    v1::ClosePortRequest req;
-    req.set_id(c->id);
-    agent_->Call(kAgentService, "ClosePort", req.SerializeAsString(), {},
-                 [](Result<std::string>) {});
-  }
-  if (c->watch) loop_->Unwatch(c->watch);
-  conns_.erase(n);
+  Forget(n);
 }
 
 }  // namespace peapod::sandboxer

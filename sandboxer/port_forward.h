@@ -49,6 +49,10 @@ class PortForwarder {
   void UpdateWatch(Conn& c);
   void MaybeFinish(uint64_t n);
   void Abort(uint64_t n, const std::string& why);
+  // Tells the agent to drop its end (empty id: every connection), if the channel is up.
+  void CloseInGuest(const std::string& id);
+  // Drops connection n on both sides.
+  void Forget(uint64_t n);
   Conn* Find(uint64_t n);
 
   EventLoop* loop_;
