@@ -9,6 +9,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <spdlog/spdlog.h>
 
@@ -49,6 +50,10 @@ void Usage() {
 
 int main(int argc, char** argv) {
   using namespace peapod;
+  // The guest image links /sbin/modprobe to the agent, for the kernel's module requests.
+  if (std::string_view self = argv[0]; self.substr(self.rfind('/') + 1) == "modprobe") {
+    return agent::ModprobeMain(argc, argv);
+  }
   std::string listen_path;
   std::string level = "info";
   agent::ContainerOptions copts;

@@ -15,7 +15,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
@@ -84,6 +86,45 @@ Result<int> LoadModules(const std::string& list_path) {
     ++loaded;
   }
   return loaded;
+}
+
+int ModprobeMain(int argc, char** argv) {
+  bool quiet = false, names = false;
+  int status = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (!names && a == "--") {
+      names = true;
+      continue;
+    }
+    if (!names && !a.empty() && a[0] == '-') {
+      quiet = quiet || a == "-q" || a == "--quiet";
+      continue;
+    }
+    // Module names spell '_' where requests may spell '-'.
+    std::string underscored = a;
+    std::replace(underscored.begin(), underscored.end(), '-', '_');
+    std::string list;
+    for (const std::string& name : {a, underscored}) {
+      if (name.empty() || name.find('/') != std::string::npos) continue;
+      std::string path = "/etc/peapod/modules." + name;
+      if (::access(path.c_str(), R_OK) == 0) {
+        list = path;
+        break;
+      }
+    }
+    if (list.empty()) {
+      if (!quiet)
+        std::fprintf(stderr, "modprobe: module %s not found in the guest image\n", a.c_str());
+      status = 1;
+      continue;
+    }
+    if (auto r = LoadModules(list); !r.ok()) {
+      if (!quiet) std::fprintf(stderr, "modprobe: %s\n", r.error().ToString().c_str());
+      status = 1;
+    }
+  }
+  return status;
 }
 
 Result<void> LeaveInitramfs() {

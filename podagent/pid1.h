@@ -15,6 +15,12 @@ Result<void> MountBasics();
 // Loads every module listed (one path per line, dependencies first) with finit_module.
 // Already-loaded modules are fine. Returns how many were loaded.
 Result<int> LoadModules(const std::string& list_path);
+// The guest's /sbin/modprobe (a link to the agent): the kernel runs "modprobe -q -- NAME" when
+// it wants a module it lacks (a bridge for brctl, a veth pair, a filesystem). Loads the list
+// /etc/peapod/modules.NAME (NAME a module name or an alias the image build wrote a list for).
+// Returns the exit status: 0 when every named module is loaded.
+int ModprobeMain(int argc, char** argv);
+
 // Local mode on a host whose /sys/fs/cgroup is not a pure cgroup v2 mount (crun refuses
 // hybrid hierarchies): moves the agent into a private mount namespace with cgroup2 mounted
 // there, so the crun it runs (with --cgroup-manager=disabled) sees a v2-only host. No-op on

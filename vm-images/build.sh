@@ -28,10 +28,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 # soft dependency modules.dep does not list.
 modules=(virtio_pci virtio_console virtio_scsi sd_mod virtio_net 9pnet_virtio 9p crc32c_generic erofs overlay
          vmw_vsock_virtio_transport virtio_rng)
-# In the image but loaded only when a pod first mounts that filesystem (the agent reads
-# /etc/peapod/modules.<fs>): ext4 for the per-pod scratch disk is 2.5 MB of module that a boot
-# would otherwise relocate for nothing.
-ondemand=(ext4)
+# In the image but loaded only when needed, from the list /etc/peapod/modules.<name>: by the
+# agent when a pod first mounts that filesystem (ext4 for the per-pod scratch disk is 2.5 MB of
+# module that a boot would otherwise relocate for nothing), or by the kernel, which runs
+# /sbin/modprobe (a link to the agent) when a privileged container asks for a bridge (brctl
+# addbr), a veth pair, a TUN device or another link type. Each alias of a module (rtnl-link-veth,
+# fs-ext4, char-major-10-200) gets a link to its list.
+ondemand=(ext4 bridge veth tun dummy macvlan ipvlan vxlan 8021q)
 
 # Measured under TCG (docs/guest-image.md): PVH boot of vmlinux skips ~4.5 s of in-guest xz
 # decompression; these flags take ~1 s more off kernel init. Uncompressed initrd: unpacking
@@ -125,9 +128,19 @@ else
   }
   for m in "${modules[@]}"; do add_module "$m"; done
   copy_modules "$root/etc/peapod/modules"
+  # Each on-demand list holds its module's whole closure beyond the boot list (two lists may
+  # share a dependency: whichever loads first loads it).
+  declare -A boot_seen=()
+  for k in "${!seen[@]}"; do boot_seen[$k]=1; done
   for m in "${ondemand[@]}"; do
+    seen=()
+    for k in "${!boot_seen[@]}"; do seen[$k]=1; done
     add_module "$m"
     copy_modules "$root/etc/peapod/modules.$m"
+    while read -r alias; do
+      [[ -z "$alias" || "$alias" == "$m" || "$alias" =~ [/*?:\[] ]] && continue
+      [[ -e "$root/etc/peapod/modules.$alias" ]] || ln -s "modules.$m" "$root/etc/peapod/modules.$alias"
+    done < <(modinfo -b "$work/k" -k "$kver" -F alias "$m" 2>/dev/null)
   done
 
   # Programs and the shared libraries they load (the ldd closure, keeping paths).
@@ -141,6 +154,8 @@ else
     done
   done
   ln -s usr/bin "$root/bin"
+  mkdir -p "$root/sbin"
+  ln -s ../init "$root/sbin/modprobe"  # the kernel's module requests (see ondemand above)
   echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
   echo "root:x:0:" > "$root/etc/group"
 
