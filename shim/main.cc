@@ -2,6 +2,7 @@
 //
 //   containerd-shim-peapod-v2 [flags] start    start the shim server; print its address
 //   containerd-shim-peapod-v2 [flags] delete   clean up after a shim that died
+//   containerd-shim-peapod-v2 -info            print a RuntimeInfo (the OCI features) on stdout
 //   flags (set by containerd): -namespace NS -address SOCK -publish-binary PATH -id ID
 //                              [-bundle DIR] [-debug]
 //
@@ -30,6 +31,7 @@
 #include "common/ttrpc/server.h"
 #include "containerd/runtime/task/v2/shim.pb.h"
 #include "shim/events.h"
+#include "shim/runtime_info.h"
 #include "shim/task_service.h"
 
 namespace fs = std::filesystem;
@@ -63,6 +65,8 @@ Args Parse(int argc, char** argv) {
       a.debug = true;
     } else if (s == "-v" || s == "--version" || s == "-version") {
       a.action = "version";
+    } else if (s == "-info" || s == "--info") {
+      a.action = "info";
     } else if (s.size() > 1 && s[0] == '-') {
       std::string key = s.substr(s.rfind('-', 1) == 1 ? 2 : 1);
       if (auto eq = key.find('='); eq != std::string::npos) {
@@ -169,6 +173,19 @@ int Delete(const Args& a) {
   return 0;
 }
 
+// containerd writes the handler's runtime options on stdin; peapod takes none that change its
+// features, so they are read (the writer is not left blocked) and dropped.
+int Info() {
+  if (!::isatty(0)) {
+    char buf[4096];
+    while (::read(0, buf, sizeof buf) > 0) {
+    }
+  }
+  std::string out = shim::RuntimeInfoBytes(PEAPOD_VERSION);
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  return std::fflush(stdout) == 0 ? 0 : 1;
+}
+
 int Serve(const Args& a) {
   auto opts = OptionsFrom(a);
   // fd 3 must be the listening socket `start` handed over; anything else is a bug, not a
@@ -220,6 +237,7 @@ int main(int argc, char** argv) {
     std::printf("containerd-shim-peapod-v2 %s\n", PEAPOD_VERSION);
     return 0;
   }
+  if (a.action == "info") return Info();
   if (a.action == "start") return Start(a, argv);
   if (a.action == "delete") return Delete(a);
   if (a.action == "serve") return Serve(a);
