@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/base/ids.h"
+#include "common/base/mountinfo.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/network.h"
 #include "sandboxer/port_forward.h"
@@ -941,14 +942,14 @@ void PodManager::AttachImages(const std::string& id, const std::string& containe
 
 void PodManager::ShareVolumes(const std::string& id, const std::string& container,
                               std::vector<VolumeRequest> volumes,
-                              Reply<std::vector<std::string>> reply) {
+                              Reply<std::vector<SharedVolume>> reply) {
   if (!IsValidId(container)) {
     return reply(Error::Invalid("container id '{}' is invalid: use {}", container, kIdRule));
   }
   if (!Find(id)) return reply(UnknownPod(id));
   Enqueue(id,
           [this, id, container, volumes = std::move(volumes), reply](std::function<void()> done) {
-            auto finish = [reply, done](Result<std::vector<std::string>> r) {
+            auto finish = [reply, done](Result<std::vector<SharedVolume>> r) {
               reply(std::move(r));
               done();
             };
@@ -959,21 +960,43 @@ void PodManager::ShareVolumes(const std::string& id, const std::string& containe
                                         PhaseName(pod->rec.phase)));
             }
             auto& mine = pod->rec.volumes[container];
-            std::vector<std::string> guest, bound;
-            for (const auto& v : volumes) {
-              if (v.host_path.empty() || v.host_path[0] != '/') {
-                for (const auto& b : bound) (void)RemoveTreeSafely(b);
-                return finish(Error::Invalid("volume path '{}' must be absolute", v.host_path));
-              }
+            std::vector<SharedVolume> guest;
+            std::vector<std::string> bound;
+            // Binds `source` at a fresh name under the container's volumes; its guest path.
+            auto share = [&](const std::string& source, bool readonly) -> Result<std::string> {
               std::string rel = fmt::format("volumes/{}/{}", container, mine.size() + bound.size());
               std::string target = RunDir(id) + "/share/" + rel;
-              if (auto r = BindMount(v.host_path, target, v.readonly); !r.ok()) {
-                for (const auto& b : bound) (void)RemoveTreeSafely(b);
+              if (auto r = BindMount(source, target, readonly); !r.ok()) {
                 (void)RemoveTreeSafely(target);
-                return finish(std::move(r).error().Wrap("share volume of container " + container));
+                return std::move(r).error().Wrap("share volume of container " + container);
               }
               bound.push_back(target);
-              guest.push_back(std::string(kGuestShareDir) + "/" + rel);
+              return std::string(kGuestShareDir) + "/" + rel;
+            };
+            auto fail = [&](Error e) {
+              for (const auto& b : bound) (void)RemoveTreeSafely(b);
+              finish(std::move(e));
+            };
+            for (const auto& v : volumes) {
+              if (v.host_path.empty() || v.host_path[0] != '/') {
+                return fail(Error::Invalid("volume path '{}' must be absolute", v.host_path));
+              }
+              SharedVolume sv;
+              auto top = share(v.host_path, v.readonly || v.recursive_readonly);
+              if (!top.ok()) return fail(std::move(top).error());
+              sv.guest_path = std::move(*top);
+              std::error_code ec;
+              std::string root = fs::weakly_canonical(v.host_path, ec).string();
+              if (ec || root.empty()) root = v.host_path;
+              while (root.size() > 1 && root.back() == '/') root.pop_back();
+              for (const auto& m : MountsUnder(root, /*below_only=*/true)) {
+                bool ro = m.readonly || v.recursive_readonly;
+                auto sub = share(m.path, ro);
+                if (!sub.ok()) return fail(std::move(sub).error());
+                sv.submounts.push_back(
+                    {root == "/" ? m.path : m.path.substr(root.size()), std::move(*sub), ro});
+              }
+              guest.push_back(std::move(sv));
             }
             mine.insert(mine.end(), bound.begin(), bound.end());
             if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());

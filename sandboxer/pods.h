@@ -53,6 +53,19 @@ struct RootfsInfo {
 struct VolumeRequest {
   std::string host_path;
   bool readonly = false;
+  bool recursive_readonly = false;  // mounts below host_path read-only too
+};
+
+// A mount below a volume's host path, shared on its own (see ShareVolumes).
+struct SharedSubmount {
+  std::string path;        // relative to the volume root, starting with '/'
+  std::string guest_path;  // in the guest
+  bool readonly = false;
+};
+
+struct SharedVolume {
+  std::string guest_path;
+  std::vector<SharedSubmount> submounts;  // parents first
 };
 
 // Guest paths the sandboxer and agent agree on.
@@ -102,13 +115,15 @@ class PodManager {
 
   // Storage, serialized per pod. AttachRootfs turns containerd's rootfs mounts into layer
   // disks on the pod's VM (idempotent per container); ShareVolumes binds host paths into the
-  // pod's 9p share and answers their guest paths; ReleaseContainer undoes both once the
+  // pod's 9p share and answers their guest paths (each bind is not recursive: every mount below
+  // a volume's path is bound on its own, so the host can still unmount and remove those mount
+  // points while the pod runs, as it can with runc); ReleaseContainer undoes both once the
   // container is gone from the guest (idempotent).
   void AttachRootfs(const std::string& id, const std::string& container,
                     google::protobuf::RepeatedPtrField<containerd::types::Mount> mounts,
                     Reply<RootfsInfo> reply);
   void ShareVolumes(const std::string& id, const std::string& container,
-                    std::vector<VolumeRequest> volumes, Reply<std::vector<std::string>> reply);
+                    std::vector<VolumeRequest> volumes, Reply<std::vector<SharedVolume>> reply);
   void ReleaseContainer(const std::string& id, const std::string& container, Reply<void> reply);
   LayerCache& layer_cache() { return cache_; }
 

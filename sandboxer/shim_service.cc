@@ -98,12 +98,23 @@ void RegisterShimService(ttrpc::Server& server, PodManager* pods) {
       server, "ShareVolumes",
       [pods](pb::ShareVolumesRequest req, ttrpc::TypedResponder<pb::ShareVolumesResponse> reply) {
         std::vector<VolumeRequest> volumes;
-        for (const auto& v : req.volumes()) volumes.push_back({v.host_path(), v.readonly()});
+        for (const auto& v : req.volumes()) {
+          volumes.push_back({v.host_path(), v.readonly(), v.recursive_readonly()});
+        }
         pods->ShareVolumes(req.pod_id(), req.container_id(), std::move(volumes),
-                           [reply](Result<std::vector<std::string>> r) {
+                           [reply](Result<std::vector<SharedVolume>> r) {
                              if (!r.ok()) return reply(std::move(r).error());
                              pb::ShareVolumesResponse resp;
-                             for (auto& p : *r) resp.add_guest_paths(std::move(p));
+                             for (auto& v : *r) {
+                               resp.add_guest_paths(std::move(v.guest_path));
+                               auto* subs = resp.add_submounts();
+                               for (auto& m : v.submounts) {
+                                 auto* s = subs->add_submounts();
+                                 s->set_path(std::move(m.path));
+                                 s->set_guest_path(std::move(m.guest_path));
+                                 s->set_readonly(m.readonly);
+                               }
+                             }
                              reply(std::move(resp));
                            });
       });

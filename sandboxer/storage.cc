@@ -14,6 +14,7 @@
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include "common/base/mountinfo.h"
 #include "common/base/subprocess.h"
 #include "common/base/unique_fd.h"
 #include "sandboxer/worker_pool.h"
@@ -66,20 +67,6 @@ std::string MkfsError(const std::string& output) {
     if (line.rfind("<E>", 0) == 0) errors += (errors.empty() ? "" : "; ") + line.substr(4);
   }
   return errors.empty() ? last : errors;
-}
-
-// mountinfo escapes blanks, tabs, newlines and backslashes as \ooo.
-std::string Unescape(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\\' && i + 3 < s.size()) {
-      out += static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8));
-      i += 3;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
 }
 
 Result<void> RemoveOnDevice(const std::string& path, dev_t dev) {
@@ -316,7 +303,7 @@ Result<void> BindMount(const std::string& source, const std::string& target, boo
     UniqueFd fd(::open(target.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
     if (!fd) return Error::Errno("create " + target);
   }
-  if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND | MS_REC, nullptr) < 0) {
+  if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) < 0) {
     return Error::Errno(fmt::format("bind {} to {}", source, target));
   }
   if (readonly &&
@@ -330,17 +317,7 @@ Result<void> BindMount(const std::string& source, const std::string& target, boo
 
 Result<void> RemoveTreeSafely(const std::string& path) {
   std::vector<std::string> mounts;
-  {
-    std::ifstream mi("/proc/self/mountinfo");
-    std::string line;
-    while (std::getline(mi, line)) {
-      std::istringstream in(line);
-      std::string id, parent, devno, root, point;
-      if (!(in >> id >> parent >> devno >> root >> point)) continue;
-      point = Unescape(point);
-      if (point == path || point.rfind(path + "/", 0) == 0) mounts.push_back(point);
-    }
-  }
+  for (auto& m : MountsUnder(path, /*below_only=*/false)) mounts.push_back(std::move(m.path));
   // Deepest first; a path mounted twice is unmounted twice.
   std::sort(mounts.begin(), mounts.end(),
             [](const std::string& a, const std::string& b) { return a.size() > b.size(); });

@@ -85,7 +85,8 @@ Result<void> MakeScratchDisk(const std::string& mkfs_ext4, const std::string& pa
                              uint64_t size_mib);
 
 // Bind-mounts host path `source` (file or directory) at `target`, read-only if asked; the
-// target is created to match.
+// target is created to match. Not recursive: what is mounted below `source` is not carried
+// along (a copy of a mount pins its mount point: the host could not remove that directory).
 Result<void> BindMount(const std::string& source, const std::string& target, bool readonly);
 
 // Unmounts everything mounted at or below `path` (deepest first), then removes the tree

@@ -23,6 +23,7 @@
 #include "peapod/agent/v1/agent.pb.h"
 #include "peapod/sandboxer/v1/sandboxer.pb.h"
 #include "shim/dial.h"
+#include "shim/volumes.h"
 
 namespace peapod::shim {
 
@@ -367,18 +368,26 @@ struct TaskService::Impl {
                     std::find(options.begin(), options.end(), "rbind") != options.end();
         std::string src = m.value("source", "");
         if (!bind || src.empty() || src[0] != '/' || !fs::exists(src)) continue;
+        auto has = [&](const char* o) {
+          return std::find(options.begin(), options.end(), o) != options.end();
+        };
         auto* v = sv.add_volumes();
         v->set_host_path(src);
-        v->set_readonly(std::find(options.begin(), options.end(), "ro") != options.end());
+        v->set_readonly(has("ro") || has("rro"));
+        v->set_recursive_readonly(has("rro"));
         binds.push_back(i);
       }
     }
     if (!binds.empty()) {
       PP_ASSIGN_OR_RETURN(auto shared, CallSandboxer<sb::ShareVolumesResponse>("ShareVolumes", sv));
+      std::vector<SharedBind> shared_binds;
       for (size_t k = 0; k < binds.size() && k < static_cast<size_t>(shared.guest_paths_size());
            ++k) {
-        spec["mounts"][binds[k]]["source"] = shared.guest_paths(static_cast<int>(k));
+        const int ik = static_cast<int>(k);
+        spec["mounts"][binds[k]]["source"] = shared.guest_paths(ik);
+        if (ik < shared.submounts_size()) shared_binds.push_back({binds[k], shared.submounts(ik)});
       }
+      spec["mounts"] = WithSubmounts(spec["mounts"], shared_binds);
     }
 
     av1::CreateContainerRequest c;

@@ -3,6 +3,7 @@
 // error answers, a VM that fails to start or dies, and a restarted sandboxer recovering its
 // pods. Needs root (the agent in local mode), so it is labelled root and skips without it.
 #include <signal.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -213,6 +214,54 @@ TEST_F(PodManagerTest, CreateThenStartMakesThePodReadyWithItsAgentReachable) {
   EXPECT_EQ(st->pid, *pid);
   EXPECT_EQ(st->address, s->address);
   ASSERT_OK(CheckAgent(s->address));
+}
+
+// A volume with a tmpfs on a subdirectory, as critest's read-only mount tests make it: the
+// tmpfs is shared on its own (its flags kept, or read-only under rro), and the host can still
+// unmount it and remove its directory while the pod runs, as with runc.
+TEST_F(PodManagerTest, ShareVolumesSharesMountsBelowAVolumeOnTheirOwn) {
+  ASSERT_NO_FATAL_FAILURE(StartPod("pod1"));
+  std::string vol = dir_ + "/vol";
+  fs::create_directories(vol + "/tmpfs");
+  std::ofstream(vol + "/top") << "t";
+  ASSERT_EQ(::mount("none", (vol + "/tmpfs").c_str(), "tmpfs", 0, nullptr), 0);
+  std::ofstream(vol + "/tmpfs/inside") << "i";
+  auto share = [&](VolumeRequest v) {
+    return OnLoop<std::vector<SharedVolume>>(
+        [pm = pm_.get(), v](auto done) { pm->ShareVolumes("pod1", "c1", {v}, done); });
+  };
+  auto plain = share({vol, /*readonly=*/true, /*recursive_readonly=*/false});
+  ASSERT_TRUE(plain.ok()) << plain.error().ToString();
+  ASSERT_EQ(plain->size(), 1u);
+  const auto& sv = (*plain)[0];
+  ASSERT_EQ(sv.submounts.size(), 1u);
+  EXPECT_EQ(sv.submounts[0].path, "/tmpfs");
+  EXPECT_FALSE(sv.submounts[0].readonly);
+  const std::string host_share = RunDir("pod1") + "/share";
+  auto on_host = [&](const std::string& guest) {
+    return host_share + guest.substr(std::string(kGuestShareDir).size());
+  };
+  EXPECT_TRUE(fs::exists(on_host(sv.guest_path) + "/top"));
+  EXPECT_FALSE(fs::exists(on_host(sv.guest_path) + "/tmpfs/inside")) << "bind was recursive";
+  EXPECT_TRUE(fs::exists(on_host(sv.submounts[0].guest_path) + "/inside"));
+  EXPECT_TRUE(std::ofstream(on_host(sv.submounts[0].guest_path) + "/new").good());
+  EXPECT_FALSE(std::ofstream(on_host(sv.guest_path) + "/new").good()) << "volume is writable";
+
+  auto rro = share({vol, true, true});
+  ASSERT_TRUE(rro.ok()) << rro.error().ToString();
+  ASSERT_EQ((*rro)[0].submounts.size(), 1u);
+  EXPECT_TRUE((*rro)[0].submounts[0].readonly);
+  EXPECT_FALSE(std::ofstream(on_host((*rro)[0].submounts[0].guest_path) + "/x").good());
+
+  // What critest's cleanup does while the container still runs.
+  ASSERT_EQ(::umount2((vol + "/tmpfs").c_str(), MNT_DETACH), 0);
+  std::error_code ec;
+  fs::remove_all(vol, ec);
+  EXPECT_FALSE(ec) << "removing the volume: " << ec.message();
+
+  ASSERT_OK(
+      OnLoop<void>([pm = pm_.get()](auto done) { pm->ReleaseContainer("pod1", "c1", done); }));
+  EXPECT_FALSE(fs::exists(host_share + "/volumes/c1"));
 }
 
 TEST_F(PodManagerTest, StartIsIdempotent) {
