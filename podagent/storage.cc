@@ -5,7 +5,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 #include <unordered_map>
 
@@ -17,6 +21,7 @@ namespace peapod::agent {
 
 namespace v1 = peapod::agent::v1;
 namespace fs = std::filesystem;
+using namespace std::chrono_literals;
 
 Result<void> MakeDirs(const std::string& path) {
   std::error_code ec;
@@ -51,8 +56,15 @@ Result<std::string> FindScsiDisk(const std::string& address, std::chrono::millis
       }
       std::error_code ec2;
       for (const auto& blk : fs::directory_iterator(dev.path() / "block", ec2)) {
-        std::string node = "/dev/" + blk.path().filename().string();
-        if (::access(node.c_str(), F_OK) == 0) return node;
+        // The node appears before the disk has read its capacity (under TCG, visibly so): a
+        // disk of size 0 is not ready to mount yet.
+        std::string disk = blk.path().filename().string();
+        std::string node = "/dev/" + disk;
+        std::ifstream size_file("/sys/block/" + disk + "/size");
+        unsigned long long sectors = 0;
+        if ((size_file >> sectors) && sectors > 0 && ::access(node.c_str(), F_OK) == 0) {
+          return node;
+        }
       }
     }
     if (std::chrono::steady_clock::now() >= deadline) break;
@@ -120,8 +132,25 @@ Result<void> StorageManager::Acquire(const v1::Storage& s) {
     case v1::Storage::SCSI: {
       if (fstype.empty()) return Error::Invalid("storage {}: fstype is required", s.source());
       PP_TRY(LoadFilesystemModules(fstype));
-      PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), std::chrono::seconds(5)));
-      break;
+      PP_TRY(MakeDirs(target));
+      // A disk hot-added moments ago can still refuse to open (ENXIO) while the SCSI layer
+      // finishes probing it, or go by another node name once it has: find it again and retry.
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), std::max(left, 0ms)));
+        if (::mount(source.c_str(), target.c_str(), fstype.c_str(), opts.flags,
+                    opts.data.empty() ? nullptr : opts.data.c_str()) == 0) {
+          refs_[target] = 1;
+          return Ok();
+        }
+        if ((errno != ENXIO && errno != ENOENT) || std::chrono::steady_clock::now() >= deadline) {
+          return Error::Errno(
+              fmt::format("mount {} ({}) on {} with '{}'", source, fstype, target, opts.data));
+        }
+        std::this_thread::sleep_for(20ms);
+      }
     }
     case v1::Storage::VIRTIO_9P:
       fstype = "9p";

@@ -296,5 +296,30 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   EXPECT_TRUE(agent_->Remove("hog").ok());
 }
 
+// A container with CAP_NET_ADMIN makes a bridge and a veth pair: the guest kernel asks its
+// /sbin/modprobe (the agent) for bridge and rtnl-link-veth, which the image keeps out of the
+// boot-time module list. An unknown module is refused, not hung on.
+TEST_F(AgentContainersTest, TheKernelLoadsModulesOnDemandForPrivilegedContainers) {
+  if (!Boot()) return;
+  auto spec = nlohmann::json::parse(agenttest::Spec({"sleep", "1000"}));
+  for (const char* set : {"bounding", "effective", "permitted"}) {
+    spec["process"]["capabilities"][set].push_back("CAP_NET_ADMIN");
+  }
+  ASSERT_TRUE(agent_->Create("net", spec.dump()).ok());
+  ASSERT_TRUE(agent_->Start("net").ok());
+  ASSERT_TRUE(agent_
+                  ->Exec("net", "br",
+                         {"sh", "-c",
+                          "brctl addbr br0 && ip link add v0 type veth peer name v1 "
+                          "&& ls /sys/class/net | sort | tr '\\n' ' '"})
+                  .ok());
+  std::string out = agent_->ReadAll("net", "br");
+  EXPECT_EQ(*agent_->Wait("net", "br"), 0u) << out;
+  EXPECT_NE(out.find("br0"), std::string::npos) << out;
+  EXPECT_NE(out.find("v0"), std::string::npos) << out;
+  ASSERT_TRUE(agent_->Exec("net", "bad", {"ip", "link", "add", "x0", "type", "nosuchlink"}).ok());
+  EXPECT_NE(*agent_->Wait("net", "bad"), 0u);
+}
+
 }  // namespace
 }  // namespace peapod::vmtest
