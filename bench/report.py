@@ -158,6 +158,11 @@ class Report:
             self.w(f"| 2. warm pod start (`crictl runp`, pool_size 1), containerd 2.x | "
                    f"{spread(ws)} | cold {fmt_ms(cs.get('containerd2', {}).get('median'))} | "
                    f"{ratio(ws.get('ratio_to_cold'))} (`warm_to_cold`) |")
+        k = d.get("ksm", {})
+        if "ratio" in k:
+            self.w(f"| 6. (pool) idle pool VM PSS with KSM, {k['vms']} VMs | "
+                   f"{spread(k['pss_after_mib'], 'MiB')} | without KSM "
+                   f"{spread(k['pss_before_mib'], 'MiB')} | {ratio(k['ratio'])} (`ksm`) |")
         if "container_start" in d:
             c = d["container_start"]
             self.w(f"| 3. container create + start in a running pod | {spread(c['peapod']['total'])} | "
@@ -376,6 +381,31 @@ class Report:
             ax.legend(fontsize=7, loc="lower right")
             self.png(fig, "memory", "memory per pod")
 
+    def ksm(self):
+        k = self.d.get("ksm")
+        if not k:
+            return
+        self.w("## 6b. Pool VMs sharing memory (KSM)")
+        self.w()
+        if "skipped" in k:
+            self.w(f"Not measured: {k['skipped']}.")
+            self.w()
+            return
+        self.w(k["what"] + ".")
+        self.w()
+        self.w("| | without KSM | with KSM |")
+        self.w("| --- | --- | --- |")
+        self.w(f"| QEMU PSS per pool VM, MiB | {spread(k['pss_before_mib'], '', 1)} | "
+               f"{spread(k['pss_after_mib'], '', 1)} |")
+        self.w(f"| … of which guest RAM, MiB | {spread(k['guest_ram_before_mib'], '', 1)} | "
+               f"{spread(k['guest_ram_after_mib'], '', 1)} |")
+        self.w()
+        self.w(f"Saved **{k['saved_per_vm_mib']:.0f} MiB per VM** (ratio {ratio(k['ratio'])}); KSM "
+               f"reported {k['pages_sharing_mib']:.0f} MiB of pages sharing {k['pages_shared_mib']:.0f} "
+               f"MiB; two full scans took {k['two_scans_s']:.0f} s and {k['ksmd_cpu_s']:.1f} s of "
+               f"ksmd CPU at this fast scan rate.")
+        self.w()
+
     def density(self):
         den = self.d.get("density")
         if not den or not den["pods"]:
@@ -486,6 +516,7 @@ class Report:
         self.floor_and_cold()
         self.running()
         self.memory()
+        self.ksm()
         self.density()
         self.callgrind()
         return "\n".join(self.lines).rstrip() + "\n"
