@@ -158,11 +158,6 @@ class Report:
             self.w(f"| 2. warm pod start (`crictl runp`, pool_size 1), containerd 2.x | "
                    f"{spread(ws)} | cold {fmt_ms(cs.get('containerd2', {}).get('median'))} | "
                    f"{ratio(ws.get('ratio_to_cold'))} (`warm_to_cold`) |")
-        k = d.get("ksm", {})
-        if "ratio" in k:
-            self.w(f"| 6. (pool) idle pool VM PSS with KSM, {k['vms']} VMs | "
-                   f"{spread(k['pss_after_mib'], 'MiB')} | without KSM "
-                   f"{spread(k['pss_before_mib'], 'MiB')} | {ratio(k['ratio'])} (`ksm`) |")
         if "container_start" in d:
             c = d["container_start"]
             self.w(f"| 3. container create + start in a running pod | {spread(c['peapod']['total'])} | "
@@ -180,6 +175,11 @@ class Report:
             m = d["memory"]
             self.w(f"| 6. host memory (PSS) per idle pod | {spread(m['peapod']['total_mib'], 'MiB')} | "
                    f"runc {spread(m['runc']['total_mib'], 'MiB', 1)} | {ratio(m.get('ratio'))} |")
+        k = d.get("ksm", {})
+        if "ratio" in k:
+            self.w(f"| 6b. idle pool VM PSS with KSM, {k['vms']} VMs | "
+                   f"{spread(k['pss_after_mib'], 'MiB')} | without KSM "
+                   f"{spread(k['pss_before_mib'], 'MiB')} | {ratio(k['ratio'])} (`ksm`) |")
         if "density" in d and d["density"]["pods"]:
             den = d["density"]
             last = den["pods"][-1]

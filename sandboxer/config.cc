@@ -45,6 +45,7 @@ void ForEachKey(Config& c, F f) {
   f("layer_cache_keep_seconds", &c.layer_cache_keep_seconds);
   f("cri_root", &c.cri_root);
   f("pool_size", &c.pool_size);
+  f("ksm", &c.ksm);
   f("tcg_tb_cache_mib", &c.tcg_tb_cache_mib);
   f("mkfs_erofs", &c.mkfs_erofs);
   f("mkfs_ext4", &c.mkfs_ext4);

@@ -32,6 +32,9 @@ struct Config {
   // Pre-booted VMs kept ready for pods of the default size (vcpus, memory_mib): a pod Start
   // adopts one instead of booting. 0: every pod boots its own VM.
   unsigned pool_size = 0;
+  // Start the host's KSM (kernel samepage merging) so VMs share identical pages (see ksm.h for
+  // what it saves and why it is off by default).
+  bool ksm = false;
   // Layer images built by mkfs.erofs stay cached this long after their last user goes.
   unsigned layer_cache_keep_seconds = 3600;
   // containerd's CRI root: on the sandbox-API path containerd bind-mounts a pod's hostname,

@@ -19,6 +19,7 @@
 #include "common/loop/event_loop.h"
 #include "sandboxer/config.h"
 #include "sandboxer/controller_service.h"
+#include "sandboxer/ksm.h"
 #include "sandboxer/libvirt_backend.h"
 #include "sandboxer/pods.h"
 #include "sandboxer/shim_service.h"
@@ -104,6 +105,14 @@ int main(int argc, char** argv) {
     spdlog::critical("sandboxer: recovering state from {}: {}", cfg->state_dir,
                      r.error().ToString());
     return 1;
+  }
+  if (cfg->ksm) {
+    auto started = sandboxer::StartKsm();
+    if (!started.ok()) {
+      spdlog::warn("sandboxer: ksm: {}", started.error().ToString());
+    } else {
+      spdlog::info("sandboxer: ksm {}", *started ? "started" : "already running");
+    }
   }
   pods.FillPool();  // pool_size pre-booted VMs (none by default)
 

@@ -13,6 +13,7 @@
 #include "k8s/cri/v1/pod_sandbox_config.pb.h"
 #include "sandboxer/config.h"
 #include "sandboxer/controller_service.h"
+#include "sandboxer/ksm.h"
 #include "sandboxer/storage.h"
 #include "sandboxer/worker_pool.h"
 #include "tests/unit/loop_fixture.h"
@@ -247,17 +248,38 @@ TEST(RemoveTreeSafelyTest, UnmountsAndNeverDeletesThroughAMount) {
   EXPECT_TRUE(RemoveTreeSafely(t.path() + "/run").ok()) << "idempotent";
 }
 
+TEST(KsmTest, StartsAStoppedKsmOnceAndSaysWhyItCannot) {
+  TempDir t;
+  std::string run = t.path() + "/run";
+  std::ofstream(run) << "0\n";
+  auto first = StartKsm(run);
+  ASSERT_TRUE(first.ok()) << first.error().ToString();
+  EXPECT_TRUE(*first);
+  std::ifstream in(run);
+  int v = -1;
+  in >> v;
+  EXPECT_EQ(v, 1);
+  auto again = StartKsm(run);
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(*again) << "already running";
+  auto missing = StartKsm(t.path() + "/no-ksm/run");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error().message().find("\"ksm\": false"), std::string::npos);
+}
+
 TEST(ConfigTest, ReadsKeysAndRefusesUnknownOnes) {
   TempDir t;
   std::string path = t.path() + "/c.json";
   std::ofstream(path) << R"({"memory_mib": 256, "memory_overhead_mib": 64,
-                            "layer_cache_keep_seconds": 5, "shim_listen": "/x/shim.sock"})";
+                            "layer_cache_keep_seconds": 5, "shim_listen": "/x/shim.sock",
+                            "ksm": true})";
   auto c = Config::Load(path, true);
   ASSERT_TRUE(c.ok()) << c.error().ToString();
   EXPECT_EQ(c->memory_mib, 256u);
   EXPECT_EQ(c->memory_overhead_mib, 64u);
   EXPECT_EQ(c->layer_cache_keep_seconds, 5u);
   EXPECT_EQ(c->shim_listen, "/x/shim.sock");
+  EXPECT_TRUE(c->ksm);
   EXPECT_EQ(c->scratch_size_mib, 10240u);
   std::ofstream(path) << R"({"memroy_mib": 256})";
   auto bad = Config::Load(path, true);
