@@ -758,8 +758,11 @@ void PodManager::Enqueue(const std::string& id, std::function<void(std::function
   if (pod->op_running) return;
   std::weak_ptr<bool> alive = alive_;
   // Runs the queue's head; its completion runs the next one (from the loop, never nested).
+  // The runner holds itself only weakly: the op in flight keeps it alive through its
+  // completion, and it is freed once the queue is empty (a strong self-reference was a cycle).
   auto run_next = std::make_shared<std::function<void()>>();
-  *run_next = [this, alive, id, run_next] {
+  std::weak_ptr<std::function<void()>> weak = run_next;
+  *run_next = [this, alive, id, weak] {
     Pod* p = Find(id);
     if (!p || p->ops.empty()) {
       if (p) p->op_running = false;
@@ -768,9 +771,9 @@ void PodManager::Enqueue(const std::string& id, std::function<void(std::function
     p->op_running = true;
     auto next = std::move(p->ops.front());
     p->ops.pop_front();
-    next([this, alive, run_next] {
-      loop_->Post([alive, run_next] {
-        if (!alive.expired()) (*run_next)();
+    next([this, alive, self = weak.lock()] {
+      loop_->Post([alive, self] {
+        if (!alive.expired()) (*self)();
       });
     });
   };
