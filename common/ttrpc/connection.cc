@@ -1,5 +1,6 @@
 #include "common/ttrpc/connection.h"
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 namespace peapod::ttrpc {
@@ -56,7 +57,17 @@ Result<void> Connection::Send(uint32_t stream_id, uint8_t type, uint8_t flags,
 
 void Connection::Flush() {
   while (!closed_ && out_pos_ < out_.size()) {
-    ssize_t n = ::write(fd_.get(), out_.data() + out_pos_, out_.size() - out_pos_);
+    // send(MSG_NOSIGNAL): a peer that went away is an error on this connection, not a
+    // SIGPIPE for the whole process. Channels that are not sockets (a virtio-serial port)
+    // take write().
+    const char* data = out_.data() + out_pos_;
+    size_t len = out_.size() - out_pos_;
+    ssize_t n =
+        is_socket_ ? ::send(fd_.get(), data, len, MSG_NOSIGNAL) : ::write(fd_.get(), data, len);
+    if (n < 0 && is_socket_ && errno == ENOTSOCK) {
+      is_socket_ = false;
+      continue;
+    }
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN) break;

@@ -53,6 +53,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool closed_ = false;
   bool reading_ = true;
   bool close_after_flush_ = false;
+  bool is_socket_ = true;                     // until send() says ENOTSOCK
   uint32_t interest_ = EPOLLIN | EPOLLRDHUP;  // what the watch is armed for
 };
 
