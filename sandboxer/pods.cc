@@ -992,7 +992,11 @@ void PodManager::ShareVolumes(const std::string& id, const std::string& containe
               std::string root = fs::weakly_canonical(v.host_path, ec).string();
               if (ec || root.empty()) root = v.host_path;
               while (root.size() > 1 && root.back() == '/') root.pop_back();
+              // Pods' shares (this one's included) are ours, not the volume's: a volume of
+              // /run would otherwise share them again.
+              const std::string pods_dir = cfg_.run_dir + "/pods/";
               for (const auto& m : MountsUnder(root, /*below_only=*/true)) {
+                if (m.path.rfind(pods_dir, 0) == 0) continue;
                 bool ro = m.readonly || v.recursive_readonly;
                 auto sub = share(m.path, ro);
                 if (!sub.ok()) return fail(std::move(sub).error());

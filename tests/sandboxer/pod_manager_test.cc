@@ -253,6 +253,12 @@ TEST_F(PodManagerTest, ShareVolumesSharesMountsBelowAVolumeOnTheirOwn) {
   EXPECT_TRUE((*rro)[0].submounts[0].readonly);
   EXPECT_FALSE(std::ofstream(on_host((*rro)[0].submounts[0].guest_path) + "/x").good());
 
+  // A volume above the run dir: the pods' own share binds are not its submounts.
+  auto above = share({dir_, true, false});
+  ASSERT_TRUE(above.ok()) << above.error().ToString();
+  ASSERT_EQ((*above)[0].submounts.size(), 1u);
+  EXPECT_EQ((*above)[0].submounts[0].path, "/vol/tmpfs");
+
   // What critest's cleanup does while the container still runs.
   ASSERT_EQ(::umount2((vol + "/tmpfs").c_str(), MNT_DETACH), 0);
   std::error_code ec;
