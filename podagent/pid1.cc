@@ -88,6 +88,14 @@ Result<int> LoadModules(const std::string& list_path) {
   return loaded;
 }
 
+Result<std::optional<int>> LoadModulesFor(const std::string& name) {
+  if (name.empty() || name.find('/') != std::string::npos) return std::optional<int>();
+  std::string list = "/etc/peapod/modules." + name;
+  if (::access(list.c_str(), R_OK) != 0) return std::optional<int>();
+  PP_ASSIGN_OR_RETURN(int n, LoadModules(list));
+  return std::optional<int>(n);
+}
+
 int ModprobeMain(int argc, char** argv) {
   bool quiet = false, names = false;
   int status = 0;
@@ -104,23 +112,15 @@ int ModprobeMain(int argc, char** argv) {
     // Module names spell '_' where requests may spell '-'.
     std::string underscored = a;
     std::replace(underscored.begin(), underscored.end(), '-', '_');
-    std::string list;
-    for (const std::string& name : {a, underscored}) {
-      if (name.empty() || name.find('/') != std::string::npos) continue;
-      std::string path = "/etc/peapod/modules." + name;
-      if (::access(path.c_str(), R_OK) == 0) {
-        list = path;
-        break;
-      }
-    }
-    if (list.empty()) {
-      if (!quiet)
-        std::fprintf(stderr, "modprobe: module %s not found in the guest image\n", a.c_str());
+    auto loaded = LoadModulesFor(a);
+    if (loaded.ok() && !*loaded && underscored != a) loaded = LoadModulesFor(underscored);
+    if (!loaded.ok()) {
+      if (!quiet) std::fprintf(stderr, "modprobe: %s\n", loaded.error().ToString().c_str());
       status = 1;
-      continue;
-    }
-    if (auto r = LoadModules(list); !r.ok()) {
-      if (!quiet) std::fprintf(stderr, "modprobe: %s\n", r.error().ToString().c_str());
+    } else if (!*loaded) {
+      if (!quiet) {
+        std::fprintf(stderr, "modprobe: module %s not found in the guest image\n", a.c_str());
+      }
       status = 1;
     }
   }

@@ -2,6 +2,7 @@
 // image lists, reap orphans, and power the VM off.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "common/base/result.h"
@@ -15,6 +16,9 @@ Result<void> MountBasics();
 // Loads every module listed (one path per line, dependencies first) with finit_module.
 // Already-loaded modules are fine. Returns how many were loaded.
 Result<int> LoadModules(const std::string& list_path);
+// Loads the image's list for `name` (/etc/peapod/modules.<name>, a module or an alias) if it
+// has one: how many modules were loaded, or nullopt when there is no such list.
+Result<std::optional<int>> LoadModulesFor(const std::string& name);
 // The guest's /sbin/modprobe (a link to the agent): the kernel runs "modprobe -q -- NAME" when
 // it wants a module it lacks (a bridge for brctl, a veth pair, a filesystem). Loads the list
 // /etc/peapod/modules.NAME (NAME a module name or an alias the image build wrote a list for).

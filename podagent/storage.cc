@@ -103,15 +103,22 @@ MountOptions ParseMountOptions(const std::vector<std::string>& options) {
   return out;
 }
 
+namespace {
+
+std::chrono::milliseconds TimeLeft(std::chrono::steady_clock::time_point deadline) {
+  return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(
+                      deadline - std::chrono::steady_clock::now()),
+                  0ms);
+}
+
+}  // namespace
+
 Result<void> StorageManager::LoadFilesystemModules(const std::string& fstype) {
   // The guest image keeps modules that only some pods need (ext4 for the scratch disk) out of
   // the boot-time list: /etc/peapod/modules.<fstype> lists them, dependencies first.
-  if (fstype.find('/') != std::string::npos || loaded_fs_.count(fstype)) return Ok();
-  std::string list = "/etc/peapod/modules." + fstype;
-  if (::access(list.c_str(), R_OK) == 0) {
-    PP_ASSIGN_OR_RETURN(int n, LoadModules(list));
-    spdlog::info("agent: loaded {} module(s) for {}", n, fstype);
-  }
+  if (loaded_fs_.count(fstype)) return Ok();
+  PP_ASSIGN_OR_RETURN(auto n, LoadModulesFor(fstype));
+  if (n) spdlog::info("agent: loaded {} module(s) for {}", *n, fstype);
   loaded_fs_.insert(fstype);
   return Ok();
 }
@@ -126,31 +133,16 @@ Result<void> StorageManager::Acquire(const v1::Storage& s) {
     return Ok();
   }
   auto opts = ParseMountOptions({s.options().begin(), s.options().end()});
+  // How long a hot-added SCSI disk may take to show up and then to open.
+  const auto scsi_deadline = std::chrono::steady_clock::now() + 5s;
   std::string source = s.source();
   std::string fstype = s.fstype();
   switch (s.driver()) {
     case v1::Storage::SCSI: {
       if (fstype.empty()) return Error::Invalid("storage {}: fstype is required", s.source());
       PP_TRY(LoadFilesystemModules(fstype));
-      PP_TRY(MakeDirs(target));
-      // A disk hot-added moments ago can still refuse to open (ENXIO) while the SCSI layer
-      // finishes probing it, or go by another node name once it has: find it again and retry.
-      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-      for (;;) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-            deadline - std::chrono::steady_clock::now());
-        PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), std::max(left, 0ms)));
-        if (::mount(source.c_str(), target.c_str(), fstype.c_str(), opts.flags,
-                    opts.data.empty() ? nullptr : opts.data.c_str()) == 0) {
-          refs_[target] = 1;
-          return Ok();
-        }
-        if ((errno != ENXIO && errno != ENOENT) || std::chrono::steady_clock::now() >= deadline) {
-          return Error::Errno(
-              fmt::format("mount {} ({}) on {} with '{}'", source, fstype, target, opts.data));
-        }
-        std::this_thread::sleep_for(20ms);
-      }
+      PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), TimeLeft(scsi_deadline)));
+      break;
     }
     case v1::Storage::VIRTIO_9P:
       fstype = "9p";
@@ -174,9 +166,17 @@ Result<void> StorageManager::Acquire(const v1::Storage& s) {
   unsigned long flags = opts.flags;
   // A read-only bind needs a remount to take effect.
   bool bind_ro = (flags & MS_BIND) && (flags & MS_RDONLY);
-  if (::mount(source.c_str(), target.c_str(), fstype.empty() ? nullptr : fstype.c_str(),
-              bind_ro ? flags & ~MS_RDONLY : flags,
-              opts.data.empty() ? nullptr : opts.data.c_str()) < 0) {
+  while (::mount(source.c_str(), target.c_str(), fstype.empty() ? nullptr : fstype.c_str(),
+                 bind_ro ? flags & ~MS_RDONLY : flags,
+                 opts.data.empty() ? nullptr : opts.data.c_str()) < 0) {
+    // A disk hot-added moments ago can still refuse to open (ENXIO) while the SCSI layer
+    // finishes probing it, or go by another node name once it has: find it again and retry.
+    if (s.driver() == v1::Storage::SCSI && (errno == ENXIO || errno == ENOENT) &&
+        std::chrono::steady_clock::now() < scsi_deadline) {
+      std::this_thread::sleep_for(20ms);
+      PP_ASSIGN_OR_RETURN(source, FindScsiDisk(s.source(), TimeLeft(scsi_deadline)));
+      continue;
+    }
     return Error::Errno(fmt::format("mount {} ({}) on {} with '{}'", source,
                                     fstype.empty() ? "bind" : fstype, target, opts.data));
   }

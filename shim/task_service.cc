@@ -363,14 +363,12 @@ struct TaskService::Impl {
       for (size_t i = 0; i < spec["mounts"].size(); ++i) {
         const auto& m = spec["mounts"][i];
         auto options = m.value("options", std::vector<std::string>{});
-        bool bind = m.value("type", "") == "bind" ||
-                    std::find(options.begin(), options.end(), "bind") != options.end() ||
-                    std::find(options.begin(), options.end(), "rbind") != options.end();
-        std::string src = m.value("source", "");
-        if (!bind || src.empty() || src[0] != '/' || !fs::exists(src)) continue;
         auto has = [&](const char* o) {
           return std::find(options.begin(), options.end(), o) != options.end();
         };
+        bool bind = m.value("type", "") == "bind" || has("bind") || has("rbind");
+        std::string src = m.value("source", "");
+        if (!bind || src.empty() || src[0] != '/' || !fs::exists(src)) continue;
         auto* v = sv.add_volumes();
         v->set_host_path(src);
         v->set_readonly(has("ro") || has("rro"));
