@@ -121,10 +121,7 @@ VmSpec PodManager::SpecFor(const Pod& pod) const {
 Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {
   // containerd bind-mounts the pod's /etc/hosts, resolv.conf, hostname and /dev/shm into
   // containers only if they exist on the host; they live in the share the guest sees.
-  std::string share = RunDir(rec.id) + "/share";
-  std::error_code ec;
-  fs::create_directories(share + "/shm", ec);
-  if (ec) return Error::Errno("mkdir " + share, ec.value());
+  PP_TRY(PrepareShare(RunDir(rec.id)));
   std::string hostname = rec.hostname.empty() ? rec.id.substr(0, 63) : rec.hostname;
   std::string resolv;
   for (const auto& s : rec.dns_servers) resolv += "nameserver " + s + "\n";
@@ -134,16 +131,15 @@ Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {
     resolv += fmt::format("options {}\n", fmt::join(rec.dns_options, " "));
   std::string hosts =
       fmt::format("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-  std::vector<std::string> dirs = {share};
+  const std::pair<const char*, std::string> files[] = {
+      {"hosts", hosts}, {"resolv.conf", resolv}, {"hostname", hostname + "\n"}};
+  for (const auto& [name, text] : files) PP_TRY(WriteShareFile(RunDir(rec.id), name, text));
   if (rec.cri_files) {
-    dirs.push_back(CriSandboxDir(rec.id));
-    fs::create_directories(dirs.back(), ec);
-    if (ec) return Error::Errno("mkdir " + dirs.back(), ec.value());
-  }
-  for (const auto& dir : dirs) {
-    for (const auto& [name, text] : {std::pair<const char*, std::string>{"hosts", hosts},
-                                     {"resolv.conf", resolv},
-                                     {"hostname", hostname + "\n"}}) {
+    std::string dir = CriSandboxDir(rec.id);
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) return Error::Errno("mkdir " + dir, ec.value());
+    for (const auto& [name, text] : files) {
       PP_TRY(WriteFileAtomic(dir + "/" + name, text));
       ::chmod((dir + "/" + name).c_str(), 0644);
     }
@@ -153,6 +149,15 @@ Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {
 
 Result<void> PodManager::Recover() {
   PP_TRY(store_.Init());
+  {
+    // Root's alone: the pods' sockets and shares (docs/security.md).
+    std::error_code ec;
+    fs::create_directories(cfg_.run_dir + "/pods", ec);
+    if (ec) return Error::Errno("mkdir " + cfg_.run_dir + "/pods", ec.value());
+    for (const auto& d : {cfg_.run_dir, cfg_.run_dir + "/pods"}) {
+      if (::chmod(d.c_str(), 0700) < 0) return Error::Errno("chmod " + d);
+    }
+  }
   PP_TRY(cache_.Init());
   PP_ASSIGN_OR_RETURN(auto records, store_.LoadAll());
   PP_ASSIGN_OR_RETURN(auto running, backend_->List());
@@ -292,14 +297,12 @@ void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<voi
   pod->rec.sysctls = opts.sysctls;
   pod->rec.cri_files = opts.cri_files;
   if (auto r = PreparePodFiles(pod->rec); !r.ok()) {
-    std::error_code ec;
-    fs::remove_all(RunDir(id), ec);
+    (void)RemoveTreeSafely(RunDir(id));
     RemoveCriFiles(pod->rec);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
   }
   if (auto r = Save(*pod); !r.ok()) {
-    std::error_code ec;
-    fs::remove_all(RunDir(id), ec);
+    (void)RemoveTreeSafely(RunDir(id));
     (void)store_.Remove(id);
     return reply(std::move(r).error().Wrap("create sandbox " + id));
   }
@@ -950,65 +953,26 @@ void PodManager::ShareVolumes(const std::string& id, const std::string& containe
     return reply(Error::Invalid("container id '{}' is invalid: use {}", container, kIdRule));
   }
   if (!Find(id)) return reply(UnknownPod(id));
-  Enqueue(id,
-          [this, id, container, volumes = std::move(volumes), reply](std::function<void()> done) {
-            auto finish = [reply, done](Result<std::vector<SharedVolume>> r) {
-              reply(std::move(r));
-              done();
-            };
-            Pod* pod = Find(id);
-            if (!pod) return finish(UnknownPod(id));
-            if (pod->rec.phase != Phase::kRunning) {
-              return finish(Error::Make(Code::kFailedPrecondition, "sandbox {} is {}", id,
-                                        PhaseName(pod->rec.phase)));
-            }
-            auto& mine = pod->rec.volumes[container];
-            std::vector<SharedVolume> guest;
-            std::vector<std::string> bound;
-            // Binds `source` at a fresh name under the container's volumes; its guest path.
-            auto share = [&](const std::string& source, bool readonly) -> Result<std::string> {
-              std::string rel = fmt::format("volumes/{}/{}", container, mine.size() + bound.size());
-              std::string target = RunDir(id) + "/share/" + rel;
-              if (auto r = BindMount(source, target, readonly); !r.ok()) {
-                (void)RemoveTreeSafely(target);
-                return std::move(r).error().Wrap("share volume of container " + container);
-              }
-              bound.push_back(target);
-              return std::string(kGuestShareDir) + "/" + rel;
-            };
-            auto fail = [&](Error e) {
-              for (const auto& b : bound) (void)RemoveTreeSafely(b);
-              finish(std::move(e));
-            };
-            for (const auto& v : volumes) {
-              if (v.host_path.empty() || v.host_path[0] != '/') {
-                return fail(Error::Invalid("volume path '{}' must be absolute", v.host_path));
-              }
-              SharedVolume sv;
-              auto top = share(v.host_path, v.readonly || v.recursive_readonly);
-              if (!top.ok()) return fail(std::move(top).error());
-              sv.guest_path = std::move(*top);
-              std::error_code ec;
-              std::string root = fs::weakly_canonical(v.host_path, ec).string();
-              if (ec || root.empty()) root = v.host_path;
-              while (root.size() > 1 && root.back() == '/') root.pop_back();
-              // Pods' shares (this one's included) are ours, not the volume's: a volume of
-              // /run would otherwise share them again.
-              const std::string pods_dir = cfg_.run_dir + "/pods/";
-              for (const auto& m : MountsUnder(root, /*below_only=*/true)) {
-                if (m.path.rfind(pods_dir, 0) == 0) continue;
-                bool ro = m.readonly || v.recursive_readonly;
-                auto sub = share(m.path, ro);
-                if (!sub.ok()) return fail(std::move(sub).error());
-                sv.submounts.push_back(
-                    {root == "/" ? m.path : m.path.substr(root.size()), std::move(*sub), ro});
-              }
-              guest.push_back(std::move(sv));
-            }
-            mine.insert(mine.end(), bound.begin(), bound.end());
-            if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());
-            finish(std::move(guest));
-          });
+  Enqueue(
+      id, [this, id, container, volumes = std::move(volumes), reply](std::function<void()> done) {
+        auto finish = [reply, done](Result<std::vector<SharedVolume>> r) {
+          reply(std::move(r));
+          done();
+        };
+        Pod* pod = Find(id);
+        if (!pod) return finish(UnknownPod(id));
+        if (pod->rec.phase != Phase::kRunning) {
+          return finish(Error::Make(Code::kFailedPrecondition, "sandbox {} is {}", id,
+                                    PhaseName(pod->rec.phase)));
+        }
+        auto& mine = pod->rec.volumes[container];
+        auto shared =
+            ShareVolumesNow(RunDir(id), container, mine.size(), volumes, cfg_.run_dir + "/pods/");
+        if (!shared.ok()) return finish(std::move(shared).error());
+        for (const auto& rel : shared->rels) mine.push_back(RunDir(id) + "/share/" + rel);
+        if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());
+        finish(std::move(shared->guest));
+      });
 }
 
 void PodManager::ReleaseContainer(const std::string& id, const std::string& container,
@@ -1021,7 +985,7 @@ void PodManager::ReleaseContainer(const std::string& id, const std::string& cont
     Pod* pod = Find(id);
     if (!pod) return finish(Ok());  // the pod, and everything of it, is already gone
     if (IsValidId(container)) {
-      if (auto r = RemoveTreeSafely(RunDir(id) + "/share/volumes/" + container); !r.ok()) {
+      if (auto r = RemoveFromShare(RunDir(id), "volumes/" + container); !r.ok()) {
         return finish(std::move(r).error().Wrap("release container " + container));
       }
     }

@@ -22,6 +22,7 @@
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/agent_mux.h"
 #include "sandboxer/config.h"
+#include "sandboxer/pod_share.h"
 #include "sandboxer/state.h"
 #include "sandboxer/storage.h"
 #include "sandboxer/vm_backend.h"
@@ -50,26 +51,6 @@ struct RootfsInfo {
   std::string upper_dir;  // empty: the agent's own directory (no scratch disk)
 };
 
-struct VolumeRequest {
-  std::string host_path;
-  bool readonly = false;
-  bool recursive_readonly = false;  // mounts below host_path read-only too
-};
-
-// A mount below a volume's host path, shared on its own (see ShareVolumes).
-struct SharedSubmount {
-  std::string path;        // relative to the volume root, starting with '/'
-  std::string guest_path;  // in the guest
-  bool readonly = false;
-};
-
-struct SharedVolume {
-  std::string guest_path;
-  std::vector<SharedSubmount> submounts;  // parents first
-};
-
-// Guest paths the sandboxer and agent agree on.
-inline constexpr char kGuestShareDir[] = "/run/peapod/share";
 inline constexpr char kGuestScratchDir[] = "/run/peapod/scratch";
 inline constexpr char kGuestLayersDir[] = "/run/peapod/layers";
 

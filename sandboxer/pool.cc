@@ -13,6 +13,7 @@
 
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/network.h"
+#include "sandboxer/pod_share.h"
 #include "sandboxer/pods.h"
 #include "sandboxer/pods_internal.h"
 #include "sandboxer/storage.h"
@@ -110,10 +111,12 @@ void PodManager::BootPoolVm() {
                 closed = pool_closed_, tap = s.tap] {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
     std::error_code ec;
-    fs::create_directories(dir + "/share", ec);
     fs::create_directories(sdir, ec);
+    auto shared = PrepareShare(dir);
     if (ec) {
       vm = Error::Errno("mkdir " + sdir, ec.value());
+    } else if (!shared.ok()) {
+      vm = std::move(shared).error();
     } else {
       Result<void> prep = Ok();
       for (const auto& d : s.disks) {

@@ -1,6 +1,7 @@
 #include "sandboxer/state.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -60,6 +61,10 @@ Result<void> StateStore::Init() {
   std::error_code ec;
   fs::create_directories(dir_ + "/pods", ec);
   if (ec) return Error::Errno("mkdir " + dir_ + "/pods", ec.value());
+  // Root's alone: records, disks and console logs of every pod (docs/security.md).
+  for (const auto& d : {dir_, dir_ + "/pods"}) {
+    if (::chmod(d.c_str(), 0700) < 0) return Error::Errno("chmod " + d);
+  }
   return Ok();
 }
 

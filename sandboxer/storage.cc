@@ -14,7 +14,7 @@
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
-#include "common/base/mountinfo.h"
+#include "common/base/beneath.h"
 #include "common/base/subprocess.h"
 #include "common/base/unique_fd.h"
 #include "sandboxer/worker_pool.h"
@@ -67,30 +67,6 @@ std::string MkfsError(const std::string& output) {
     if (line.rfind("<E>", 0) == 0) errors += (errors.empty() ? "" : "; ") + line.substr(4);
   }
   return errors.empty() ? last : errors;
-}
-
-Result<void> RemoveOnDevice(const std::string& path, dev_t dev) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) < 0) {
-    return errno == ENOENT ? Result<void>(Ok()) : Error::Errno("stat " + path);
-  }
-  if (S_ISDIR(st.st_mode)) {
-    if (st.st_dev != dev) {
-      return Error::Make(Code::kFailedPrecondition,
-                         "{} is another filesystem (a mount that could not be removed); not "
-                         "deleting through it",
-                         path);
-    }
-    std::error_code ec;
-    for (const auto& e : fs::directory_iterator(path, ec)) {
-      PP_TRY(RemoveOnDevice(e.path().string(), dev));
-    }
-    if (ec) return Error::Errno("list " + path, ec.value());
-    if (::rmdir(path.c_str()) < 0 && errno != ENOENT) return Error::Errno("rmdir " + path);
-    return Ok();
-  }
-  if (::unlink(path.c_str()) < 0 && errno != ENOENT) return Error::Errno("remove " + path);
-  return Ok();
 }
 
 }  // namespace
@@ -290,47 +266,21 @@ Result<void> MakeScratchDisk(const std::string& mkfs_ext4, const std::string& pa
   return Ok();
 }
 
-Result<void> BindMount(const std::string& source, const std::string& target, bool readonly) {
-  struct stat st {};
-  if (::stat(source.c_str(), &st) < 0) return Error::Errno("volume source " + source);
-  std::error_code ec;
-  if (S_ISDIR(st.st_mode)) {
-    fs::create_directories(target, ec);
-    if (ec) return Error::Errno("mkdir " + target, ec.value());
-  } else {
-    fs::create_directories(fs::path(target).parent_path(), ec);
-    if (ec) return Error::Errno("mkdir for " + target, ec.value());
-    UniqueFd fd(::open(target.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
-    if (!fd) return Error::Errno("create " + target);
-  }
-  if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) < 0) {
-    return Error::Errno(fmt::format("bind {} to {}", source, target));
-  }
-  if (readonly &&
-      ::mount(nullptr, target.c_str(), nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY, nullptr) < 0) {
-    auto e = Error::Errno("make " + target + " read-only");
-    ::umount2(target.c_str(), MNT_DETACH);
-    return e;
-  }
-  return Ok();
-}
-
 Result<void> RemoveTreeSafely(const std::string& path) {
-  std::vector<std::string> mounts;
-  for (auto& m : MountsUnder(path, /*below_only=*/false)) mounts.push_back(std::move(m.path));
-  // Deepest first; a path mounted twice is unmounted twice.
-  std::sort(mounts.begin(), mounts.end(),
-            [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
-  for (const auto& m : mounts) {
-    if (::umount2(m.c_str(), MNT_DETACH) < 0 && errno != EINVAL && errno != ENOENT) {
-      return Error::Errno("unmount " + m);
-    }
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  auto slash = p.find_last_of('/');
+  if (slash == std::string::npos || slash + 1 == p.size()) {
+    return Error::Invalid("{} is not an absolute path to a directory", path);
   }
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) < 0) {
-    return errno == ENOENT ? Result<void>(Ok()) : Error::Errno("stat " + path);
+  std::string parent = slash == 0 ? "/" : p.substr(0, slash), name = p.substr(slash + 1);
+  auto pfd = OpenHostDir(parent);
+  if (!pfd.ok()) {
+    return pfd.error().sys_errno() == ENOENT ? Result<void>(Ok()) : Result<void>(pfd.error());
   }
-  return RemoveOnDevice(path, st.st_dev);
+  PP_TRY_CTX(UnmountAllBeneath(pfd->get(), name), "unmount below " + path);
+  PP_TRY_CTX(RemoveTreeBeneath(pfd->get(), name), "remove " + parent);
+  return Ok();
 }
 
 }  // namespace peapod::sandboxer

@@ -84,14 +84,9 @@ std::string ShortHash(const std::string& s);
 Result<void> MakeScratchDisk(const std::string& mkfs_ext4, const std::string& path,
                              uint64_t size_mib);
 
-// Bind-mounts host path `source` (file or directory) at `target`, read-only if asked; the
-// target is created to match. Not recursive: what is mounted below `source` is not carried
-// along (a copy of a mount pins its mount point: the host could not remove that directory).
-Result<void> BindMount(const std::string& source, const std::string& target, bool readonly);
-
-// Unmounts everything mounted at or below `path` (deepest first), then removes the tree
-// without crossing into another filesystem: a volume still bound under a pod's share is never
-// deleted through it.
+// Unmounts everything mounted at or below `path` (a directory the host owns: a pod's run dir),
+// then removes the tree, all by fd (common/base/beneath.h): nothing below `path` is followed
+// or crossed, so a volume still mounted there is never deleted through.
 Result<void> RemoveTreeSafely(const std::string& path);
 
 }  // namespace peapod::sandboxer

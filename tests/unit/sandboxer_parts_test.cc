@@ -1,6 +1,7 @@
 // The sandboxer's pieces that need no VM: which layers containerd's mounts name, the mkfs.erofs
 // layer cache (one build per layer, collection, rejection), safe removal of a pod's run dir, the
 // config file, and what is read from containerd's CRI options.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mount.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include "sandboxer/config.h"
 #include "sandboxer/controller_service.h"
 #include "sandboxer/ksm.h"
+#include "sandboxer/pod_share.h"
 #include "sandboxer/storage.h"
 #include "sandboxer/worker_pool.h"
 #include "tests/unit/loop_fixture.h"
@@ -236,16 +238,20 @@ TEST(RemoveTreeSafelyTest, UnmountsAndNeverDeletesThroughAMount) {
   std::string volume = t.path() + "/volume";
   fs::create_directories(volume);
   std::ofstream(volume + "/precious") << "data";
-  std::string share = t.path() + "/run/share";
-  ASSERT_TRUE(BindMount(volume, share + "/volumes/c1/0", false).ok());
+  std::string run = t.path() + "/run";
+  ASSERT_TRUE(PrepareShare(run).ok());
+  UniqueFd vfd(::open(volume.c_str(), O_PATH | O_CLOEXEC));
+  ASSERT_TRUE(BindIntoShare(run, vfd.get(), "volumes/c1/0", false).ok());
   std::ofstream(t.path() + "/file") << "f";
-  ASSERT_TRUE(BindMount(t.path() + "/file", share + "/volumes/c1/1", true).ok());
-  EXPECT_FALSE(std::ofstream(share + "/volumes/c1/1").good()) << "read-only bind is writable";
-  ASSERT_TRUE(RemoveTreeSafely(t.path() + "/run").ok());
-  EXPECT_FALSE(fs::exists(t.path() + "/run"));
+  UniqueFd ffd(::open((t.path() + "/file").c_str(), O_PATH | O_CLOEXEC));
+  ASSERT_TRUE(BindIntoShare(run, ffd.get(), "volumes/c1/1", true).ok());
+  EXPECT_FALSE(std::ofstream(run + "/share/volumes/c1/1").good()) << "read-only bind is writable";
+  EXPECT_TRUE(fs::exists(run + "/share/volumes/c1/0/precious"));
+  ASSERT_TRUE(RemoveTreeSafely(run).ok());
+  EXPECT_FALSE(fs::exists(run));
   EXPECT_TRUE(fs::exists(volume + "/precious")) << "deleted through the bind mount";
   EXPECT_TRUE(fs::exists(t.path() + "/file"));
-  EXPECT_TRUE(RemoveTreeSafely(t.path() + "/run").ok()) << "idempotent";
+  EXPECT_TRUE(RemoveTreeSafely(run).ok()) << "idempotent";
 }
 
 TEST(KsmTest, StartsAStoppedKsmOnceAndSaysWhyItCannot) {

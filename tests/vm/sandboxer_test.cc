@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/base/mountinfo.h"
 #include "containerd/cgroups/v2/metrics.pb.h"
 #include "containerd/services/sandbox/v1/sandbox.grpc.pb.h"
 #include "k8s/cri/v1/pod_sandbox_config.pb.h"
@@ -571,7 +572,11 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
     auto r = call.operator()<google::protobuf::Empty>("ReleaseContainer", rel);
     EXPECT_TRUE(r.ok()) << r.error().ToString();
   }
-  EXPECT_TRUE(MountsUnder(run_dir_).empty());
+  // Only the pod's read-only share itself stays mounted while the pod lives.
+  auto left = peapod::MountsUnder(run_dir_, false);
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].path, run_dir_ + "/pods/pod4/share");
+  EXPECT_TRUE(left[0].readonly);
   auto record = nlohmann::json::parse(std::ifstream(dir_ + "/state/pods/pod4/pod.json"));
   EXPECT_TRUE(record["disks"].empty()) << record.dump();
   EXPECT_TRUE(std::ifstream(volume + "/f").good()) << "releasing must not delete volume data";

@@ -1,0 +1,208 @@
+#include "sandboxer/pod_share.h"
+
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <climits>
+
+#include <fmt/format.h>
+
+#include "common/base/beneath.h"
+#include "common/base/mountinfo.h"
+#include "common/base/unique_fd.h"
+
+namespace peapod::sandboxer {
+
+namespace {
+
+std::pair<std::string, std::string> SplitLast(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return {"", path};
+  return {path.substr(0, slash), path.substr(slash + 1)};
+}
+
+// The run dir, made 0700 if missing (its parent is configuration: the host's own).
+Result<UniqueFd> OpenRunDir(const std::string& run_dir, bool create) {
+  auto [parent, name] = SplitLast(run_dir);
+  if (parent.empty() || name.empty()) return Error::Invalid("run dir {} is not absolute", run_dir);
+  PP_ASSIGN_OR_RETURN(UniqueFd pfd, OpenHostDir(parent));
+  if (create && ::mkdirat(pfd.get(), name.c_str(), 0700) < 0 && errno != EEXIST) {
+    return Error::Errno("mkdir " + run_dir);
+  }
+  return OpenBeneath(pfd.get(), name, O_RDONLY | O_DIRECTORY);
+}
+
+// The share mount of run dir rfd; an error if it is not mounted.
+Result<UniqueFd> OpenShare(int rfd, const std::string& run_dir) {
+  PP_ASSIGN_OR_RETURN(UniqueFd share, OpenBeneath(rfd, kShareDir, O_PATH | O_DIRECTORY));
+  PP_ASSIGN_OR_RETURN(bool mounted, IsMountRoot(share.get()));
+  if (!mounted) {
+    return Error::Make(Code::kFailedPrecondition,
+                       "{}/{} is not mounted (a pod run dir from before the read-only share?)",
+                       run_dir, kShareDir);
+  }
+  return share;
+}
+
+// A detached copy of what fd is (not its submounts) with attrs set, then mounted on target.
+Result<void> BindFd(int source_fd, int target_fd, uint64_t attrs) {
+  UniqueFd tree(::open_tree(source_fd, "", AT_EMPTY_PATH | OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC));
+  if (!tree) return Error::Errno("open_tree");
+  struct mount_attr attr {};
+  attr.attr_set = attrs;
+  if (::mount_setattr(tree.get(), "", AT_EMPTY_PATH, &attr, sizeof(attr)) < 0) {
+    return Error::Errno("mount_setattr");
+  }
+  if (::move_mount(tree.get(), "", target_fd, "",
+                   MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0) {
+    return Error::Errno("move_mount");
+  }
+  return Ok();
+}
+
+}  // namespace
+
+Result<void> PrepareShare(const std::string& run_dir) {
+  PP_ASSIGN_OR_RETURN(UniqueFd rfd, OpenRunDir(run_dir, /*create=*/true));
+  PP_ASSIGN_OR_RETURN(UniqueFd host, MakeDirsBeneath(rfd.get(), kShareHostDir, 0700));
+  if (::mkdirat(rfd.get(), kShareDir, 0700) < 0 && errno != EEXIST) {
+    return Error::Errno("mkdir " + run_dir + "/" + kShareDir);
+  }
+  PP_ASSIGN_OR_RETURN(UniqueFd share, OpenBeneath(rfd.get(), kShareDir, O_PATH | O_DIRECTORY));
+  PP_ASSIGN_OR_RETURN(bool mounted, IsMountRoot(share.get()));
+  if (mounted) return Ok();
+  PP_TRY_CTX(BindFd(host.get(), share.get(),
+                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC),
+             "mount the pod share " + run_dir + "/" + kShareDir);
+  return Ok();
+}
+
+Result<void> WriteShareFile(const std::string& run_dir, const std::string& name,
+                            const std::string& content) {
+  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
+    return Error::Invalid("share file name '{}' is not a plain name", name);
+  }
+  PP_ASSIGN_OR_RETURN(UniqueFd rfd, OpenRunDir(run_dir, false));
+  PP_ASSIGN_OR_RETURN(UniqueFd host, OpenBeneath(rfd.get(), kShareHostDir, O_RDONLY | O_DIRECTORY));
+  return WriteFileBeneath(host.get(), name, content, 0644);
+}
+
+Result<void> BindIntoShare(const std::string& run_dir, int source_fd, const std::string& rel,
+                           bool readonly) {
+  struct stat st {};
+  if (::fstat(source_fd, &st) < 0) return Error::Errno("stat volume");
+  PP_ASSIGN_OR_RETURN(UniqueFd rfd, OpenRunDir(run_dir, false));
+  PP_ASSIGN_OR_RETURN(UniqueFd share, OpenShare(rfd.get(), run_dir));
+  PP_ASSIGN_OR_RETURN(UniqueFd host, OpenBeneath(rfd.get(), kShareHostDir, O_RDONLY | O_DIRECTORY));
+  auto [parent, name] = SplitLast(rel);
+  PP_ASSIGN_OR_RETURN(UniqueFd pdir, MakeDirsBeneath(host.get(), parent, 0700));
+  if (S_ISDIR(st.st_mode)) {
+    if (::mkdirat(pdir.get(), name.c_str(), 0700) < 0 && errno != EEXIST) {
+      return Error::Errno("mkdir " + rel);
+    }
+  } else {
+    UniqueFd f(
+        ::openat(pdir.get(), name.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (!f) return Error::Errno("create " + rel);
+  }
+  // The target is reached through the share (the mount QEMU exports), by fd, below it.
+  PP_ASSIGN_OR_RETURN(UniqueFd target, OpenBeneath(share.get(), rel, O_PATH));
+  PP_ASSIGN_OR_RETURN(bool taken, IsMountRoot(target.get()));
+  if (taken) return Error::Make(Code::kAlreadyExists, "{} in the pod share is in use", rel);
+  uint64_t attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (readonly ? MOUNT_ATTR_RDONLY : 0);
+  PP_TRY_CTX(BindFd(source_fd, target.get(), attrs), "bind a volume at " + rel + " in the share");
+  return Ok();
+}
+
+Result<void> RemoveFromShare(const std::string& run_dir, const std::string& rel) {
+  auto rfd = OpenRunDir(run_dir, false);
+  if (!rfd.ok()) {
+    return rfd.error().sys_errno() == ENOENT ? Result<void>(Ok()) : Result<void>(rfd.error());
+  }
+  auto share = OpenBeneath(rfd->get(), kShareDir, O_PATH | O_DIRECTORY);
+  if (share.ok()) PP_TRY(UnmountAllBeneath(share->get(), rel));
+  // The tree the host made the targets in: host/, or share/ itself in a run dir laid out before
+  // the read-only share.
+  auto host = OpenBeneath(rfd->get(), kShareHostDir, O_RDONLY | O_DIRECTORY);
+  if (host.ok()) return RemoveTreeBeneath(host->get(), rel);
+  if (host.error().sys_errno() != ENOENT) return host.error();
+  auto old = OpenBeneath(rfd->get(), kShareDir, O_RDONLY | O_DIRECTORY);
+  if (!old.ok()) return Ok();
+  return RemoveTreeBeneath(old->get(), rel);
+}
+
+}  // namespace peapod::sandboxer
+
+namespace peapod::sandboxer {
+
+namespace {
+
+// The host path an fd stands for, as the mount table spells it.
+Result<std::string> PathOf(int fd) {
+  char buf[PATH_MAX];
+  std::string self = "/proc/self/fd/" + std::to_string(fd);
+  ssize_t n = ::readlink(self.c_str(), buf, sizeof(buf) - 1);
+  if (n <= 0) return Error::Errno("readlink " + self);
+  std::string p(buf, static_cast<size_t>(n));
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  return p;
+}
+
+}  // namespace
+
+Result<SharedVolumes> ShareVolumesNow(const std::string& run_dir, const std::string& container,
+                                      size_t first, const std::vector<VolumeRequest>& volumes,
+                                      const std::string& skip_below) {
+  SharedVolumes out;
+  // Binds what fd is at the next free name; its guest path.
+  auto share = [&](int fd, bool readonly) -> Result<std::string> {
+    std::string rel = fmt::format("volumes/{}/{}", container, first + out.rels.size());
+    if (auto r = BindIntoShare(run_dir, fd, rel, readonly); !r.ok()) {
+      (void)RemoveFromShare(run_dir, rel);
+      return std::move(r).error().Wrap("share volume of container " + container);
+    }
+    out.rels.push_back(rel);
+    return std::string(kGuestShareDir) + "/" + rel;
+  };
+  auto shared = [&]() -> Result<void> {
+    for (const auto& v : volumes) {
+      if (v.host_path.empty() || v.host_path[0] != '/') {
+        return Error::Invalid("volume path '{}' must be absolute", v.host_path);
+      }
+      // The volume itself is the host's path (kubelet's or containerd's), followed as runc
+      // follows it; everything below it is reached from it by fd.
+      UniqueFd src(::open(v.host_path.c_str(), O_PATH | O_CLOEXEC));
+      if (!src) return Error::Errno("volume source " + v.host_path);
+      PP_ASSIGN_OR_RETURN(std::string root, PathOf(src.get()));
+      SharedVolume sv;
+      PP_ASSIGN_OR_RETURN(sv.guest_path, share(src.get(), v.readonly || v.recursive_readonly));
+      std::string last;
+      for (const auto& m : MountsUnder(root, /*below_only=*/true)) {
+        if (m.path.rfind(skip_below, 0) == 0 || m.path == last) continue;
+        last = m.path;
+        std::string below = root == "/" ? m.path.substr(1) : m.path.substr(root.size() + 1);
+        auto fd = OpenBeneath(src.get(), below, O_PATH);
+        if (!fd.ok()) {
+          return std::move(fd).error().Wrap(
+              fmt::format("mount {} below volume {}", m.path, v.host_path));
+        }
+        PP_ASSIGN_OR_RETURN(bool is_mount, IsMountRoot(fd->get()));
+        if (!is_mount) continue;  // unmounted since the table was read
+        bool ro = m.readonly || v.recursive_readonly;
+        PP_ASSIGN_OR_RETURN(std::string guest, share(fd->get(), ro));
+        sv.submounts.push_back({"/" + below, std::move(guest), ro});
+      }
+      out.guest.push_back(std::move(sv));
+    }
+    return Ok();
+  }();
+  if (!shared.ok()) {
+    for (const auto& rel : out.rels) (void)RemoveFromShare(run_dir, rel);
+    return shared.error();
+  }
+  return out;
+}
+
+}  // namespace peapod::sandboxer
