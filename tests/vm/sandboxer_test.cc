@@ -24,159 +24,11 @@
 #include "sandboxer/network.h"
 #include "sandboxer/storage.h"
 #include "tests/common/agent_client.h"
+#include "tests/vm/sandboxer_fixture.h"
 #include "tests/vm/vm_fixture.h"
 
 namespace peapod::vmtest {
 namespace {
-
-namespace sbv1 = ::containerd::services::sandbox::v1;
-namespace pb = ::peapod::sandboxer::v1;
-
-class SandboxerTest : public AgentVmTest {
- protected:
-  void SetUp() override {
-    AgentVmTest::SetUp();
-    if (IsSkipped()) return;
-    if (::geteuid() != 0) GTEST_SKIP() << "the sandboxer needs root (libvirt, mounts)";
-    const char* root = std::getenv("PEAPOD_TEST_LIBVIRT_ROOT");
-    // Short: pod sockets under it must fit a unix socket path.
-    run_dir_ = "/run/ppt-" + std::to_string(::getpid());
-    nlohmann::json cfg = {{"listen", dir_ + "/sandboxer.sock"},
-                          {"shim_listen", dir_ + "/shim.sock"},
-                          {"layer_cache_keep_seconds", 0},  // images go with their last user
-                          {"state_dir", dir_ + "/state"},
-                          {"run_dir", run_dir_},
-                          {"libvirt_root", root && *root ? root : "/var/lib/peapod/test-libvirt"},
-                          {"image_dir", ImageDir()},
-                          {"accel", Accel() == "kvm" ? "kvm" : "tcg"},
-                          {"log_level", "debug"}};
-    cfg_ = cfg;
-    std::ofstream(dir_ + "/sandboxer.json") << cfg.dump(2);
-    StartSandboxer();
-  }
-
-  // Restarts the sandboxer with one config key changed.
-  void RestartWith(const std::string& key, const nlohmann::json& value) {
-    StopSandboxer(SIGTERM);
-    cfg_[key] = value;
-    std::ofstream(dir_ + "/sandboxer.json", std::ios::trunc) << cfg_.dump(2);
-    StartSandboxer();
-  }
-
-  void TearDown() override {
-    if (stub_) {
-      for (const char* id : {"pod1", "pod2", "pod3", "pod4", "pod5", "pod6"}) {
-        grpc::ClientContext ctx;
-        sbv1::ControllerShutdownRequest req;
-        req.set_sandbox_id(id);
-        sbv1::ControllerShutdownResponse resp;
-        (void)stub_->Shutdown(&ctx, req, &resp);
-      }
-    }
-    StopSandboxer(SIGTERM);
-    if (HasFailure()) std::printf("sandboxer log:\n%s\n", Log().c_str());
-    if (!run_dir_.empty()) (void)sandboxer::RemoveTreeSafely(run_dir_);
-    AgentVmTest::TearDown();
-  }
-
-  void StartSandboxer() {
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test
-      int fd = ::open((dir_ + "/sandboxer.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      ::execl(PEAPOD_SANDBOXER_BINARY, PEAPOD_SANDBOXER_BINARY, "--config",
-              (dir_ + "/sandboxer.json").c_str(), nullptr);
-      ::_exit(127);
-    }
-    auto channel = grpc::CreateChannel("unix://" + dir_ + "/sandboxer.sock",
-                                       grpc::InsecureChannelCredentials());
-    ASSERT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() + 120s))
-        << "sandboxer did not serve; log:\n"
-        << Log();
-    stub_ = sbv1::Controller::NewStub(channel);
-  }
-
-  void StopSandboxer(int sig) {
-    stub_.reset();
-    if (pid_ > 0) {
-      ::kill(pid_, sig);
-      ::waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-
-  std::string Log() {
-    std::ifstream f(dir_ + "/sandboxer.log");
-    return std::string(std::istreambuf_iterator<char>(f), {});
-  }
-
-  grpc::Status Create(const std::string& id, const std::string& netns = "",
-                      const google::protobuf::Any* options = nullptr) {
-    grpc::ClientContext ctx;
-    sbv1::ControllerCreateRequest req;
-    req.set_sandbox_id(id);
-    req.set_netns_path(netns);
-    if (options) *req.mutable_options() = *options;
-    sbv1::ControllerCreateResponse resp;
-    return stub_->Create(&ctx, req, &resp);
-  }
-  grpc::Status Start(const std::string& id, sbv1::ControllerStartResponse* resp) {
-    grpc::ClientContext ctx;
-    sbv1::ControllerStartRequest req;
-    req.set_sandbox_id(id);
-    return stub_->Start(&ctx, req, resp);
-  }
-  grpc::Status Status(const std::string& id, sbv1::ControllerStatusResponse* resp) {
-    grpc::ClientContext ctx;
-    sbv1::ControllerStatusRequest req;
-    req.set_sandbox_id(id);
-    return stub_->Status(&ctx, req, resp);
-  }
-  grpc::Status Stop(const std::string& id) {
-    grpc::ClientContext ctx;
-    sbv1::ControllerStopRequest req;
-    req.set_sandbox_id(id);
-    req.set_timeout_secs(5);
-    sbv1::ControllerStopResponse resp;
-    return stub_->Stop(&ctx, req, &resp);
-  }
-  grpc::Status Shutdown(const std::string& id) {
-    grpc::ClientContext ctx;
-    sbv1::ControllerShutdownRequest req;
-    req.set_sandbox_id(id);
-    sbv1::ControllerShutdownResponse resp;
-    return stub_->Shutdown(&ctx, req, &resp);
-  }
-  // Starts a Wait call; the future has its status.
-  std::future<grpc::Status> WaitAsync(const std::string& id) {
-    std::shared_ptr<sbv1::Controller::Stub> stub = stub_;
-    return std::async(std::launch::async, [stub, id] {
-      grpc::ClientContext ctx;
-      sbv1::ControllerWaitRequest req;
-      req.set_sandbox_id(id);
-      sbv1::ControllerWaitResponse resp;
-      return stub->Wait(&ctx, req, &resp);
-    });
-  }
-  // The agent answers through the pod's agent socket (the mux).
-  bool AgentAnswers(const std::string& id, std::string* boot_id) {
-    peapod::testing::LoopThread lt;
-    v1::CheckResponse check;
-    auto c = ConnectAndCheck(lt, run_dir_ + "/pods/" + id + "/agent.sock", &check, 30s);
-    if (!c) return false;
-    *boot_id = check.boot_id();
-    lt.Sync([&] { c.reset(); });
-    return true;
-  }
-
-  nlohmann::json cfg_;
-  std::string run_dir_;
-  pid_t pid_ = -1;
-  // Shared: a Wait in flight keeps its stub alive across a sandboxer restart.
-  std::shared_ptr<sbv1::Controller::Stub> stub_;
-};
 
 TEST_F(SandboxerTest, PodLifecycleSurvivesASandboxerCrashAndLeavesNothing) {
   ASSERT_TRUE(Create("pod1").ok());
@@ -392,26 +244,6 @@ TEST_F(SandboxerTest, UnknownSandboxesAreClearErrors) {
   EXPECT_TRUE(Shutdown("pod1").ok());
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1"));
   EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod1"));
-}
-
-// What is mounted at or below dir on the host.
-std::vector<std::string> MountsUnder(const std::string& dir) {
-  std::vector<std::string> out;
-  std::ifstream mi("/proc/self/mountinfo");
-  for (std::string line; std::getline(mi, line);) {
-    std::istringstream in(line);
-    std::string a, b, c, d, point;
-    in >> a >> b >> c >> d >> point;
-    if (point.rfind(dir, 0) == 0) out.push_back(point);
-  }
-  return out;
-}
-
-size_t CountFiles(const std::string& dir, const std::string& ext) {
-  size_t n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec)) n += e.path().extension() == ext;
-  return n;
 }
 
 // The shim's view: rootfs from containerd's overlayfs-snapshotter mounts, turned into cached
