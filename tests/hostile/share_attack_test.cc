@@ -149,6 +149,23 @@ TEST_F(ShareAttackTest, AGuestCannotRedirectBindsOrRemovalThroughSymlinks) {
   ExpectCanaryIntact();
 }
 
+// Host-to-container propagation (critest's rslave case) survives the fd-based binds: a volume
+// whose host mount is shared still receives mounts made on the host later.
+TEST_F(ShareAttackTest, AVolumeOnASharedMountStillReceivesLaterHostMounts) {
+  ASSERT_EQ(::mount(volume_.c_str(), volume_.c_str(), nullptr, MS_BIND, nullptr), 0);
+  ASSERT_EQ(::mount(nullptr, volume_.c_str(), nullptr, MS_SHARED, nullptr), 0);
+  auto shared = Share("c1", {{volume_, false, false}});
+  ASSERT_TRUE(shared.ok()) << shared.error().ToString();
+  fs::create_directories(volume_ + "/later");
+  ASSERT_EQ(::mount("none", (volume_ + "/later").c_str(), "tmpfs", 0, "size=1m"), 0);
+  std::ofstream(volume_ + "/later/marker") << "later\n";
+  EXPECT_EQ(Slurp(run_ + "/share/volumes/c1/0/later/marker"), "later\n");
+  ASSERT_TRUE(RemoveFromShare(run_, "volumes/c1").ok());
+  ::umount2((volume_ + "/later").c_str(), MNT_DETACH);
+  ::umount2(volume_.c_str(), MNT_DETACH);
+  ExpectCanaryIntact();
+}
+
 // The host's own tree, were something to put a symlink in it anyway (a bug, an older layout):
 // binds and removal refuse it rather than follow it out of the pod.
 TEST_F(ShareAttackTest, SymlinksInTheHostTreeAreNeverFollowed) {
