@@ -71,6 +71,7 @@ Result<pid_t> Spawn(const std::vector<std::string>& args, int log_fd) {
 
 Result<VmInfo> FakeBackend::Start(const VmSpec& spec) {
   bool kill_now = false;
+  std::vector<std::string> wrap;
   {
     std::lock_guard l(mu_);
     ++start_calls_;
@@ -83,6 +84,7 @@ Result<VmInfo> FakeBackend::Start(const VmSpec& spec) {
       return Error::Make(Code::kAlreadyExists, "fake VM {} is already running", spec.name);
     }
     kill_now = std::exchange(kill_next_, false);
+    wrap = std::exchange(wrap_next_, {});
   }
   if (spec.name.empty() || spec.agent_socket.empty()) {
     return Error::Invalid("fake VM spec needs a name and an agent socket");
@@ -97,9 +99,10 @@ Result<VmInfo> FakeBackend::Start(const VmSpec& spec) {
   fs::remove(spec.agent_socket, ec);  // a stale socket would look like a listening agent
   UniqueFd log_fd(::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
   if (!log_fd) return Error::Errno("open " + log);
-  PP_ASSIGN_OR_RETURN(pid_t pid, Spawn({agent_binary_, "--listen", spec.agent_socket, "--run-dir",
-                                        run_dir, "--log-level", "debug"},
-                                       log_fd.get()));
+  std::vector<std::string> argv = {
+      agent_binary_, "--listen", spec.agent_socket, "--run-dir", run_dir, "--log-level", "debug"};
+  argv.insert(argv.begin(), wrap.begin(), wrap.end());
+  PP_ASSIGN_OR_RETURN(pid_t pid, Spawn(argv, log_fd.get()));
   auto pidfd = Pidfd::Open(pid);
   if (!pidfd.ok()) {
     ::kill(pid, SIGKILL);
@@ -189,6 +192,11 @@ void FakeBackend::SetOnStopped(std::function<void(const std::string&)> cb) {
 void FakeBackend::FailNextStart(Error e) {
   std::lock_guard l(mu_);
   fail_next_ = std::move(e);
+}
+
+void FakeBackend::WrapNextAgent(std::vector<std::string> prefix) {
+  std::lock_guard l(mu_);
+  wrap_next_ = std::move(prefix);
 }
 
 void FakeBackend::KillAfterNextStart() {

@@ -49,6 +49,9 @@ class FakeBackend : public VmBackend {
   // The next Start spawns the agent, waits for its socket, then kills it before returning
   // success: a VM that dies while booting.
   void KillAfterNextStart();
+  // The next Start runs `prefix... <agent command>` instead of the agent command: a program
+  // that stands between the sandboxer and the agent (a hostile channel, say).
+  void WrapNextAgent(std::vector<std::string> prefix);
   // Kills a running VM as a crash would (the stop callback fires); false if it is not running.
   bool Kill(const std::string& name);
   // The agent's pid, if running.
@@ -73,6 +76,7 @@ class FakeBackend : public VmBackend {
   std::vector<std::thread> watchers_;
   std::optional<Error> fail_next_;
   bool kill_next_ = false;
+  std::vector<std::string> wrap_next_;
   size_t start_calls_ = 0;
 
   std::mutex cb_mu_;  // held while the callback runs
