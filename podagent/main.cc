@@ -113,6 +113,9 @@ int main(int argc, char** argv) {
 
   agent::PortRelay ports(loop);
   ttrpc::Server server(loop);
+  // The host stops reading the channel while one of its clients is slow (AgentMux
+  // back-pressure); answers wait here, in the guest's memory, instead of being dropped.
+  server.set_max_queued_bytes(ttrpc::kNoQueueCap);
   agent::RegisterAgentService(server, loop, &containers, &ports,
                               {.shutdown =
                                    [pid1, loop] {

@@ -135,8 +135,10 @@ Result<std::string> DomainXml(const VmSpec& s) {
   // Nothing by default that the pod does not need: no USB, graphics, sound or balloon.
   w.Open("controller").Attr("type", "usb").Attr("model", "none").Close();
   w.Open("memballoon").Attr("model", "none").Close();
+  // append='on': libvirt opens the file O_APPEND for QEMU, so the sandboxer can cut it while
+  // QEMU writes (console_log.h) and a restarted VM does not wipe what its last boot said.
   w.Open("serial").Attr("type", "file");
-  w.Open("source").Attr("path", s.console_log).Close();
+  w.Open("source").Attr("path", s.console_log).Attr("append", "on").Close();
   w.Open("target").Attr("port", "0").Close();
   w.Close();
   w.Open("channel").Attr("type", "unix");

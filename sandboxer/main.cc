@@ -18,6 +18,7 @@
 #include "common/log/log.h"
 #include "common/loop/event_loop.h"
 #include "sandboxer/config.h"
+#include "sandboxer/console_log.h"
 #include "sandboxer/controller_service.h"
 #include "sandboxer/ksm.h"
 #include "sandboxer/libvirt_backend.h"
@@ -149,6 +150,8 @@ int main(int argc, char** argv) {
     loop->AddTimer(60s, collect);
   };
   loop->AddTimer(60s, collect);
+  // The guests' console logs stay under kConsoleLogCap (plus what a guest writes in a second).
+  sandboxer::ConsoleLogCapper console_logs({cfg->state_dir + "/pods", cfg->state_dir + "/pool"});
   spdlog::info("sandboxer: serving {} and {} (state {}, libvirt {})", cfg->listen, cfg->shim_listen,
                cfg->state_dir, (*backend)->uri());
 

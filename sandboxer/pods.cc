@@ -240,6 +240,7 @@ Result<PodManager::Channel> PodManager::ConnectAgent(const std::string& dir) {
   PP_ASSIGN_OR_RETURN(auto upstream, ConnectUnix(dir + "/vm-agent.sock"));
   PP_TRY(SetNonBlocking(upstream.get()));
   ch.mux = std::make_unique<AgentMux>(loop_);
+  ch.mux->set_name(fs::path(dir).filename());  // the pod id, or the pool VM's name
   PP_TRY(ch.mux->AttachUpstream(std::move(upstream)));
   PP_ASSIGN_OR_RETURN(auto listener, ListenUnix(dir + "/agent.sock"));
   ::chmod((dir + "/agent.sock").c_str(), 0600);  // root only: it drives the whole pod

@@ -262,7 +262,7 @@ void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_i
       done = Error::Errno("rename " + RunDir(vm->name) + " to " + RunDir(id));
     }
     if (done.ok()) {
-      for (const char* f : {"console.log", "scratch.img"}) {
+      for (const char* f : {"console.log", "console.log.1", "scratch.img"}) {
         std::string from = PoolStateDir(vm->name) + "/" + f;
         if (::access(from.c_str(), F_OK) == 0 &&
             ::rename(from.c_str(), (pod_state + "/" + f).c_str()) < 0) {

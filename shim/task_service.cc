@@ -8,6 +8,7 @@
 #include <fstream>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -23,6 +24,7 @@
 #include "peapod/agent/v1/agent.pb.h"
 #include "peapod/sandboxer/v1/sandboxer.pb.h"
 #include "shim/dial.h"
+#include "shim/pacing.h"
 #include "shim/volumes.h"
 
 namespace peapod::shim {
@@ -40,6 +42,8 @@ using namespace std::chrono_literals;
 constexpr char kAgent[] = "peapod.agent.v1.Agent";
 constexpr char kSandboxer[] = "peapod.sandboxer.v1.Sandboxer";
 constexpr char kTask[] = "containerd.task.v2.Task";
+// At most one /tasks/oom per container per this interval.
+constexpr auto kOomEventInterval = 1s;
 
 Result<PodRole> RoleFromSpec(const std::string& id, const std::string& config_json) {
   Json spec;
@@ -189,12 +193,15 @@ struct TaskService::Impl {
     return it->second;
   }
 
-  // Pumps one output stream of a process from the agent to containerd, until EOF.
+  // Pumps one output stream of a process from the agent to containerd, until EOF. An answer
+  // with no data and no EOF is legal but useless; in a row, they are waited out (the agent is
+  // the guest's: it must not make this thread spin).
   void PumpOutput(std::shared_ptr<Process> p, bool err, UniqueFd out) {
     av1::ReadStreamRequest req;
     req.set_container_id(opts.id);
     req.set_exec_id(p->exec_id);
     req.set_max_bytes(1 << 20);
+    EmptyAnswerBackoff backoff;
     for (;;) {
       auto r = CallAgent<av1::ReadStreamResponse>(err ? "ReadStderr" : "ReadStdout", req, 0ns);
       if (!r.ok()) {
@@ -205,6 +212,9 @@ struct TaskService::Impl {
         if (!WriteAll(out.get(), r->data().data(), r->data().size()).ok()) out.Reset();
       }
       if (r->eof()) return;
+      if (auto wait = backoff.Next(r->data().empty()); wait.count() > 0) {
+        std::this_thread::sleep_for(wait);
+      }
     }
   }
 
@@ -275,16 +285,36 @@ struct TaskService::Impl {
     return Ok();
   }
 
-  // Publishes /tasks/oom for each OOM kill in this container (CRI learns of OOM only this
-  // way), until the agent connection ends.
+  // Publishes /tasks/oom for OOM kills in this container (CRI learns of OOM only this way),
+  // until the agent connection ends. The agent is the guest's and may answer in a loop: at
+  // most one event per kOomEventInterval is published, the others are counted, and while they
+  // come faster the next one is not asked for before the interval is over.
   void WatchOOM() {
     std::lock_guard<std::mutex> l(threads_mu);
     threads.emplace_back([this] {
       av1::GetOOMEventRequest r;
       r.set_container_id(opts.id);
+      EventCoalescer coalescer(kOomEventInterval);
+      std::optional<EventCoalescer::Clock::time_point> last_report;  // of coalesced events
+      uint64_t reported = 0;
       for (;;) {
         auto oom = CallAgent<av1::OOMEvent>("GetOOMEvent", r, 0ns);
         if (!oom.ok()) return;
+        auto now = EventCoalescer::Clock::now();
+        auto d = coalescer.Offer(now);
+        if (!d.publish) {
+          if (!last_report || now - *last_report >= 60s) {
+            spdlog::warn(
+                "shim: {}: {} OOM events came within {} ms of another and were not "
+                "published (CRI needs only one)",
+                opts.id, coalescer.coalesced() - reported,
+                std::chrono::duration_cast<std::chrono::milliseconds>(kOomEventInterval).count());
+            reported = coalescer.coalesced();
+            last_report = now;
+          }
+          std::this_thread::sleep_for(d.wait);
+          continue;
+        }
         loop->Post([this] {
           ev::TaskOOM e;
           e.set_container_id(opts.id);

@@ -1,13 +1,17 @@
 #include "common/ttrpc/connection.h"
 
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#include <cstring>
 
 namespace peapod::ttrpc {
 
 namespace {
 constexpr size_t kReadChunk = 64 * 1024;
-}
+constexpr int kMaxIov = 64;
+}  // namespace
 
 Result<std::shared_ptr<Connection>> Connection::Create(EventLoop* loop, UniqueFd fd,
                                                        FrameCallback on_frame,
@@ -43,27 +47,50 @@ Result<void> Connection::Send(uint32_t stream_id, uint8_t type, uint8_t flags,
   if (closed_ || close_after_flush_) {
     return Error(Code::kUnavailable, "ttrpc connection is closed");
   }
-  char header[kHeaderSize];
-  EncodeHeader(FrameHeader{static_cast<uint32_t>(payload.size()), stream_id, type, flags}, header);
-  if (out_pos_ == out_.size()) {
-    out_.clear();
-    out_pos_ = 0;
+  size_t frame = kHeaderSize + payload.size();
+  if (max_queued_ != kNoQueueCap && queued_bytes() + frame > max_queued_) {
+    // The peer is not reading: refuse rather than hold its backlog without bound.
+    return Error::Make(Code::kResourceExhausted,
+                       "ttrpc peer is not reading: {} bytes queued, a frame of {} would pass the "
+                       "limit of {}",
+                       queued_bytes(), frame, max_queued_);
   }
-  out_.append(header, kHeaderSize);
-  out_.append(payload);
+  std::string bytes(frame, '\0');
+  EncodeHeader(FrameHeader{static_cast<uint32_t>(payload.size()), stream_id, type, flags},
+               bytes.data());
+  if (!payload.empty()) std::memcpy(bytes.data() + kHeaderSize, payload.data(), payload.size());
+  out_.push_back(std::move(bytes));
+  queued_ += frame;
   Flush();
   return Ok();
 }
 
 void Connection::Flush() {
-  while (!closed_ && out_pos_ < out_.size()) {
-    // send(MSG_NOSIGNAL): a peer that went away is an error on this connection, not a
+  bool wrote = false;
+  while (!closed_ && !out_.empty()) {
+    // Several frames per call; the queue holds one string per frame, freed as it is written,
+    // so memory follows queued_bytes() and not the connection's history.
+    iovec iov[kMaxIov];
+    int iovcnt = 0;
+    size_t skip = out_pos_;
+    for (auto it = out_.begin(); it != out_.end() && iovcnt < kMaxIov; ++it) {
+      iov[iovcnt].iov_base = const_cast<char*>(it->data()) + skip;
+      iov[iovcnt].iov_len = it->size() - skip;
+      ++iovcnt;
+      skip = 0;
+    }
+    // sendmsg(MSG_NOSIGNAL): a peer that went away is an error on this connection, not a
     // SIGPIPE for the whole process. Channels that are not sockets (a virtio-serial port)
-    // take write().
-    const char* data = out_.data() + out_pos_;
-    size_t len = out_.size() - out_pos_;
-    ssize_t n =
-        is_socket_ ? ::send(fd_.get(), data, len, MSG_NOSIGNAL) : ::write(fd_.get(), data, len);
+    // take writev().
+    ssize_t n;
+    if (is_socket_) {
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(iovcnt);
+      n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
+    } else {
+      n = ::writev(fd_.get(), iov, iovcnt);
+    }
     if (n < 0 && is_socket_ && errno == ENOTSOCK) {
       is_socket_ = false;
       continue;
@@ -74,24 +101,43 @@ void Connection::Flush() {
       Close(Error::Errno("ttrpc write"));
       return;
     }
-    out_pos_ += static_cast<size_t>(n);
+    Consume(static_cast<size_t>(n));
+    wrote = wrote || n > 0;
   }
   if (closed_) return;
-  if (out_pos_ == out_.size()) {
-    out_.clear();
-    out_pos_ = 0;
+  if (out_.empty()) {
     if (close_after_flush_) {
       Close(Error(Code::kCancelled, "connection closed after flush"));
       return;
     }
   }
   UpdateInterest();
+  if (wrote && on_drain_ && below_low_water()) {
+    auto self = weak_from_this().lock();  // the callback may drop the last outside reference
+    on_drain_();
+  }
+}
+
+void Connection::Consume(size_t n) {
+  queued_ -= n;
+  while (n > 0) {
+    size_t left = out_.front().size() - out_pos_;
+    if (n < left) {
+      out_pos_ += n;
+      return;
+    }
+    n -= left;
+    out_.pop_front();
+    out_pos_ = 0;
+  }
 }
 
 void Connection::UpdateInterest() {
   uint32_t want = 0;
-  if (reading_) want |= EPOLLIN | EPOLLRDHUP;
-  if (out_pos_ < out_.size()) want |= EPOLLOUT;
+  // Paused, not even EPOLLRDHUP: level-triggered, it would fire on every wait while the
+  // unread input stays. EPOLLHUP and EPOLLERR are reported regardless.
+  if (reading_ && !paused_) want |= EPOLLIN | EPOLLRDHUP;
+  if (!out_.empty()) want |= EPOLLOUT;
   if (want == interest_) return;
   interest_ = want;
   (void)loop_->Modify(watch_, want);
@@ -102,7 +148,7 @@ void Connection::OnEvents(uint32_t events) {
   if (events & EPOLLOUT) Flush();
   if (closed_) return;
   if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-    if (reading_) {
+    if (reading_ && !paused_) {
       ReadSome();
     } else if (events & (EPOLLHUP | EPOLLERR)) {
       Close(Error(Code::kUnavailable, "peer hung up"));
@@ -113,7 +159,7 @@ void Connection::OnEvents(uint32_t events) {
 void Connection::ReadSome() {
   char buf[kReadChunk];
   // Bounded number of reads per wakeup so one busy peer cannot hog the loop.
-  for (int i = 0; i < 16 && !closed_ && reading_; ++i) {
+  for (int i = 0; i < 16 && Receiving(); ++i) {
     ssize_t n = ::read(fd_.get(), buf, sizeof(buf));
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -132,12 +178,41 @@ void Connection::ReadSome() {
       return;
     }
     decoder_.Feed(buf, static_cast<size_t>(n));
-    while (!closed_ && reading_) {
+    while (Receiving()) {
       std::optional<Frame> f = decoder_.Next();
       if (!f) break;
       on_frame_(std::move(*f));
     }
     if (static_cast<size_t>(n) < sizeof(buf)) return;
+  }
+}
+
+void Connection::PauseReading() {
+  if (closed_ || paused_) return;
+  paused_ = true;
+  UpdateInterest();
+}
+
+void Connection::ResumeReading() {
+  if (closed_ || !paused_) return;
+  paused_ = false;
+  UpdateInterest();
+  // Frames decoded before the pause are still in the decoder; the fd may never be readable
+  // again to flush them out, so deliver them from the loop (not from inside the caller, which
+  // may be in the middle of handling another connection's event).
+  if (decoder_.buffered() >= kHeaderSize) {
+    std::weak_ptr<Connection> weak = weak_from_this();
+    loop_->Post([weak] {
+      if (auto self = weak.lock()) self->DeliverBuffered();
+    });
+  }
+}
+
+void Connection::DeliverBuffered() {
+  while (Receiving()) {
+    std::optional<Frame> f = decoder_.Next();
+    if (!f) break;
+    on_frame_(std::move(*f));
   }
 }
 
@@ -159,6 +234,8 @@ void Connection::Close(Error reason) {
   fd_.Reset();
   out_.clear();
   out_pos_ = 0;
+  queued_ = 0;
+  on_drain_ = nullptr;
   if (auto cb = std::move(on_close_)) cb(reason);
   on_frame_ = nullptr;
 }

@@ -41,8 +41,10 @@ void FrameDecoder::Feed(const char* data, size_t len) {
     len -= drop;
   }
   if (len == 0) return;
-  // Compact before growing so a long-lived connection does not creep.
-  if (pos_ > 0 && pos_ >= buf_.size() / 2) {
+  // Drop what was consumed before growing, so the buffer holds at most one incomplete frame
+  // plus this input. Cheap for a caller that takes every complete frame before feeding more
+  // (Connection): what is left after pos_ is the start of one frame from the previous input.
+  if (pos_ > 0) {
     buf_.erase(0, pos_);
     pos_ = 0;
   }

@@ -38,8 +38,10 @@ struct Frame {
   bool oversized = false;
 };
 
-// Turns a byte stream into frames. Memory stays bounded by one maximal frame plus the input
-// handed to Feed(), whatever lengths the peer announces.
+// Turns a byte stream into frames. For a caller that takes every complete frame before feeding
+// more, the buffer holds at most one incomplete frame (up to kHeaderSize + kMaxMessageSize)
+// plus the input handed to Feed(), whatever lengths the peer announces: an oversized frame is
+// skipped, never buffered.
 class FrameDecoder {
  public:
   void Feed(const char* data, size_t len);

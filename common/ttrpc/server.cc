@@ -139,6 +139,7 @@ Result<void> Server::ServeConnection(UniqueFd fd, std::function<void()> on_close
                             if (on_closed) on_closed();
                             MaybeFinishShutdown();
                           }));
+  conn->c->set_max_queued_bytes(max_queued_);
   conns_.insert(conn);
   return Ok();
 }

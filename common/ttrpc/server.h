@@ -84,6 +84,11 @@ class Server {
   // connection once it has no call in flight, then runs done. Idempotent.
   void Shutdown(std::function<void()> done = nullptr);
 
+  // The write-queue cap of connections served from now on (Connection::set_max_queued_bytes;
+  // kQueueHardCap unless set). An answer that does not fit is dropped, so a server whose peer
+  // may pause reading on purpose (the guest agent, behind AgentMux) sets kNoQueueCap.
+  void set_max_queued_bytes(size_t n) { max_queued_ = n; }
+
   size_t connection_count() const { return conns_.size(); }
   size_t in_flight() const;
 
@@ -103,6 +108,7 @@ class Server {
   EventLoop::WatchId listen_watch_ = 0;
   std::set<std::shared_ptr<Conn>> conns_;
   bool shutting_down_ = false;
+  size_t max_queued_ = kQueueHardCap;
   std::function<void()> shutdown_done_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -384,5 +384,108 @@ TEST(FrameDecoder, OversizeFrameIsSkippedWithoutBuffering) {
   EXPECT_FALSE(d.Next().has_value());
 }
 
+// A bare Connection on a LoopThread, its peer a blocking socket the test drives.
+class ConnectionLimitsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto [mine, theirs] = *SocketPair();
+    peer_ = std::move(theirs);
+    conn_ = lt_.Sync([&, fd = std::move(mine)]() mutable {
+      return *Connection::Create(
+          lt_.loop(), std::move(fd),
+          [this](Frame&& f) {
+            frames_.push_back(f.payload);
+            if (pause_after_first_ && frames_.size() == 1) conn_->PauseReading();
+          },
+          [](const Error&) {});
+    });
+  }
+  void TearDown() override {
+    lt_.Sync([&] {
+      conn_->Close();
+      conn_.reset();
+    });
+  }
+  bool WaitFor(const std::function<bool()>& pred) {
+    for (int i = 0; i < 3000; ++i) {
+      if (lt_.Sync(pred)) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+
+  peapod::testing::LoopThread lt_;
+  std::shared_ptr<Connection> conn_;
+  UniqueFd peer_;
+  std::vector<std::string> frames_;  // loop thread
+  bool pause_after_first_ = false;
+};
+
+TEST_F(ConnectionLimitsTest, SendPastTheHardCapIsRefusedAndTheQueueDrains) {
+  int drains = 0;
+  lt_.Sync([&] { conn_->SetOnDrain([&] { ++drains; }); });
+  std::string payload(kMaxMessageSize, 'x');
+  int sent = 0;
+  Result<void> refused = Ok();
+  size_t queued = 0;
+  lt_.Sync([&] {
+    for (int i = 0; i < 16 && refused.ok(); ++i) {
+      refused = conn_->Send(1 + 2 * i, kTypeResponse, 0, payload);
+      if (refused.ok()) ++sent;
+    }
+    queued = conn_->queued_bytes();
+  });
+  // The peer reads nothing: the queue stops short of the cap, the next frame is refused.
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), Code::kResourceExhausted);
+  EXPECT_LE(queued, kQueueHardCap);
+  EXPECT_GT(queued + kHeaderSize + kMaxMessageSize, kQueueHardCap);
+  EXPECT_LT(sent, 16);
+  EXPECT_TRUE(lt_.Sync([&] { return conn_->over_high_water(); }));
+  // The peer reads it all: the queue empties and the producer is told.
+  std::string got(static_cast<size_t>(sent) * (kHeaderSize + kMaxMessageSize), '\0');
+  ASSERT_TRUE(ReadExact(peer_.get(), got.data(), got.size()).ok());
+  ASSERT_TRUE(WaitFor([&] { return conn_->queued_bytes() == 0; }));
+  EXPECT_GE(lt_.Sync([&] { return drains; }), 1);
+  EXPECT_TRUE(lt_.Sync([&] { return conn_->Send(99, kTypeResponse, 0, "again").ok(); }));
+  lt_.Sync([&] { conn_->SetOnDrain(nullptr); });
+}
+
+TEST_F(ConnectionLimitsTest, APausedConnectionDeliversNothingUntilResumed) {
+  lt_.Sync([&] { conn_->PauseReading(); });
+  for (uint32_t i = 0; i < 3; ++i) {
+    WriteFrame(peer_.get(), 1 + 2 * i, kTypeRequest, "f" + std::to_string(i));
+  }
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(lt_.Sync([&] { return frames_.size(); }), 0u);
+  lt_.Sync([&] { conn_->ResumeReading(); });
+  ASSERT_TRUE(WaitFor([&] { return frames_.size() == 3; }));
+  EXPECT_EQ(lt_.Sync([&] { return frames_; }), (std::vector<std::string>{"f0", "f1", "f2"}));
+}
+
+TEST_F(ConnectionLimitsTest, FramesDecodedBeforeAPauseComeAfterTheResume) {
+  lt_.Sync([&] { pause_after_first_ = true; });
+  // Three frames in one write: one read decodes them all, the callback pauses after the first.
+  std::string bytes;
+  for (uint32_t i = 0; i < 3; ++i) {
+    char h[kHeaderSize];
+    std::string p = "g" + std::to_string(i);
+    EncodeHeader(FrameHeader{static_cast<uint32_t>(p.size()), 1 + 2 * i, kTypeRequest, 0}, h);
+    bytes.append(h, kHeaderSize).append(p);
+  }
+  ASSERT_TRUE(WriteAll(peer_.get(), bytes.data(), bytes.size()).ok());
+  ASSERT_TRUE(WaitFor([&] { return frames_.size() == 1; }));
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(lt_.Sync([&] { return frames_.size(); }), 1u);
+  EXPECT_TRUE(lt_.Sync([&] { return conn_->reading_paused(); }));
+  // Nothing more comes from the socket; the two frames in the decoder still arrive.
+  lt_.Sync([&] {
+    pause_after_first_ = false;
+    conn_->ResumeReading();
+  });
+  ASSERT_TRUE(WaitFor([&] { return frames_.size() == 3; }));
+  EXPECT_EQ(lt_.Sync([&] { return frames_; }), (std::vector<std::string>{"g0", "g1", "g2"}));
+}
+
 }  // namespace
 }  // namespace peapod::ttrpc
