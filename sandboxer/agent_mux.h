@@ -12,7 +12,7 @@
 // answered UNAVAILABLE and new requests are refused until a new upstream is attached.
 //
 // Everything that comes up the channel is the guest's and hostile; what it can make the host
-// hold is bounded (docs/security-bounds.md):
+// hold is bounded (docs/security.md, "What a guest can cost the host"):
 // * only responses to calls in flight are forwarded; requests, stream data, unknown types or
 //   flags, and answers to streams nobody asked on are dropped and counted (stats());
 // * a frame over the ttrpc limit is skipped by the decoder without being buffered;
