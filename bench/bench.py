@@ -1102,6 +1102,39 @@ state = "{state}"
 
     # ------------------------------------------------------------ all
 
+    def fig_flood(self):
+        """A hostile agent channel: the sandboxer's pod code and mux (in the test process, the
+        agents local) while one pod's channel floods 4 MiB frames at a shim that never reads:
+        host RSS and a neighbour pod's Check round trip, each against the same pods quiet."""
+        binary = f"{self.a.build}/tests/hostile/peapod_hostile_channel_tests"
+        if not os.access(binary, os.X_OK):
+            self.results["flood"] = {"skipped": f"{binary} is not built"}
+            return
+        rss_idle, rss_flood, quiet, during = [], [], [], []
+        for i in range(self.a.repeat):
+            out = f"{self.a.dir}/flood-{i}.json"
+            self.run([binary, "--gtest_filter=*Flooding*"], timeout=300,
+                     env={**os.environ, "PEAPOD_FLOOD_JSON": out})
+            with open(out) as f:
+                r = json.load(f)
+            rss_idle.append(r["idle_rss_kib"] / 1024)
+            rss_flood.append(r["flood_rss_kib"] / 1024)
+            quiet.append(statistics.median(r["check_ms_quiet"]))
+            during.append(statistics.median(r["check_ms_flood"]))
+        q, d = stats(quiet), stats(during)
+        ri, rf = stats(rss_idle), stats(rss_flood)
+        self.results["flood"] = {
+            "what": "sandboxer RSS (MiB) and a neighbour pod's Check round trip (ms, median of "
+                    "20 quiet and 30 under the flood per run) while another pod's channel floods "
+                    "4 MiB frames at a shim that never reads; PodManager and mux in-process, "
+                    "agents local (tests/hostile/channel_attack_test.cc)",
+            "rss_idle_mib": ri, "rss_flood_mib": rf, "check_quiet_ms": q, "check_flood_ms": d,
+            "rss_ratio": ratio(rf["median"], ri["median"]),
+            "latency_ratio": ratio(d["median"], q["median"]),
+        }
+        log(f"flood: RSS {ri['median']:.1f} -> {rf['median']:.1f} MiB, neighbour Check "
+            f"{q['median']:.2f} -> {d['median']:.2f} ms")
+
     def save(self):
         if "schema" not in self.results:
             return
@@ -1156,6 +1189,9 @@ state = "{state}"
         if "callgrind" in figures:
             self.stop_containerd()
             self.fig_callgrind()
+            save()
+        if "flood" in figures:
+            self.fig_flood()
             save()
         save()
 

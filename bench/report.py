@@ -188,6 +188,13 @@ class Report:
                    f"last start {fmt_ms(last['start_ms'])}; {per_pod:.0f} MiB PSS per pod | "
                    f"first start {fmt_ms(den['pods'][0]['start_ms'])} | "
                    f"{ratio(last.get('ratio_to_first'))} |")
+        fl = d.get("flood", {})
+        if "rss_ratio" in fl:
+            self.w(f"| 9. hostile channel flood: sandboxer RSS / neighbour Check | "
+                   f"{spread(fl['rss_flood_mib'], 'MiB', 1)} / {spread(fl['check_flood_ms'], '', 2)} ms | "
+                   f"quiet {spread(fl['rss_idle_mib'], 'MiB', 1)} / "
+                   f"{spread(fl['check_quiet_ms'], '', 2)} ms | {ratio(fl['rss_ratio'])} / "
+                   f"{ratio(fl['latency_ratio'])} |")
         if "callgrind" in d:
             cg = d["callgrind"]
             self.w(f"| 8. instructions per pod lifecycle (callgrind, exact) | sandboxer "
@@ -406,6 +413,26 @@ class Report:
                f"ksmd CPU at this fast scan rate.")
         self.w()
 
+    def flood(self):
+        fl = self.d.get("flood")
+        if not fl:
+            return
+        self.w("## 9. A hostile guest flooding its channel")
+        self.w()
+        if "skipped" in fl:
+            self.w(f"Not measured: {fl['skipped']}.")
+            self.w()
+            return
+        self.w(fl["what"] + ".")
+        self.w()
+        self.w("| | quiet | under the flood | ratio |")
+        self.w("| --- | --- | --- | --- |")
+        self.w(f"| sandboxer RSS, MiB | {spread(fl['rss_idle_mib'], '', 1)} | "
+               f"{spread(fl['rss_flood_mib'], '', 1)} | {ratio(fl['rss_ratio'])} |")
+        self.w(f"| neighbour Check, ms | {spread(fl['check_quiet_ms'], '', 2)} | "
+               f"{spread(fl['check_flood_ms'], '', 2)} | {ratio(fl['latency_ratio'])} |")
+        self.w()
+
     def density(self):
         den = self.d.get("density")
         if not den or not den["pods"]:
@@ -519,6 +546,7 @@ class Report:
         self.ksm()
         self.density()
         self.callgrind()
+        self.flood()
         return "\n".join(self.lines).rstrip() + "\n"
 
 

@@ -24,6 +24,10 @@ struct VolumeRequest {
   std::string host_path;
   bool readonly = false;
   bool recursive_readonly = false;  // mounts below host_path read-only too
+  // Mounts the host makes below host_path later reach the guest (the bind is the host mount's
+  // slave; never its peer, so nothing the pod does to its copy reaches the host). Otherwise the
+  // bind is private. Never under recursive_readonly: a later mount would come in writable.
+  bool propagate_from_host = false;
 };
 
 // A mount below a volume's host path, shared on its own (see ShareVolumes).
@@ -53,9 +57,14 @@ Result<void> WriteShareFile(const std::string& run_dir, const std::string& name,
 
 // Bind-mounts what `source_fd` is (a directory or file, any open mode, O_PATH included; not its
 // submounts) at `rel` in the share, e.g. "volumes/c1/0"; the target and its parents are made
-// in host/. nosuid and nodev always, read-only if asked.
+// in host/. nosuid and nodev always, read-only if asked; private, or the source's slave when
+// `from_host`. ALREADY_EXISTS if something is mounted at rel already (it is left alone).
 Result<void> BindIntoShare(const std::string& run_dir, int source_fd, const std::string& rel,
-                           bool readonly);
+                           bool readonly, bool from_host = false);
+
+// Makes `dir` (the pods' run dirs' parent) a private mount of its own, so that nothing mounted
+// below it propagates to other mount namespaces or back to the host's mounts. Idempotent.
+Result<void> MakePrivateMount(const std::string& dir);
 
 // Unmounts what is mounted at or below `rel` in the share and removes rel from host/.
 Result<void> RemoveFromShare(const std::string& run_dir, const std::string& rel);
@@ -63,7 +72,7 @@ Result<void> RemoveFromShare(const std::string& run_dir, const std::string& rel)
 // Shares a container's volumes: each host path is bound (not recursively) at
 // volumes/<container>/<n> from n = first on, and every mount below it on its own (so the host
 // can still unmount and remove those mount points while the pod runs, as with runc); mounts
-// below `skip_below` (the pods' own run dirs) are not a volume's. The mounts below a volume are
+// at or below `skip_below` (the pods' run dirs) are not a volume's. The mounts below a volume are
 // reached from the volume by fd without following symlinks. All or nothing: on failure what
 // was bound is removed again.
 struct SharedVolumes {

@@ -157,6 +157,9 @@ Result<void> PodManager::Recover() {
     for (const auto& d : {cfg_.run_dir, cfg_.run_dir + "/pods"}) {
       if (::chmod(d.c_str(), 0700) < 0) return Error::Errno("chmod " + d);
     }
+    // The pods' shares and volume binds stay in this namespace and never reach the host's
+    // mounts (docs/security.md).
+    PP_TRY(MakePrivateMount(cfg_.run_dir + "/pods"));
   }
   PP_TRY(cache_.Init());
   PP_ASSIGN_OR_RETURN(auto records, store_.LoadAll());
@@ -342,6 +345,14 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
     pod->start_steps.clear();
     pod->step_at = std::chrono::steady_clock::now();
     return AdoptPoolVm(id, std::move(pooled), deadline, reply);
+  }
+  // The share QEMU will export must be the read-only one (a run dir from before it, or one
+  // a reboot emptied, is laid out again here; one that cannot be is refused, never exported).
+  if (auto r = PreparePodFiles(pod->rec); !r.ok()) {
+    pod->busy = false;
+    pod->rec.phase = Phase::kCreated;
+    (void)Save(*pod);
+    return reply(std::move(r).error().Wrap("start sandbox " + id + ": prepare its share"));
   }
   VmSpec spec = SpecFor(*pod);
   std::string netns = pod->rec.netns;
@@ -968,7 +979,7 @@ void PodManager::ShareVolumes(const std::string& id, const std::string& containe
         }
         auto& mine = pod->rec.volumes[container];
         auto shared =
-            ShareVolumesNow(RunDir(id), container, mine.size(), volumes, cfg_.run_dir + "/pods/");
+            ShareVolumesNow(RunDir(id), container, mine.size(), volumes, cfg_.run_dir + "/pods");
         if (!shared.ok()) return finish(std::move(shared).error());
         for (const auto& rel : shared->rels) mine.push_back(RunDir(id) + "/share/" + rel);
         if (auto s = Save(*pod); !s.ok()) spdlog::error("pod {}: {}", id, s.error().ToString());

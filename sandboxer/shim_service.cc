@@ -99,7 +99,8 @@ void RegisterShimService(ttrpc::Server& server, PodManager* pods) {
       [pods](pb::ShareVolumesRequest req, ttrpc::TypedResponder<pb::ShareVolumesResponse> reply) {
         std::vector<VolumeRequest> volumes;
         for (const auto& v : req.volumes()) {
-          volumes.push_back({v.host_path(), v.readonly(), v.recursive_readonly()});
+          volumes.push_back(
+              {v.host_path(), v.readonly(), v.recursive_readonly(), v.propagate_from_host()});
         }
         pods->ShareVolumes(req.pod_id(), req.container_id(), std::move(volumes),
                            [reply](Result<std::vector<SharedVolume>> r) {

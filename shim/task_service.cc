@@ -403,6 +403,8 @@ struct TaskService::Impl {
         v->set_host_path(src);
         v->set_readonly(has("ro") || has("rro"));
         v->set_recursive_readonly(has("rro"));
+        v->set_propagate_from_host(has("rslave") || has("rshared") || has("slave") ||
+                                   has("shared"));
         binds.push_back(i);
       }
     }

@@ -75,7 +75,7 @@ class ShareAttackTest : public ::testing::Test {
 
   Result<SharedVolumes> Share(const std::string& container, std::vector<VolumeRequest> v,
                               size_t first = 0) {
-    return ShareVolumesNow(run_, container, first, v, dir_ + "/pods/");
+    return ShareVolumesNow(run_, container, first, v, dir_ + "/pods");
   }
 
   std::string dir_, run_, canary_, volume_;
@@ -149,20 +149,47 @@ TEST_F(ShareAttackTest, AGuestCannotRedirectBindsOrRemovalThroughSymlinks) {
   ExpectCanaryIntact();
 }
 
-// Host-to-container propagation (critest's rslave case) survives the fd-based binds: a volume
-// whose host mount is shared still receives mounts made on the host later.
-TEST_F(ShareAttackTest, AVolumeOnASharedMountStillReceivesLaterHostMounts) {
+// Propagation. A volume on a shared host mount (kubelet's directories, and / under systemd):
+// - asked rslave/rshared, mounts the host makes below it later reach the guest (critest's rslave
+//   case), and releasing the volume never unmounts the host's own mounts (a peer's unmount
+//   would: the bind is a slave, never a peer);
+// - by default (Kubernetes' None, rprivate), later host mounts never reach the guest: they would
+//   come in with their own flags, writable under a read-only volume.
+TEST_F(ShareAttackTest, LaterHostMountsReachTheGuestOnlyWhenAskedAndReleaseNeverUnmountsThem) {
   ASSERT_EQ(::mount(volume_.c_str(), volume_.c_str(), nullptr, MS_BIND, nullptr), 0);
   ASSERT_EQ(::mount(nullptr, volume_.c_str(), nullptr, MS_SHARED, nullptr), 0);
-  auto shared = Share("c1", {{volume_, false, false}});
+  VolumeRequest slave{volume_, /*readonly=*/true, false, /*propagate_from_host=*/true};
+  VolumeRequest priv{volume_, /*readonly=*/true, false, false};
+  auto shared = Share("c1", {slave, priv});
   ASSERT_TRUE(shared.ok()) << shared.error().ToString();
   fs::create_directories(volume_ + "/later");
   ASSERT_EQ(::mount("none", (volume_ + "/later").c_str(), "tmpfs", 0, "size=1m"), 0);
   std::ofstream(volume_ + "/later/marker") << "later\n";
   EXPECT_EQ(Slurp(run_ + "/share/volumes/c1/0/later/marker"), "later\n");
+  EXPECT_FALSE(fs::exists(run_ + "/share/volumes/c1/1/later/marker"))
+      << "a later host mount reached a private volume";
+  EXPECT_FALSE(std::ofstream(run_ + "/share/volumes/c1/1/later/x").good());
   ASSERT_TRUE(RemoveFromShare(run_, "volumes/c1").ok());
+  EXPECT_EQ(Slurp(volume_ + "/later/marker"), "later\n")
+      << "releasing the volume unmounted the host's own mount below it";
+  ASSERT_TRUE(RemoveTreeSafely(run_).ok());
+  EXPECT_EQ(Slurp(volume_ + "/later/marker"), "later\n");
   ::umount2((volume_ + "/later").c_str(), MNT_DETACH);
   ::umount2(volume_.c_str(), MNT_DETACH);
+  ExpectCanaryIntact();
+}
+
+// A name already mounted (a pod record that fell behind its mounts) is skipped, never unmounted:
+// it may be a running container's volume.
+TEST_F(ShareAttackTest, ANameInUseIsSkippedNotUnmounted) {
+  std::ofstream(volume_ + "/data") << "first\n";
+  auto first = Share("c1", {{volume_, false, false}});
+  ASSERT_TRUE(first.ok()) << first.error().ToString();
+  auto again = Share("c1", {{canary_, true, false}}, /*first=*/0);
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_EQ(again->rels[0], "volumes/c1/1");
+  EXPECT_EQ(Slurp(run_ + "/share/volumes/c1/0/data"), "first\n");
+  ASSERT_TRUE(RemoveFromShare(run_, "volumes/c1").ok());
   ExpectCanaryIntact();
 }
 
