@@ -132,6 +132,7 @@ Result<std::string> DomainXml(const VmSpec& s) {
     w.Open("cpu").Attr("mode", "host-passthrough").Close();
   }
   w.Open("devices");
+  if (!s.emulator.empty()) w.Element("emulator", s.emulator);
   // Nothing by default that the pod does not need: no USB, graphics, sound or balloon.
   w.Open("controller").Attr("type", "usb").Attr("model", "none").Close();
   w.Open("memballoon").Attr("model", "none").Close();

@@ -3,6 +3,7 @@
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 
 #include "common/base/unique_fd.h"
 #include "sandboxer/domain_xml.h"
+#include "sandboxer/state.h"
 
 namespace peapod::sandboxer {
 
@@ -33,8 +35,9 @@ Error LibvirtError(const std::string& what) {
 }
 
 // The embedded driver reads <root>/etc/qemu.conf. Written on every start so a changed peapod
-// gets its settings; QEMU runs as root with every capability cleared (libvirt's default) and
-// libvirt's seccomp sandbox, and never chowns the shared kernel/initrd (dynamic ownership off).
+// gets its settings; QEMU runs as root with libvirt's seccomp sandbox and never chowns the
+// shared kernel/initrd (dynamic ownership off). libvirt clears no capability of a QEMU that
+// runs as root (measured: CapEff 000001fffeffffff), hence WriteQemuWrapper.
 Result<void> WriteQemuConf(const std::string& root) {
   std::error_code ec;
   fs::create_directories(root + "/etc", ec);
@@ -53,6 +56,34 @@ Result<void> WriteQemuConf(const std::string& root) {
   f.flush();
   if (!f) return Error::Errno("write " + root + "/etc/qemu.conf");
   return Ok();
+}
+
+// <root>/peapod-qemu: QEMU with a bounding set of only the file capabilities 9p passthrough
+// needs (chown, dac_override, dac_read_search, fowner, fsetid), so a QEMU escape cannot load
+// modules, mount, reconfigure the network, trace other processes, and the guest cannot make
+// device nodes on a volume (no CAP_MKNOD). Rewritten only when it changes: libvirt keys its
+// cached QEMU capabilities (a probe of ~80 s under TCG) on the emulator file.
+Result<std::string> WriteQemuWrapper(const std::string& root) {
+  const char* qemu = "/usr/bin/qemu-system-x86_64";
+  const char* setpriv = "/usr/bin/setpriv";
+  if (::access(setpriv, X_OK) != 0 || ::access(qemu, X_OK) != 0) {
+    spdlog::warn("libvirt: {} or {} missing: QEMU keeps root's capabilities", setpriv, qemu);
+    return std::string();
+  }
+  std::string path = root + "/peapod-qemu";
+  std::string text = fmt::format(
+      "#!/bin/sh\n"
+      "# Written by peapod-sandboxer: QEMU with only the capabilities 9p passthrough needs.\n"
+      "exec {} --bounding-set -all,+chown,+dac_override,+dac_read_search,+fowner,+fsetid "
+      "--inh-caps -all -- {} \"$@\"\n",
+      setpriv, qemu);
+  std::ifstream old(path);
+  std::string have((std::istreambuf_iterator<char>(old)), {});
+  if (have != text) {
+    PP_TRY(WriteFileAtomic(path, text));
+    if (::chmod(path.c_str(), 0755) < 0) return Error::Errno("chmod " + path);
+  }
+  return path;
 }
 
 void EventTimer(int, void*) {}
@@ -128,6 +159,7 @@ Result<std::unique_ptr<LibvirtBackend>> LibvirtBackend::Open(const LibvirtOption
   b->embed_root_ = opts.uri.empty() ? opts.embed_root : "";
   if (!b->embed_root_.empty()) {
     PP_TRY(WriteQemuConf(b->embed_root_));
+    PP_ASSIGN_OR_RETURN(b->emulator_, WriteQemuWrapper(b->embed_root_));
     // QEMU is our child with the embedded driver: adopt what it leaves so we can reap it.
     if (::prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) return Error::Errno("PR_SET_CHILD_SUBREAPER");
   }
@@ -212,7 +244,9 @@ void LibvirtBackend::ReapWhenExits(const std::string& name, pid_t pid) {
   if (ctx->watch < 0) FreeReapCtx(ctx);
 }
 
-Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec) {
+Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
+  VmSpec spec = spec_in;
+  if (spec.emulator.empty()) spec.emulator = emulator_;
   PP_ASSIGN_OR_RETURN(auto xml, DomainXml(spec));
   // Checked here, not left to QEMU: libvirt takes tens of seconds to give up on a QEMU that
   // fails at startup, and its message does not say which setting to fix.

@@ -51,6 +51,7 @@ class LibvirtBackend : public VmBackend {
 
   std::string uri_;
   std::string embed_root_;
+  std::string emulator_;  // QEMU behind a capability-dropping wrapper (empty: libvirt's default)
   _virConnect* conn_ = nullptr;
   int lifecycle_cb_ = -1;
   std::thread event_thread_;

@@ -30,6 +30,8 @@ struct VmSpec {
   unsigned vcpus = 1;
   uint64_t memory_mib = 512;
   bool kvm = false;  // domain type kvm, else qemu (TCG)
+  // The QEMU binary libvirt runs (empty: libvirt's default for the architecture).
+  std::string emulator;
   // TCG only: the size of QEMU's translated-code cache (0: QEMU's default, which grows to
   // hundreds of MiB per VM).
   uint64_t tcg_tb_cache_mib = 0;

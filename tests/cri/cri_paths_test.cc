@@ -388,7 +388,7 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_NE(Sh("pgrep -f '[q]emu.*" + dir_ + "'").rc, 0) << "QEMU left";
     auto shims = Sh("pgrep -af '[c]ontainerd-shim-peapod-v2.*" + dir_ + "'");
     EXPECT_NE(shims.rc, 0) << "shims left: " << shims.text;
-    EXPECT_NE(Sh("grep -q ' " + dir_ + "/run' /proc/self/mountinfo").rc, 0) << "mounts left";
+    EXPECT_NE(Sh("grep -q ' " + dir_ + "/run/pods/' /proc/self/mountinfo").rc, 0) << "mounts left";
   }
 
   std::string dir_;

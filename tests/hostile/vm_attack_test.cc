@@ -95,7 +95,8 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
       "try dir_link_in_volume ln -s " +
       canary +
       " /data/c1; "
-      "try file_in_volume sh -c 'echo guest > /data/file'";
+      "try file_in_volume sh -c 'echo guest > /data/file'; "
+      "try mknod_in_volume mknod /data/disk b 8 0";
   auto spec = nlohmann::json::parse(agenttest::Spec({"sh", "-c", script}));
   nlohmann::json all_caps = {"CAP_CHOWN",           "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
                              "CAP_MKNOD",           "CAP_SYS_ADMIN",    "CAP_SETUID", "CAP_SETGID",
@@ -129,7 +130,7 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
     if (auto eq = l.find('='); eq != std::string::npos) got[l.substr(0, eq)] = l.substr(eq + 1);
   }
   for (const char* refused : {"planted", "rename_volumes", "rename_container", "link_target",
-                              "mkdir", "chmod", "write", "remove"}) {
+                              "mkdir", "chmod", "write", "remove", "mknod_in_volume"}) {
     EXPECT_NE(got[refused], "") << refused << " did not run";
     EXPECT_NE(got[refused], "0") << "the guest could " << refused << " in the share";
   }
@@ -137,6 +138,15 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
     EXPECT_EQ(got[allowed], "0") << allowed << ": a writable volume must stay writable";
   }
   EXPECT_TRUE(fs::is_symlink(volume + "/evil"));
+  EXPECT_FALSE(fs::exists(volume + "/disk")) << "the guest made a block device on the host";
+  // QEMU (which serves 9p as root) holds only the file capabilities 9p passthrough needs:
+  // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID.
+  std::ifstream status("/proc/" + std::to_string(started.pid()) + "/status");
+  std::string cap_eff;
+  for (std::string l; std::getline(status, l);) {
+    if (l.rfind("CapEff:", 0) == 0) cap_eff = l.substr(l.find_first_not_of(" \t", 7));
+  }
+  EXPECT_EQ(cap_eff, "000000000000001f") << "QEMU's effective capabilities";
   EXPECT_EQ(Slurp(volume + "/file"), "guest\n");
 
   // The host's own operations after the attack: release, then the pod's removal.
@@ -162,7 +172,7 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
   EXPECT_EQ(entries, 3u) << "the canary changed";
   EXPECT_EQ(Slurp(volume + "/file"), "guest\n") << "the pod's removal deleted volume data";
   EXPECT_TRUE(MountsUnder(dir_).empty()) << "a mount left below the test dir";
-  for (const auto& mp : peapod::MountsUnder(run_dir_, false)) {
+  for (const auto& mp : peapod::MountsUnder(run_dir_ + "/pods", /*below_only=*/true)) {
     EXPECT_EQ(mp.path, run_dir_ + "/pods/pod6/share") << "unexpected mount " << mp.path;
   }
   struct stat st {};

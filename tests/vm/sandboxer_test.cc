@@ -405,7 +405,7 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
     EXPECT_TRUE(r.ok()) << r.error().ToString();
   }
   // Only the pod's read-only share itself stays mounted while the pod lives.
-  auto left = peapod::MountsUnder(run_dir_, false);
+  auto left = peapod::MountsUnder(run_dir_ + "/pods", /*below_only=*/true);
   ASSERT_EQ(left.size(), 1u);
   EXPECT_EQ(left[0].path, run_dir_ + "/pods/pod4/share");
   EXPECT_TRUE(left[0].readonly);
@@ -449,7 +449,8 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
   ASSERT_EQ(wait.wait_for(30s), std::future_status::ready);
   ASSERT_TRUE(Shutdown("pod4").ok());
   EXPECT_TRUE(MountsUnder(dir_).empty()) << "mounts left: " << MountsUnder(dir_).size();
-  EXPECT_TRUE(MountsUnder(run_dir_).empty()) << "mounts left: " << MountsUnder(run_dir_).size();
+  EXPECT_TRUE(MountsUnder(run_dir_ + "/pods/").empty())
+      << "mounts left: " << MountsUnder(run_dir_ + "/pods/").size();
   EXPECT_TRUE(fs::is_empty(dir_ + "/state/layers")) << "layer images left";
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod4"));
   EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod4"));
@@ -565,7 +566,7 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
     EXPECT_NE(std::system(("ip link show " + tap + " >/dev/null 2>&1").c_str()), 0)
         << "TAP " << tap << " of " << name << " left on host";
   }
-  EXPECT_TRUE(MountsUnder(run_dir_).empty());
+  EXPECT_TRUE(MountsUnder(run_dir_ + "/pods/").empty());
 }
 
 }  // namespace
