@@ -112,8 +112,13 @@ TEST_F(ChannelAttackTest, AFloodingGuestCostsABoundedAmountAndItsNeighbourStillA
   }
   // Bounded: the mux's per-client queue cap and one frame being decoded, not the flood's size
   // (3 s of 4 MiB frames is gigabytes; before the bounds the sandboxer grew by ~400 MiB).
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer keeps freed memory in quarantine (256 MiB): RSS says nothing here.
+  std::printf("flood: RSS bound not checked under AddressSanitizer\n");
+#else
   EXPECT_LT(peak - idle, 96 * 1024)
       << "the flood grew the sandboxer by " << (peak - idle) << " KiB";
+#endif
   EXPECT_LT(slowest, 2000) << "the neighbour waited on the flood";
 }
 
@@ -123,7 +128,11 @@ TEST_F(ChannelAttackTest, EveryFrameTypeAndFlagFromTheGuestIsDroppedAndItsNeighb
   long idle = RssKb();
   Arm("evil", "types");
   ASSERT_GE(NeighbourSlowestMs("good", 5, 1s), 0);
+#if !defined(__SANITIZE_ADDRESS__)  // freed memory sits in ASan's quarantine
   EXPECT_LT(RssKb() - idle, 32 * 1024);
+#else
+  (void)idle;
+#endif
   ASSERT_OK(CheckAgent("ttrpc+unix://" + AgentSocket("good")));
 }
 
