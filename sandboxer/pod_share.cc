@@ -163,20 +163,7 @@ Result<void> RemoveFromShare(const std::string& run_dir, const std::string& rel)
 
 namespace peapod::sandboxer {
 
-namespace {
-
-// The host path an fd stands for, as the mount table spells it.
-Result<std::string> PathOf(int fd) {
-  char buf[PATH_MAX];
-  std::string self = "/proc/self/fd/" + std::to_string(fd);
-  ssize_t n = ::readlink(self.c_str(), buf, sizeof(buf) - 1);
-  if (n <= 0) return Error::Errno("readlink " + self);
-  std::string p(buf, static_cast<size_t>(n));
-  while (p.size() > 1 && p.back() == '/') p.pop_back();
-  return p;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 Result<SharedVolumes> ShareVolumesNow(const std::string& run_dir, const std::string& container,
                                       size_t first, const std::vector<VolumeRequest>& volumes,
@@ -208,7 +195,7 @@ Result<SharedVolumes> ShareVolumesNow(const std::string& run_dir, const std::str
       // follows it; everything below it is reached from it by fd.
       UniqueFd src(::open(v.host_path.c_str(), O_PATH | O_CLOEXEC));
       if (!src) return Error::Errno("volume source " + v.host_path);
-      PP_ASSIGN_OR_RETURN(std::string root, PathOf(src.get()));
+      PP_ASSIGN_OR_RETURN(std::string root, PathOfFd(src.get()));
       SharedVolume sv;
       const bool from_host = v.propagate_from_host && !v.recursive_readonly;
       PP_ASSIGN_OR_RETURN(sv.guest_path,

@@ -196,6 +196,16 @@ Result<void> RemoveTreeBeneath(int dirfd, const std::string& rel) {
   return Ok();
 }
 
+Result<std::string> PathOfFd(int fd) {
+  char buf[PATH_MAX];
+  std::string self = "/proc/self/fd/" + std::to_string(fd);
+  ssize_t n = ::readlink(self.c_str(), buf, sizeof(buf) - 1);
+  if (n <= 0) return Error::Errno("readlink " + self);
+  std::string p(buf, static_cast<size_t>(n));
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  return p;
+}
+
 Result<bool> IsMountRoot(int fd) {
   struct statx stx {};
   if (::statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS, &stx) < 0) {
@@ -222,12 +232,7 @@ Result<void> UnmountAllBeneath(int dirfd, const std::string& rel) {
     return e == ENOENT || e == ELOOP || e == EXDEV ? Result<void>(Ok()) : Result<void>(top.error());
   }
   // Where it is in the mount table's terms (the table lists resolved paths).
-  char buf[PATH_MAX];
-  std::string self = "/proc/self/fd/" + std::to_string(top->get());
-  ssize_t n = ::readlink(self.c_str(), buf, sizeof(buf) - 1);
-  if (n <= 0) return Error::Errno("readlink " + self);
-  std::string base(buf, static_cast<size_t>(n));
-  while (base.size() > 1 && base.back() == '/') base.pop_back();
+  PP_ASSIGN_OR_RETURN(std::string base, PathOfFd(top->get()));
   // Parents come first in the table: unmounting a parent lazily takes its children with it,
   // and what went with it is then no mount root any more.
   for (const auto& m : MountsUnder(base, /*below_only=*/false)) {

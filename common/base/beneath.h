@@ -38,6 +38,9 @@ Result<void> WriteFileBeneath(int dirfd, const std::string& rel, const std::stri
 // Trees deeper than 64 levels are refused the same way. Absent is OK.
 Result<void> RemoveTreeBeneath(int dirfd, const std::string& rel);
 
+// The host path fd stands for, as the mount table spells it (no trailing slash).
+Result<std::string> PathOfFd(int fd);
+
 // Whether fd (any kind, O_PATH included) is the root of a mount.
 Result<bool> IsMountRoot(int fd);
 
