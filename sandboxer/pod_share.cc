@@ -163,8 +163,6 @@ Result<void> RemoveFromShare(const std::string& run_dir, const std::string& rel)
 
 namespace peapod::sandboxer {
 
-namespace {}  // namespace
-
 Result<SharedVolumes> ShareVolumesNow(const std::string& run_dir, const std::string& container,
                                       size_t first, const std::vector<VolumeRequest>& volumes,
                                       const std::string& skip_below) {
