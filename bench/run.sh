@@ -87,6 +87,7 @@ accel=tcg
 # ---------------------------------------------------------------- the temporary root, teardown
 
 dir=$(mktemp -d /tmp/ppb-XXXXXX)
+chmod 711 "$dir"  # pod VMs (QEMU as uids of their own) pass through to their disks
 rundir=$(mktemp -d /run/pp-bench.XXXXXX) # the sandboxer's run_dir: at most 23 characters
 stamp=$(date +%Y-%m-%d-%H%M%S)
 ((quick)) && stamp+=-quick

@@ -132,6 +132,7 @@ flock -n "$lock_fd" || die "another cri-tests/run.sh holds $libvirt_root.lock"
 # ---------------------------------------------------------------- the temporary root, teardown
 
 dir=$(mktemp -d /tmp/pp-crit-XXXXXX)
+chmod 711 "$dir"  # pod VMs (QEMU as uids of their own) pass through to their disks
 # Pod sockets live under run_dir, which must stay short (config.cc: at most 23 characters).
 rundir=$(mktemp -d /run/pp-crit.XXXXXX)
 tag=${dir##*-}                        # the run's random suffix: names its bridge and network

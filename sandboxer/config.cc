@@ -49,6 +49,10 @@ void ForEachKey(Config& c, F f) {
   f("tcg_tb_cache_mib", &c.tcg_tb_cache_mib);
   f("mkfs_erofs", &c.mkfs_erofs);
   f("mkfs_ext4", &c.mkfs_ext4);
+  f("vm_uid_base", &c.vm_uid_base);
+  f("vm_uid_count", &c.vm_uid_count);
+  f("vm_gid", &c.vm_gid);
+  f("share_server", &c.share_server);
   f("accel", &c.accel);
   f("boot_timeout_seconds", &c.boot_timeout_seconds);
   f("log_level", &c.log_level);
@@ -94,6 +98,12 @@ Result<Config> Config::Load(const std::string& path, bool required) {
         "{}: run_dir \"{}\" is too long ({} characters, at most {}): pod sockets under it would "
         "not fit a unix socket path for 64-character pod ids",
         path, c.run_dir, c.run_dir.size(), kMaxRunDir);
+  }
+  if (c.vm_uid_base != 0) {
+    if (c.vm_uid_count == 0 || uint64_t{c.vm_uid_base} + c.vm_uid_count > 0xfffffffeULL) {
+      return Error::Invalid("{}: vm_uid_base + vm_uid_count must stay below 4294967295", path);
+    }
+    if (c.vm_gid == 0) c.vm_gid = c.vm_uid_base;
   }
   if (c.libvirt_root.empty()) c.libvirt_root = c.state_dir + "/libvirt";
   if (c.kernel.empty()) c.kernel = c.image_dir + "/vmlinux";

@@ -46,6 +46,14 @@ struct Config {
   // Under TCG, QEMU's translation cache per VM (MiB; 0: QEMU's default). bench/ measured the
   // default at ~208 MiB of host memory per idle pod.
   uint64_t tcg_tb_cache_mib = 64;
+  // Each pod's QEMU runs as a uid of its own, vm_uid_base + 1 to vm_uid_base + vm_uid_count,
+  // with group vm_gid (0: vm_uid_base) and no capabilities; the share is served by
+  // share_server (share_server.h). Pick a range no user or container uses on the node.
+  // vm_uid_base 0: QEMU runs as root with the capabilities 9p needs (not confined).
+  uint32_t vm_uid_base = 0x78000000;
+  uint32_t vm_uid_count = 65536;
+  uint32_t vm_gid = 0;
+  std::string share_server = "/usr/lib/qemu/virtfs-proxy-helper";
   std::string accel = "auto";  // auto: kvm if /dev/kvm opens, else tcg; or "kvm" / "tcg"
   unsigned boot_timeout_seconds = 120;
   std::string log_level = "info";

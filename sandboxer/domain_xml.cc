@@ -107,8 +107,13 @@ Result<std::string> DomainXml(const VmSpec& s) {
   if (s.name.empty() || s.kernel.empty() || s.initrd.empty() || s.agent_socket.empty()) {
     return Error::Invalid("VM spec needs a name, kernel, initrd and agent socket");
   }
+  bool proxy = !s.share_dir.empty() && s.uid != 0;
+  if (proxy && s.share_socket.empty()) {
+    return Error::Invalid("VM {}: a confined VM's share needs the 9p server's socket", s.name);
+  }
   Writer w;
   w.Open("domain").Attr("type", s.kvm ? "kvm" : "qemu");
+  if (proxy) w.Attr("xmlns:qemu", "http://libvirt.org/schemas/domain/qemu/1.0");
   w.Element("name", s.name);
   w.Open("memory").Attr("unit", "MiB").Text(std::to_string(s.memory_mib)).Close();
   w.Element("vcpu", std::to_string(s.vcpus));
@@ -159,7 +164,7 @@ Result<std::string> DomainXml(const VmSpec& s) {
     w.Open("model").Attr("type", "virtio").Close();
     w.Close();
   }
-  if (!s.share_dir.empty()) {
+  if (!s.share_dir.empty() && !proxy) {
     w.Open("filesystem").Attr("type", "mount").Attr("accessmode", "passthrough");
     w.Open("driver").Attr("type", "path").Close();
     w.Open("source").Attr("dir", s.share_dir).Close();
@@ -167,6 +172,29 @@ Result<std::string> DomainXml(const VmSpec& s) {
     w.Close();
   }
   w.Close();  // devices
+  if (s.uid != 0) {
+    // QEMU runs as this uid/gid with no capabilities. relabel: libvirt gives it its own
+    // runtime files (monitor socket, domain dir); dynamic ownership is off in qemu.conf, so it
+    // never chowns disks, kernel or initrd: the sandboxer owns those decisions.
+    w.Open("seclabel").Attr("type", "static").Attr("model", "dac").Attr("relabel", "yes");
+    w.Element("label", fmt::format("+{}:+{}", s.uid, s.gid));
+    w.Close();
+  }
+  if (proxy) {
+    // libvirt has no element for QEMU's 9p proxy backend: its arguments go through the QEMU
+    // namespace. The device sits at a fixed slot of the root bus that libvirt's own address
+    // assignment (root ports from slot 1 up) does not reach; QEMU option values double commas.
+    std::string sock;
+    for (char c : s.share_socket) sock += c == ',' ? std::string(",,") : std::string(1, c);
+    w.Open("qemu:commandline");
+    for (const std::string& arg :
+         {std::string("-fsdev"), "proxy,id=fsdev-share,socket=" + sock, std::string("-device"),
+          std::string("virtio-9p-pci,fsdev=fsdev-share,mount_tag=peapod-share,bus=pcie.0,"
+                      "addr=0x1d")}) {
+      w.Open("qemu:arg").Attr("value", arg).Close();
+    }
+    w.Close();
+  }
   w.Close();  // domain
   return w.Finish();
 }

@@ -2,6 +2,7 @@
 
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
+#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -16,6 +17,7 @@
 
 #include "common/base/unique_fd.h"
 #include "sandboxer/domain_xml.h"
+#include "sandboxer/share_server.h"
 #include "sandboxer/state.h"
 
 namespace peapod::sandboxer {
@@ -35,9 +37,11 @@ Error LibvirtError(const std::string& what) {
 }
 
 // The embedded driver reads <root>/etc/qemu.conf. Written on every start so a changed peapod
-// gets its settings; QEMU runs as root with libvirt's seccomp sandbox and never chowns the
-// shared kernel/initrd (dynamic ownership off). libvirt clears no capability of a QEMU that
-// runs as root (measured: CapEff 000001fffeffffff), hence WriteQemuWrapper.
+// gets its settings. A pod's QEMU runs as a uid of its own (the domain's DAC seclabel) with no
+// capabilities, in a mount namespace of its own, under libvirt's seccomp sandbox; libvirt
+// never chowns the shared kernel, initrd or layer images (dynamic ownership off): the
+// sandboxer gives each VM what it may open. "none" names no MAC driver; libvirt's DAC driver
+// is always there. The user/group here are only the default for a domain without a seclabel.
 Result<void> WriteQemuConf(const std::string& root) {
   std::error_code ec;
   fs::create_directories(root + "/etc", ec);
@@ -52,22 +56,22 @@ Result<void> WriteQemuConf(const std::string& root) {
        "clear_emulator_capabilities = 1\n"
        "seccomp_sandbox = 1\n"
        "security_driver = \"none\"\n"
-       "namespaces = [ ]\n";
+       "namespaces = [ \"mount\" ]\n";
   f.flush();
   if (!f) return Error::Errno("write " + root + "/etc/qemu.conf");
   return Ok();
 }
 
-// <root>/peapod-qemu: QEMU with a bounding set of only the file capabilities 9p passthrough
-// needs (chown, dac_override, dac_read_search, fowner, fsetid), so a QEMU escape cannot load
-// modules, mount, reconfigure the network, trace other processes, and the guest cannot make
-// device nodes on a volume (no CAP_MKNOD). Rewritten only when it changes: libvirt keys its
-// cached QEMU capabilities (a probe of ~80 s under TCG) on the emulator file.
+// <root>/peapod-qemu, for a QEMU that runs as root (vm_uid_base 0): a bounding set of only the
+// file capabilities its own 9p passthrough needs, so an escape cannot load modules, mount or
+// make device nodes. Rewritten only when it changes: libvirt keys its cached QEMU
+// capabilities (a probe of ~80 s under TCG) on the emulator file. A confined QEMU (its own
+// uid) runs the plain binary: it has no capabilities to bound.
 Result<std::string> WriteQemuWrapper(const std::string& root) {
   const char* qemu = "/usr/bin/qemu-system-x86_64";
   const char* setpriv = "/usr/bin/setpriv";
   if (::access(setpriv, X_OK) != 0 || ::access(qemu, X_OK) != 0) {
-    spdlog::warn("libvirt: {} or {} missing: QEMU keeps root's capabilities", setpriv, qemu);
+    spdlog::warn("libvirt: {} or {} missing: a root QEMU keeps every capability", setpriv, qemu);
     return std::string();
   }
   std::string path = root + "/peapod-qemu";
@@ -157,6 +161,7 @@ Result<std::unique_ptr<LibvirtBackend>> LibvirtBackend::Open(const LibvirtOption
   std::unique_ptr<LibvirtBackend> b(new LibvirtBackend());
   b->uri_ = opts.uri.empty() ? "qemu:///embed?root=" + opts.embed_root : opts.uri;
   b->embed_root_ = opts.uri.empty() ? opts.embed_root : "";
+  b->share_server_ = opts.share_server;
   if (!b->embed_root_.empty()) {
     PP_TRY(WriteQemuConf(b->embed_root_));
     PP_ASSIGN_OR_RETURN(b->emulator_, WriteQemuWrapper(b->embed_root_));
@@ -232,8 +237,8 @@ Result<pid_t> LibvirtBackend::FindQemuPid(const std::string& name) {
   return Error::NotFound("no pid file for domain {}", name);
 }
 
-void LibvirtBackend::ReapWhenExits(const std::string& name, pid_t pid) {
-  if (embed_root_.empty()) return;  // qemu:///system: libvirtd's child, not ours
+void LibvirtBackend::ReapWhenExits(const std::string& name, pid_t pid, bool our_child) {
+  if (!our_child && embed_root_.empty()) return;  // qemu:///system: libvirtd's child
   int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   if (fd < 0) {
     spdlog::warn("libvirt: pidfd for {} (pid {}): {}", name, pid, std::strerror(errno));
@@ -246,7 +251,7 @@ void LibvirtBackend::ReapWhenExits(const std::string& name, pid_t pid) {
 
 Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
   VmSpec spec = spec_in;
-  if (spec.emulator.empty()) spec.emulator = emulator_;
+  if (spec.emulator.empty() && spec.uid == 0) spec.emulator = emulator_;
   PP_ASSIGN_OR_RETURN(auto xml, DomainXml(spec));
   // Checked here, not left to QEMU: libvirt takes tens of seconds to give up on a QEMU that
   // fails at startup, and its message does not say which setting to fix.
@@ -258,8 +263,25 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
                       spec.name, what, path));
     }
   }
+  // A confined QEMU cannot serve the share itself: its 9p server listens before QEMU starts,
+  // and goes when QEMU does (it serves one connection).
+  pid_t server = 0;
+  if (spec.uid != 0 && !spec.share_dir.empty()) {
+    ShareServerSpec ss;
+    ss.helper = share_server_;
+    ss.export_dir = spec.share_dir;
+    ss.socket = spec.share_socket;
+    ss.uid = spec.uid;
+    ss.gid = spec.gid;
+    PP_ASSIGN_OR_RETURN(server, StartShareServer(ss));
+    ReapWhenExits(spec.name + " share server", server, /*our_child=*/true);
+  }
   virDomainPtr dom = virDomainCreateXML(conn_, xml.c_str(), VIR_DOMAIN_NONE);
-  if (!dom) return LibvirtError("start VM " + spec.name);
+  if (!dom) {
+    auto e = LibvirtError("start VM " + spec.name);
+    if (server > 0) ::kill(server, SIGKILL);
+    return e;
+  }
   virDomainFree(dom);
   VmInfo info{spec.name, 0};
   if (auto pid = FindQemuPid(spec.name); pid.ok()) {

@@ -27,6 +27,8 @@ struct LibvirtOptions {
   // Empty: qemu:///embed?root=<embed_root>.
   std::string uri;
   std::string embed_root = "/var/lib/peapod/libvirt";
+  // The 9p server of confined VMs (share_server.h).
+  std::string share_server = "/usr/lib/qemu/virtfs-proxy-helper";
 };
 
 class LibvirtBackend : public VmBackend {
@@ -40,18 +42,20 @@ class LibvirtBackend : public VmBackend {
   Result<void> AttachDisk(const std::string& name, const DiskSpec& disk) override;
   Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) override;
   void SetOnStopped(std::function<void(const std::string& name)> cb) override;
+  bool ConfinesVms() const override { return true; }
 
   const std::string& uri() const { return uri_; }
 
  private:
   LibvirtBackend() = default;
   Result<pid_t> FindQemuPid(const std::string& name);
-  void ReapWhenExits(const std::string& name, pid_t pid);
+  void ReapWhenExits(const std::string& name, pid_t pid, bool our_child = false);
   void Stopped(const std::string& name);
 
   std::string uri_;
   std::string embed_root_;
-  std::string emulator_;  // QEMU behind a capability-dropping wrapper (empty: libvirt's default)
+  std::string share_server_;
+  std::string emulator_;  // a root QEMU behind a capability-bounding wrapper (empty: default)
   _virConnect* conn_ = nullptr;
   int lifecycle_cb_ = -1;
   std::thread event_thread_;

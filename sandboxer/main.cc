@@ -88,8 +88,9 @@ int main(int argc, char** argv) {
   ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 
-  auto backend =
-      sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri, .embed_root = cfg->libvirt_root});
+  auto backend = sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri,
+                                                  .embed_root = cfg->libvirt_root,
+                                                  .share_server = cfg->share_server});
   if (!backend.ok()) {
     spdlog::critical("sandboxer: {}", backend.error().ToString());
     return 1;

@@ -57,7 +57,9 @@ PodManager::PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend)
                loop->Post([alive, fn = std::move(fn)] {
                  if (!alive.expired()) fn();
                });
-             }) {}
+             }),
+      ids_(cfg.state_dir, cfg.run_dir, backend->ConfinesVms() ? cfg.vm_uid_base : 0,
+           cfg.vm_uid_count, cfg.vm_gid) {}
 
 // Callbacks posted by workers and clients hold a weak_ptr to alive_: dropping it first makes
 // every one of them a no-op, even those that run while members are being destroyed.
@@ -106,10 +108,36 @@ VmSpec PodManager::BaseSpec(const std::string& domain, const std::string& run_di
   s.agent_socket = run_dir + "/vm-agent.sock";
   s.share_dir = run_dir + "/share";
   s.console_log = state_dir + "/console.log";
+  if (ids_.enabled()) {
+    s.gid = ids_.gid();  // the uid comes with PrepareVmFiles
+    s.share_socket = ids_.SocketPath(domain);
+  }
   if (backend_->SupportsDisks()) {
-    s.disks.push_back({state_dir + "/scratch.img", 0, /*readonly=*/false});
+    std::string scratch = ids_.enabled() ? ids_.ScratchPath(domain) : state_dir + "/scratch.img";
+    s.disks.push_back({scratch, 0, /*readonly=*/false});
   }
   return s;
+}
+
+Result<void> PodManager::PrepareVmFiles(VmSpec& spec) {
+  if (ids_.enabled()) {
+    PP_ASSIGN_OR_RETURN(spec.uid, ids_.Acquire(spec.name));
+  }
+  for (const auto& d : spec.disks) {
+    if (d.readonly) continue;
+    auto made = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
+    if (made.ok() && ids_.enabled()) made = ids_.GiveFile(d.path, spec.uid);
+    if (!made.ok()) {
+      DiscardVmFiles(spec.name, d.path);
+      return made;
+    }
+  }
+  return Ok();
+}
+
+void PodManager::DiscardVmFiles(const std::string& domain, const std::string& scratch) {
+  if (!scratch.empty()) ::unlink(scratch.c_str());
+  ids_.Release(domain);
 }
 
 VmSpec PodManager::SpecFor(const Pod& pod) const {
@@ -162,6 +190,9 @@ Result<void> PodManager::Recover() {
     PP_TRY(MakePrivateMount(cfg_.run_dir + "/pods"));
   }
   PP_TRY(cache_.Init());
+  // Confined QEMUs pass through state_dir and run_dir to their own files and read the cached
+  // layer images (vm_identity.h).
+  PP_TRY(ids_.Init({cache_.dir()}, {cfg_.kernel, cfg_.initrd}));
   PP_ASSIGN_OR_RETURN(auto records, store_.LoadAll());
   PP_ASSIGN_OR_RETURN(auto running, backend_->List());
   std::map<std::string, VmInfo> live;
@@ -229,6 +260,12 @@ Result<void> PodManager::Recover() {
   }
   cache_.Collect();
   CleanPoolLeftovers();
+  // The files of VMs that are gone (a crash between a VM's end and their removal).
+  std::set<std::string> running_domains;
+  for (const auto& [id, pod] : pods_) {
+    if (pod->rec.phase == Phase::kRunning) running_domains.insert(pod->rec.domain);
+  }
+  ids_.Sweep(running_domains);
   for (auto& [name, vm] : live) {
     if (!known.count(name)) {
       spdlog::warn("recover: destroying VM {} that has no pod record", name);
@@ -372,10 +409,7 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
     };
     std::optional<PodNetwork> net;
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
-    Result<void> scratch = Ok();
-    for (const auto& d : spec.disks) {
-      if (!d.readonly) scratch = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
-    }
+    Result<void> scratch = PrepareVmFiles(spec);
     step("scratch_disk");
     if (!scratch.ok()) {
       vm = std::move(scratch).error();
@@ -401,9 +435,11 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
     step("tap_attach");
     if (!vm.ok() && net) RemoveTap(net->tap, netns);
     if (!vm.ok()) {
+      // A failed Start leaves no scratch disk and holds no uid.
       for (const auto& d : spec.disks) {
-        if (!d.readonly) ::unlink(d.path.c_str());  // a failed Start leaves no scratch disk
+        if (!d.readonly) DiscardVmFiles(spec.name, d.path);
       }
+      DiscardVmFiles(spec.name, "");
     }
     loop_->Post([this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline,
                  steps = std::move(steps)]() mutable {
@@ -446,11 +482,11 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   p->agent.reset();
   (void)Save(*p);
   if (vm_started) {
-    std::string scratch = store_.PodDir(id) + "/scratch.img";
+    std::string scratch = store_.PodDir(id) + "/scratch.img";  // where an unconfined VM has it
     workers_.Run([this, domain, tap, has_tap, netns, scratch] {
       (void)backend_->Destroy(domain);
       if (has_tap) RemoveTap(tap, netns);
-      ::unlink(scratch.c_str());
+      DiscardVmFiles(domain, scratch);
     });
   }
   reply(std::move(e).Wrap("start sandbox " + id));
@@ -757,6 +793,8 @@ void PodManager::RemoveCriFiles(const PodRecord& rec) {
 }
 
 void PodManager::ReleaseHostResources(Pod& pod) {
+  // The VM is gone: its uid and files (the scratch disk) go too.
+  ids_.Release(pod.rec.domain);
   for (const auto& d : pod.rec.disks) {
     if (d.cached) cache_.Release(d.path);
   }

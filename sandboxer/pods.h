@@ -26,6 +26,7 @@
 #include "sandboxer/state.h"
 #include "sandboxer/storage.h"
 #include "sandboxer/vm_backend.h"
+#include "sandboxer/vm_identity.h"
 #include "sandboxer/worker_pool.h"
 
 namespace peapod::sandboxer {
@@ -189,6 +190,10 @@ class PodManager {
   PodStatus StatusOf(const Pod& pod) const;
   VmSpec SpecFor(const Pod& pod) const;
   bool UseKvm() const;
+  // Worker side of a boot: the VM's uid and directories (if confined) and its scratch disk,
+  // given to it. DiscardVmFiles undoes it (a failed boot, a destroyed VM).
+  Result<void> PrepareVmFiles(VmSpec& spec);
+  void DiscardVmFiles(const std::string& domain, const std::string& scratch);
 
   EventLoop* loop_;
   Config cfg_;
@@ -199,6 +204,7 @@ class PodManager {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   WorkerPool workers_{2};
   LayerCache cache_;
+  VmIdentities ids_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
   std::vector<std::unique_ptr<PoolVm>> pool_;  // booting and ready
   // Shared with boot workers, which outlive nothing but may finish after DestroyPool began.

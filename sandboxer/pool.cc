@@ -66,6 +66,7 @@ void PodManager::RemovePoolVmNow(const std::string& name, const std::string& tap
   }
   std::error_code ec;
   fs::remove_all(PoolStateDir(name), ec);
+  DiscardVmFiles("peapod-" + name, "");
 }
 
 size_t PodManager::pool_ready() const {
@@ -108,7 +109,7 @@ void PodManager::BootPoolVm() {
   auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
   ++*pool_booting_;
   workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
-                closed = pool_closed_, tap = s.tap] {
+                closed = pool_closed_, tap = s.tap]() mutable {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
     std::error_code ec;
     fs::create_directories(sdir, ec);
@@ -118,10 +119,7 @@ void PodManager::BootPoolVm() {
     } else if (!shared.ok()) {
       vm = std::move(shared).error();
     } else {
-      Result<void> prep = Ok();
-      for (const auto& d : s.disks) {
-        if (!d.readonly) prep = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
-      }
+      Result<void> prep = PrepareVmFiles(s);
       if (prep.ok() && !s.tap.empty()) prep = CreateTap(s.tap);
       vm = prep.ok() ? backend_->Start(s) : Result<VmInfo>(std::move(prep).error());
     }

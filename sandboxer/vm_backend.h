@@ -39,6 +39,12 @@ struct VmSpec {
   std::string agent_socket;
   // Exported to the guest over 9p with mount tag "peapod-share" (empty: none).
   std::string share_dir;
+  // QEMU's identity: a uid of this VM's own and the group all pod VMs share (layer images are
+  // readable by it). The libvirt backend then serves the share through a 9p proxy that
+  // listens on share_socket (share_server.h). uid 0: QEMU runs as root and serves 9p itself.
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  std::string share_socket;
   // The pod NIC: a TAP that exists (in our netns) for QEMU to open, and the MAC the guest
   // NIC takes (the CNI interface's). Empty tap: no NIC (loopback only).
   std::string tap;
@@ -70,6 +76,9 @@ class VmBackend {
   virtual bool SupportsDisks() const { return true; }
   // False for a backend whose guests have no NIC (the fake): pool VMs then get no TAP.
   virtual bool SupportsNetwork() const { return true; }
+  // True if the backend runs a VM as the uid its spec names (VmSpec::uid); the fake runs the
+  // agent as root whatever the spec says.
+  virtual bool ConfinesVms() const { return false; }
   // The running VMs this backend manages (for recovery after a restart).
   virtual Result<std::vector<VmInfo>> List() = 0;
   // Called, from any thread, when a VM stops for whatever reason (power-off, crash, kill).

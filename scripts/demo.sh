@@ -15,6 +15,7 @@ src=$(pwd)
 ctd_bin=$(scripts/go-tools.sh --print-path containerd)
 crictl=$(scripts/go-tools.sh --print-path crictl)/crictl
 dir=$(mktemp -d /tmp/ppdemo-XXXXXX)  # short: pod sockets live under it
+chmod 711 "$dir"  # pod VMs (QEMU as uids of their own) pass through to their disks
 pids=()
 cleanup() {
   set +e

@@ -159,6 +159,7 @@ class CriPathsTest : public ::testing::Test {
     // Short: the sandboxer's run dir must leave room for sockets named by 64-character ids.
     char tmpl[] = "/tmp/ppc-XXXXXX";
     dir_ = ::mkdtemp(tmpl);
+    ::chmod(dir_.c_str(), 0711);  // pod VMs (QEMU as uids of their own) pass through it
     ASSERT_EQ(
         Sh(std::string(PEAPOD_SOURCE_DIR) + "/tests/cri/make-images.sh " + dir_ + "/images").rc, 0);
     const char* root = std::getenv("PEAPOD_TEST_LIBVIRT_ROOT");

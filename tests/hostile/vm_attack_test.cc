@@ -26,7 +26,8 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
   }
   std::string layer = dir_ + "/snapshots/1/fs";
   ASSERT_EQ(agenttest::BuildBusyboxRoot(layer), "");
-  for (const char* applet : {"ln", "mv", "mkdir", "chmod", "mknod", "rm", "touch", "stat"}) {
+  for (const char* applet :
+       {"ln", "mv", "mkdir", "chmod", "chown", "mknod", "rm", "touch", "stat", "tr"}) {
     fs::create_symlink("busybox", layer + "/bin/" + applet);
   }
   google::protobuf::RepeatedPtrField<containerd::types::Mount> mounts;
@@ -96,7 +97,13 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
       canary +
       " /data/c1; "
       "try file_in_volume sh -c 'echo guest > /data/file'; "
-      "try mknod_in_volume mknod /data/disk b 8 0";
+      "try mknod_in_volume mknod /data/disk b 8 0; "
+      "try chown_in_volume sh -c 'echo x > /data/owned && chown 1234:5678 /data/owned'; "
+      "try setuid_in_volume chmod 4755 /data/file; "
+      "try setgid_in_volume chmod 2755 /data/file; "
+      // 3 MiB on the serial console: the host keeps the console log capped.
+      "try console_flood sh -c 'dd if=/dev/zero bs=65536 count=48 2>/dev/null | "
+      "tr \\\\000 x > /dev/ttyS0'";
   auto spec = nlohmann::json::parse(agenttest::Spec({"sh", "-c", script}));
   nlohmann::json all_caps = {"CAP_CHOWN",           "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
                              "CAP_MKNOD",           "CAP_SYS_ADMIN",    "CAP_SETUID", "CAP_SETGID",
@@ -105,6 +112,8 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
     spec["process"]["capabilities"][set] = all_caps;
   }
   spec["process"]["noNewPrivileges"] = false;
+  spec["linux"]["devices"] = {{{"path", "/dev/ttyS0"}, {"type", "c"}, {"major", 4}, {"minor", 64}}};
+  spec["linux"]["resources"]["devices"] = {{{"allow", true}, {"access", "rwm"}}};
   spec["mounts"].push_back({{"destination", "/share"},
                             {"type", "bind"},
                             {"source", std::string(sandboxer::kGuestShareDir)},
@@ -129,24 +138,44 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
   for (std::string l; std::getline(lines, l);) {
     if (auto eq = l.find('='); eq != std::string::npos) got[l.substr(0, eq)] = l.substr(eq + 1);
   }
-  for (const char* refused : {"planted", "rename_volumes", "rename_container", "link_target",
-                              "mkdir", "chmod", "write", "remove", "mknod_in_volume"}) {
+  for (const char* refused :
+       {"planted", "rename_volumes", "rename_container", "link_target", "mkdir", "chmod", "write",
+        "remove", "mknod_in_volume", "setuid_in_volume", "setgid_in_volume"}) {
     EXPECT_NE(got[refused], "") << refused << " did not run";
     EXPECT_NE(got[refused], "0") << "the guest could " << refused << " in the share";
   }
-  for (const char* allowed : {"link_in_volume", "dir_link_in_volume", "file_in_volume"}) {
+  for (const char* allowed :
+       {"link_in_volume", "dir_link_in_volume", "file_in_volume", "console_flood"}) {
     EXPECT_EQ(got[allowed], "0") << allowed << ": a writable volume must stay writable";
   }
   EXPECT_TRUE(fs::is_symlink(volume + "/evil"));
+  // The console log, after the 3 MiB flood and two checks of the capper: at most 1 MiB, the
+  // newest 512 KiB of a cut in console.log.1.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  std::string console = dir_ + "/state/pods/pod5/console.log";
+  ASSERT_TRUE(fs::exists(console + ".1")) << "3 MiB on the console and the log was never cut";
+  EXPECT_LE(fs::file_size(console), 1u << 20);
+  EXPECT_LE(fs::file_size(console + ".1"), 512u << 10);
   EXPECT_FALSE(fs::exists(volume + "/disk")) << "the guest made a block device on the host";
-  // QEMU (which serves 9p as root) holds only the file capabilities 9p passthrough needs:
-  // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID.
+  // QEMU runs as a uid of its own (not root) with no capabilities; the share's 9p server
+  // (virtfs-proxy-helper) is root, chrooted into the share, and refused device nodes.
   std::ifstream status("/proc/" + std::to_string(started.pid()) + "/status");
-  std::string cap_eff;
+  std::string cap_eff, uid_line;
   for (std::string l; std::getline(status, l);) {
     if (l.rfind("CapEff:", 0) == 0) cap_eff = l.substr(l.find_first_not_of(" \t", 7));
+    if (l.rfind("Uid:", 0) == 0) uid_line = l;
   }
-  EXPECT_EQ(cap_eff, "000000000000001f") << "QEMU's effective capabilities";
+  EXPECT_EQ(cap_eff, "0000000000000000") << "QEMU's effective capabilities";
+  unsigned long qemu_uid = 0;
+  std::istringstream(uid_line.substr(4)) >> qemu_uid;
+  EXPECT_GT(qemu_uid, 0x78000000ul) << uid_line << ": QEMU must not run as root";
+  struct stat own {};
+  EXPECT_EQ(::stat((volume + "/file").c_str(), &own), 0);
+  EXPECT_EQ(own.st_uid, 0u) << "a file the (root) container made must be root's on the host";
+  EXPECT_EQ(got["chown_in_volume"], "0");
+  ASSERT_EQ(::stat((volume + "/owned").c_str(), &own), 0);
+  EXPECT_EQ(own.st_uid, 1234u) << "a file chowned in the guest keeps that owner on the host";
+  EXPECT_EQ(own.st_gid, 5678u);
   EXPECT_EQ(Slurp(volume + "/file"), "guest\n");
 
   // The host's own operations after the attack: release, then the pod's removal.
@@ -178,8 +207,12 @@ TEST_F(SandboxerTest, HostileGuestCannotChangeTheShareOrReachTheHostThroughIt) {
   struct stat st {};
   ASSERT_EQ(::stat((run_dir_ + "/pods/pod6").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 07777, 0700u) << "the pod run dir is open to other users";
+  // The state dir: root's, and passable (not readable) by the pod VMs' group alone.
   ASSERT_EQ(::stat((dir_ + "/state").c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 07777, 0700u) << "the state dir is open to other users";
+  EXPECT_EQ(st.st_mode & 07777, 0710u) << "the state dir is open to other users";
+  EXPECT_EQ(st.st_gid, 0x78000000u);
+  ASSERT_EQ(::stat((dir_ + "/state/pods").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0700u) << "the pod records are open to other users";
   EXPECT_TRUE(AgentAnswers("pod6", &boot_id)) << "the neighbour pod stopped answering";
 }
 

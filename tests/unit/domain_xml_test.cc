@@ -47,6 +47,34 @@ TEST(DomainXmlTest, DescribesTheGuest) {
   EXPECT_EQ(DomainXml(kvm)->find("tb-cache"), std::string::npos);
 }
 
+TEST(DomainXmlTest, AConfinedVmRunsAsItsUidAndGetsItsShareFromTheShareServer) {
+  auto s = Good();
+  s.uid = 2013265921;
+  s.gid = 2013265920;
+  s.share_socket = "/run/peapod/vm/peapod-abc/9p";
+  auto xml = DomainXml(s);
+  ASSERT_TRUE(xml.ok()) << xml.error().ToString();
+  for (const char* want :
+       {"xmlns:qemu=\"http://libvirt.org/schemas/domain/qemu/1.0\"",
+        "<seclabel type=\"static\" model=\"dac\" relabel=\"yes\">",
+        "<label>+2013265921:+2013265920</label>",
+        "<qemu:arg value=\"proxy,id=fsdev-share,socket=/run/peapod/vm/peapod-abc/9p\"/>",
+        "mount_tag=peapod-share"}) {
+    EXPECT_NE(xml->find(want), std::string::npos) << want << " missing in\n" << *xml;
+  }
+  // QEMU itself exports nothing: it could not give files the guest's owners.
+  EXPECT_EQ(xml->find("<filesystem"), std::string::npos) << *xml;
+  // A comma in the socket path cannot add QEMU options.
+  s.share_socket = "/run/x,readonly=off/9p";
+  EXPECT_NE(DomainXml(s)->find("socket=/run/x,,readonly=off/9p"), std::string::npos);
+  s.share_socket.clear();
+  EXPECT_FALSE(DomainXml(s).ok()) << "a confined VM with a share but no share server";
+  // Unconfined: no seclabel, QEMU's own 9p.
+  auto root = DomainXml(Good());
+  EXPECT_EQ(root->find("seclabel"), std::string::npos);
+  EXPECT_NE(root->find("<filesystem"), std::string::npos);
+}
+
 TEST(DomainXmlTest, EscapesWhatComesFromRequests) {
   auto s = Good();
   s.cmdline = "a</cmdline><devices><disk/>&\"";

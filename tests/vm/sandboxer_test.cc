@@ -241,6 +241,8 @@ TEST_F(SandboxerTest, UnknownSandboxesAreClearErrors) {
   EXPECT_EQ(st.state(), "SANDBOX_NOTREADY");
   EXPECT_EQ(st.pid(), 0u);
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1/scratch.img")) << "half-made pod left";
+  EXPECT_FALSE(fs::exists(dir_ + "/state/vm/peapod-pod1")) << "half-made pod left its VM files";
+  EXPECT_FALSE(fs::exists(run_dir_ + "/vm/peapod-pod1")) << "half-made pod left its VM files";
   EXPECT_TRUE(Shutdown("pod1").ok());
   EXPECT_FALSE(fs::exists(dir_ + "/state/pods/pod1"));
   EXPECT_FALSE(fs::exists(run_dir_ + "/pods/pod1"));
