@@ -195,7 +195,10 @@ class Report:
                    f"quiet {spread(fl['rss_idle_mib'], 'MiB', 1)} / "
                    f"{spread(fl['check_quiet_ms'], '', 2)} ms | {ratio(fl['rss_ratio'])} / "
                    f"{ratio(fl['latency_ratio'])} |")
-        if "callgrind" in d:
+        if "callgrind" in d and "skipped" in d["callgrind"]:
+            self.w(f"| 8. instructions per pod lifecycle (callgrind) | skipped: "
+                   f"{d['callgrind']['skipped']} | – | – |")
+        elif "callgrind" in d:
             cg = d["callgrind"]
             self.w(f"| 8. instructions per pod lifecycle (callgrind, exact) | sandboxer "
                    f"{cg['sandboxer']['per_pod_ir'] / 1e6:.1f} M Ir, shims "
@@ -477,7 +480,7 @@ class Report:
 
     def callgrind(self):
         cg = self.d.get("callgrind")
-        if not cg:
+        if not cg or "skipped" in cg:
             return
         sb, sh = cg["sandboxer"], cg["shim"]
         self.w("## 8. Instructions (callgrind)")

@@ -128,16 +128,17 @@ Result<void> PodManager::PrepareVmFiles(VmSpec& spec) {
     auto made = MakeScratchDisk(cfg_.mkfs_ext4, d.path, cfg_.scratch_size_mib);
     if (made.ok() && ids_.enabled()) made = ids_.GiveFile(d.path, spec.uid);
     if (!made.ok()) {
-      DiscardVmFiles(spec.name, d.path);
+      DiscardVmFiles(spec.name, d.path, spec.uid);
       return made;
     }
   }
   return Ok();
 }
 
-void PodManager::DiscardVmFiles(const std::string& domain, const std::string& scratch) {
-  if (!scratch.empty()) ::unlink(scratch.c_str());
-  ids_.Release(domain);
+void PodManager::DiscardVmFiles(const std::string& domain, const std::string& scratch,
+                                uint32_t uid) {
+  if (!scratch.empty() && (uid == 0 || ids_.UidOf(domain) == uid)) ::unlink(scratch.c_str());
+  ids_.Release(domain, uid);
 }
 
 VmSpec PodManager::SpecFor(const Pod& pod) const {
@@ -436,10 +437,11 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
     if (!vm.ok() && net) RemoveTap(net->tap, netns);
     if (!vm.ok()) {
       // A failed Start leaves no scratch disk and holds no uid.
+      std::string scratch;
       for (const auto& d : spec.disks) {
-        if (!d.readonly) DiscardVmFiles(spec.name, d.path);
+        if (!d.readonly) scratch = d.path;
       }
-      DiscardVmFiles(spec.name, "");
+      DiscardVmFiles(spec.name, scratch, spec.uid);
     }
     loop_->Post([this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline,
                  steps = std::move(steps)]() mutable {
@@ -482,11 +484,14 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   p->agent.reset();
   (void)Save(*p);
   if (vm_started) {
-    std::string scratch = store_.PodDir(id) + "/scratch.img";  // where an unconfined VM has it
-    workers_.Run([this, domain, tap, has_tap, netns, scratch] {
+    // Where an unconfined VM has it; a confined one's goes with its uid's directories, and
+    // only if a retried Start has not taken the name meanwhile.
+    std::string scratch = ids_.enabled() ? "" : store_.PodDir(id) + "/scratch.img";
+    uint32_t uid = ids_.UidOf(domain);
+    workers_.Run([this, domain, tap, has_tap, netns, scratch, uid] {
       (void)backend_->Destroy(domain);
       if (has_tap) RemoveTap(tap, netns);
-      DiscardVmFiles(domain, scratch);
+      DiscardVmFiles(domain, scratch, uid);
     });
   }
   reply(std::move(e).Wrap("start sandbox " + id));
@@ -915,8 +920,14 @@ void PodManager::AttachRootfs(const std::string& id, const std::string& containe
                    [finish](Result<RootfsInfo> r) { finish(std::move(r)); });
     };
     for (size_t i = 0; i < sources.size(); ++i) {
-      if (sources[i].is_image) {
+      if (sources[i].is_image && !ids_.enabled()) {
         one_done(i, std::pair{sources[i].path, false});
+      } else if (sources[i].is_image) {
+        // containerd's blob, in directories a confined QEMU cannot pass: a copy in the cache.
+        cache_.AcquireCopy(sources[i].path, [one_done, i](Result<std::string> r) {
+          if (!r.ok()) return one_done(i, std::move(r).error());
+          one_done(i, std::pair{*r, true});
+        });
       } else {
         cache_.Acquire(sources[i].path, [one_done, i](Result<std::string> r) {
           if (!r.ok()) return one_done(i, std::move(r).error());

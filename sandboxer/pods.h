@@ -193,7 +193,8 @@ class PodManager {
   // Worker side of a boot: the VM's uid and directories (if confined) and its scratch disk,
   // given to it. DiscardVmFiles undoes it (a failed boot, a destroyed VM).
   Result<void> PrepareVmFiles(VmSpec& spec);
-  void DiscardVmFiles(const std::string& domain, const std::string& scratch);
+  // uid (if not 0): only while domain's files are still that uid's.
+  void DiscardVmFiles(const std::string& domain, const std::string& scratch, uint32_t uid = 0);
 
   EventLoop* loop_;
   Config cfg_;

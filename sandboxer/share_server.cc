@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 #include <vector>
 
@@ -43,14 +44,21 @@ class Filter {
     LoadArg(arg);
     Jump(BPF_JSET, mask, kRefuse, kAllow);
   }
-  // Refuses syscall nr when argument arg's file type is type_a or type_b.
-  void RefuseTypes(uint32_t nr, unsigned arg, uint32_t type_a, uint32_t type_b) {
+  // Refuses mknod-like syscall nr when its mode (argument arg) has S_ISUID or S_ISGID (a
+  // regular file made by mknod keeps them) or names a character or block device.
+  void RefuseNodes(uint32_t nr, unsigned arg) {
     LoadNr();
-    Jump(BPF_JEQ, nr, 0, 4);
+    Jump(BPF_JEQ, nr, 0, 5);
     LoadArg(arg);
+    Jump(BPF_JSET, S_ISUID | S_ISGID, kRefuse, 0);
     Add(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, S_IFMT));
-    Jump(BPF_JEQ, type_a, kRefuse, 0);
-    Jump(BPF_JEQ, type_b, kRefuse, kAllow);
+    Jump(BPF_JEQ, S_IFCHR, kRefuse, 0);
+    Jump(BPF_JEQ, S_IFBLK, kRefuse, kAllow);
+  }
+  // Refuses syscall nr whatever its arguments (EPERM).
+  void Refuse(uint32_t nr) {
+    LoadNr();
+    Jump(BPF_JEQ, nr, kRefuse, 0);
   }
   // Fails syscall nr with ENOSYS: its arguments are in memory, where a filter cannot look.
   void Unavailable(uint32_t nr) {
@@ -114,9 +122,10 @@ Result<void> InstallShareServerFilter() {
 #error "the seccomp filter below is written for x86_64"
 #endif
   Filter f;
-  // Device nodes: a guest's mknod of a character or block device (FIFOs and sockets are fine).
-  f.RefuseTypes(__NR_mknod, 1, S_IFCHR, S_IFBLK);
-  f.RefuseTypes(__NR_mknodat, 2, S_IFCHR, S_IFBLK);
+  // Device nodes: a guest's mknod of a character or block device (FIFOs and sockets are
+  // fine); and set-user-ID / set-group-ID bits, on a mknod'ed regular file too.
+  f.RefuseNodes(__NR_mknod, 1);
+  f.RefuseNodes(__NR_mknodat, 2);
   // Set-user-ID and set-group-ID bits: a file the guest makes setuid root in a volume would
   // be setuid root at the volume's host path (kubelet's, a hostPath's).
   f.RefuseBits(__NR_chmod, 1, S_ISUID | S_ISGID);
@@ -125,14 +134,45 @@ Result<void> InstallShareServerFilter() {
   f.RefuseBits(__NR_open, 2, S_ISUID | S_ISGID);
   f.RefuseBits(__NR_openat, 3, S_ISUID | S_ISGID);
   f.RefuseBits(__NR_creat, 1, S_ISUID | S_ISGID);
-  // Calls that carry a mode where a filter cannot read it (a struct in memory).
+  // Calls that carry a mode where a filter cannot read it (a struct or a shared ring).
   f.Unavailable(__NR_openat2);
+  f.Unavailable(__NR_io_uring_setup);
+  f.Unavailable(__NR_io_uring_enter);
+  f.Unavailable(__NR_io_uring_register);
 #ifdef __NR_fchmodat2
   f.Unavailable(__NR_fchmodat2);
 #else
   f.Unavailable(452);  // fchmodat2 (Linux 6.6), newer than these headers
 #endif
+  // The helper keeps CAP_SETUID to act as each 9p request's user; were it compromised (by a
+  // compromised QEMU, through its protocol), it could become another VM's uid and reach that
+  // QEMU. It never needs to touch another process.
+  for (uint32_t nr :
+       {__NR_ptrace, __NR_process_vm_readv, __NR_process_vm_writev, __NR_kill, __NR_pidfd_open,
+        __NR_pidfd_getfd, __NR_pidfd_send_signal, __NR_process_madvise}) {
+    f.Refuse(nr);
+  }
   return f.Install();
+}
+
+void KillShareServers(const std::string& socket) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream f(e.path() / "cmdline");
+    std::string cmdline((std::istreambuf_iterator<char>(f)), {});
+    // argv as the sandboxer wrote it: ... "-s" <socket> ...
+    if (cmdline.find(std::string("\0-s\0", 4) + socket + std::string("\0", 1)) ==
+        std::string::npos) {
+      continue;
+    }
+    pid_t pid = static_cast<pid_t>(std::stol(name));
+    int pfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pfd < 0) continue;
+    ::syscall(SYS_pidfd_send_signal, pfd, SIGKILL, nullptr, 0);
+    ::close(pfd);
+  }
 }
 
 Result<pid_t> StartShareServer(const ShareServerSpec& spec) {
@@ -169,7 +209,10 @@ Result<pid_t> StartShareServer(const ShareServerSpec& spec) {
       ::dup2(null, 1);
       ::dup2(null, 2);
     }
-    ::syscall(SYS_close_range, 3, ~0U, 0);
+    // Nothing of the sandboxer's may reach the helper (sockets, records, other pods' fds).
+    if (::syscall(SYS_close_range, 3, ~0U, 0) < 0) {
+      for (int fd = 3; fd < 65536; ++fd) ::close(fd);
+    }
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);

@@ -33,6 +33,10 @@ struct ShareServerSpec {
 // Starts the helper and returns once it listens (or fails, with what it said).
 Result<pid_t> StartShareServer(const ShareServerSpec& spec);
 
+// Kills (SIGKILL) any share server listening on `socket` (found by its command line): one
+// a crash left waiting for a QEMU that never came.
+void KillShareServers(const std::string& socket);
+
 // Installs, in the calling process, that filter (exposed for the test that checks it).
 Result<void> InstallShareServerFilter();
 

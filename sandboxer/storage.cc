@@ -1,6 +1,8 @@
 #include "sandboxer/storage.h"
 
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -128,6 +130,32 @@ Result<std::vector<LayerSource>> LayersFromMounts(
   return out;
 }
 
+namespace {
+
+// Copies file `from` to a new file `to` (0644): a reflink where the filesystem can, else
+// copy_file_range. Neither follows a symlink at `from`.
+Result<void> CopyFileTo(const std::string& from, const std::string& to) {
+  UniqueFd in(::open(from.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  if (!in) return Error::Errno("open layer blob " + from);
+  struct stat st;
+  if (::fstat(in.get(), &st) < 0 || !S_ISREG(st.st_mode)) {
+    return Error::Invalid("layer blob {} is not a regular file", from);
+  }
+  UniqueFd out(::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+  if (!out) return Error::Errno("create " + to);
+  if (::ioctl(out.get(), FICLONE, in.get()) == 0) return Ok();
+  for (off_t left = st.st_size; left > 0;) {
+    ssize_t n = ::copy_file_range(in.get(), nullptr, out.get(), nullptr,
+                                  static_cast<size_t>(std::min<off_t>(left, 1 << 30)), 0);
+    if (n < 0) return Error::Errno("copy layer blob " + from);
+    if (n == 0) return Error::Internal("layer blob {} shrank while copied", from);
+    left -= n;
+  }
+  return Ok();
+}
+
+}  // namespace
+
 LayerCache::LayerCache(std::string dir, std::string mkfs, std::chrono::seconds keep_for,
                        WorkerPool* workers, Post post)
     : dir_(std::move(dir)),
@@ -168,6 +196,28 @@ Result<std::string> LayerCache::KeyOf(const std::string& dir) const {
 bool LayerCache::IsCached(const std::string& image) const { return images_.count(image) > 0; }
 
 void LayerCache::Acquire(const std::string& dir, Done done) {
+  AcquireWith(
+      dir,
+      [mkfs = mkfs_](const std::string& src, const std::string& tmp) -> Result<void> {
+        auto run = RunProgram({mkfs, "--quiet", tmp, src});
+        if (!run.ok()) {
+          return std::move(run).error().Wrap("make the layer image (is erofs-utils installed?)");
+        }
+        if (run->exit_code != 0) {
+          return Error::Invalid("mkfs.erofs rejected layer {}: {}", src, MkfsError(run->output));
+        }
+        return Ok();
+      },
+      std::move(done));
+}
+
+void LayerCache::AcquireCopy(const std::string& blob, Done done) {
+  AcquireWith(blob, CopyFileTo, std::move(done));
+}
+
+void LayerCache::AcquireWith(
+    const std::string& dir,
+    std::function<Result<void>(const std::string&, const std::string&)> make, Done done) {
   auto key = KeyOf(dir);
   if (!key.ok()) return done(std::move(key).error());
   std::string image = dir_ + "/" + *key + ".erofs";
@@ -182,14 +232,9 @@ void LayerCache::Acquire(const std::string& dir, Done done) {
   building_[image].push_back(std::move(done));
   std::string tmp = fmt::format("{}.tmp-{:08x}", image, std::random_device{}());
   spdlog::info("layers: building {} from {}", image, dir);
-  workers_->Run([this, dir, image, tmp, mkfs = mkfs_, post = post_] {
-    Result<void> built = Ok();
-    auto run = RunProgram({mkfs, "--quiet", tmp, dir});
-    if (!run.ok()) {
-      built = std::move(run).error().Wrap("make the layer image (is erofs-utils installed?)");
-    } else if (run->exit_code != 0) {
-      built = Error::Invalid("mkfs.erofs rejected layer {}: {}", dir, MkfsError(run->output));
-    } else if (::rename(tmp.c_str(), image.c_str()) < 0) {
+  workers_->Run([this, dir, image, tmp, make = std::move(make), post = post_] {
+    Result<void> built = make(dir, tmp);
+    if (built.ok() && ::rename(tmp.c_str(), image.c_str()) < 0) {
       built = Error::Errno("rename " + tmp);
     }
     if (!built.ok()) ::unlink(tmp.c_str());

@@ -1,6 +1,7 @@
 // Container storage on the host side: containerd's rootfs mounts turned into read-only layer
-// disks (erofs blobs attached as they are, layer directories converted once by mkfs.erofs and
-// cached), the per-pod scratch disk, and volumes bind-mounted into the pod's 9p share.
+// disks (erofs blobs attached as they are or copied for confined VMs, layer directories
+// converted once by mkfs.erofs and cached), the per-pod scratch disk, and volumes
+// bind-mounted into the pod's 9p share.
 #pragma once
 
 #include <chrono>
@@ -49,6 +50,10 @@ class LayerCache {
   // The image of layer directory `dir`, built if needed; done gets its path, one reference
   // taken.
   void Acquire(const std::string& dir, Done done);
+  // The same for an EROFS blob of containerd's (erofs snapshotter): copied once into the cache
+  // (a reflink where the filesystem can), where a confined QEMU can open it; containerd's
+  // own directories are root's alone.
+  void AcquireCopy(const std::string& blob, Done done);
   // Re-takes a reference to an image recorded by a pod (recovery). False if it is gone.
   bool Adopt(const std::string& image);
   // Drops one reference.
@@ -67,6 +72,10 @@ class LayerCache {
   // its path plus the directory's identity (device, inode, birth time) names it; a directory
   // removed and recreated at the same path gets a new key.
   Result<std::string> KeyOf(const std::string& dir) const;
+  // Acquire and AcquireCopy: make the image of `source` with `make(source, tmp)` unless cached.
+  void AcquireWith(const std::string& source,
+                   std::function<Result<void>(const std::string&, const std::string&)> make,
+                   Done done);
 
   std::string dir_;
   std::string mkfs_;

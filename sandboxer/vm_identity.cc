@@ -6,10 +6,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <spdlog/spdlog.h>
 
 #include "common/base/unique_fd.h"
+#include "sandboxer/share_server.h"
 #include "sandboxer/state.h"
 #include "sandboxer/storage.h"
 
@@ -49,6 +51,26 @@ Result<void> CheckReachable(const std::string& path, uint32_t gid) {
     if (p == p.root_path()) break;
   }
   return Ok();
+}
+
+// The uids (real, effective, saved or filesystem) of every process now running in [lo, hi].
+std::set<uint32_t> UidsOfLiveProcesses(uint64_t lo, uint64_t hi) {
+  std::set<uint32_t> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream f(e.path() / "status");
+    for (std::string line; std::getline(f, line);) {
+      if (line.rfind("Uid:", 0) != 0) continue;
+      std::istringstream ids(line.substr(4));
+      for (uint64_t id; ids >> id;) {
+        if (id >= lo && id <= hi) out.insert(static_cast<uint32_t>(id));
+      }
+      break;
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -107,7 +129,11 @@ Result<uint32_t> VmIdentities::Acquire(const std::string& domain) {
   std::lock_guard<std::mutex> l(mu_);
   PP_TRY(RemoveTreeSafely(StateDir(domain)));
   PP_TRY(RemoveTreeSafely(RunDir(domain)));
-  std::set<uint32_t> used;
+  // Taken: recorded for a VM's files, or held by a live process (a QEMU whose files were
+  // already removed — say a failed Start's VM that a worker has yet to destroy — must never
+  // share a uid with a new VM).
+  std::set<uint32_t> used =
+      UidsOfLiveProcesses(uint64_t{uid_base_} + 1, uint64_t{uid_base_} + uid_count_);
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(state_vm_, ec)) {
     if (uint32_t u = UidOf(e.path().filename().string())) used.insert(u);
@@ -146,9 +172,10 @@ Result<void> VmIdentities::GiveFile(const std::string& path, uint32_t uid) const
   return Ok();
 }
 
-void VmIdentities::Release(const std::string& domain) {
+void VmIdentities::Release(const std::string& domain, uint32_t only_uid) {
   if (!enabled() || domain.empty()) return;
   std::lock_guard<std::mutex> l(mu_);
+  if (only_uid != 0 && UidOf(domain) != only_uid) return;  // a newer VM of that name has it
   // The record goes last: until then the uid stays taken.
   for (const auto& d : {RunDir(domain), StateDir(domain)}) {
     if (auto r = RemoveTreeSafely(d); !r.ok())
@@ -167,6 +194,8 @@ void VmIdentities::Sweep(const std::set<std::string>& keep) {
   for (const auto& name : names) {
     if (keep.count(name)) continue;
     spdlog::info("recover: removing the files of VM {} (gone)", name);
+    // Its share server, if a crash left one waiting for a QEMU that never came.
+    KillShareServers(SocketPath(name));
     Release(name);
   }
 }

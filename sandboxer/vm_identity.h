@@ -50,12 +50,14 @@ class VmIdentities {
   std::string SocketPath(const std::string& domain) const { return RunDir(domain) + "/9p"; }
 
   // A free uid for domain, recorded; both directories made afresh (whatever a previous VM of
-  // the same name left is removed first).
+  // the same name left is removed first). Free: neither recorded nor held by any process.
   Result<uint32_t> Acquire(const std::string& domain);
   // Gives a file of domain's to its QEMU: owner uid, group gid, mode 0600.
   Result<void> GiveFile(const std::string& path, uint32_t uid) const;
-  // Removes both directories (the scratch disk with them); the uid is free again.
-  void Release(const std::string& domain);
+  // Removes both directories (the scratch disk with them); the uid is free again once no
+  // process runs as it. only_uid: only if domain's record still names that uid (a cleanup
+  // that runs late must not remove a newer VM's files).
+  void Release(const std::string& domain, uint32_t only_uid = 0);
   // The uid recorded for domain, 0 if none.
   uint32_t UidOf(const std::string& domain) const;
 

@@ -1,12 +1,14 @@
 // The share's 9p server for confined VMs (sandboxer/share_server.h): only its VM's QEMU can
 // reach it, it goes with that QEMU, and it cannot make device nodes, whatever the guest asks.
 #include "sandboxer/share_server.h"
+#include "sandboxer/vm_identity.h"
 
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -42,27 +44,51 @@ class ShareServerTest : public ::testing::Test {
   std::string dir_;
 };
 
-// In a child: the filter, then each kind of node and mode. Exit bits say what went wrong.
+// In a child: the filter, then each attempt in turn. Returns 0, or the number of the first
+// check that went wrong (see kChecks).
+const char* const kChecks[] = {
+    "",
+    "the filter did not install",
+    "a character device was made",
+    "a block device was made",
+    "a FIFO was refused",
+    "a regular file (mknod) was refused",
+    "a setuid regular file was made by mknod",
+    "chmod 04755 was allowed",
+    "chmod 02755 was allowed",
+    "chmod 0755 was refused",
+    "a setuid file was created by open",
+    "a plain create was refused",
+    "fchmod 06755 was allowed",
+    "kill of another process was allowed",
+    "ptrace was allowed",
+    "openat2 was not refused with ENOSYS",
+};
+
 int TryNodes(const std::string& dir) {
   if (!InstallShareServerFilter().ok()) return 1;
-  int bad = 0;
   if (::mknod((dir + "/chr").c_str(), S_IFCHR | 0600, makedev(1, 3)) == 0 || errno != EPERM)
-    bad |= 2;
+    return 2;
   if (::mknodat(AT_FDCWD, (dir + "/blk").c_str(), S_IFBLK | 0600, makedev(8, 0)) == 0 ||
       errno != EPERM)
-    bad |= 4;
-  if (::mkfifo((dir + "/fifo").c_str(), 0600) != 0) bad |= 8;
-  if (::mknod((dir + "/reg").c_str(), S_IFREG | 0600, 0) != 0) bad |= 16;
+    return 3;
+  if (::mkfifo((dir + "/fifo").c_str(), 0600) != 0) return 4;
+  if (::mknod((dir + "/reg").c_str(), S_IFREG | 0600, 0) != 0) return 5;
+  if (::mknod((dir + "/sreg").c_str(), S_IFREG | S_ISUID | 0755, 0) == 0 || errno != EPERM)
+    return 6;
   std::string f = dir + "/file";
-  if (::chmod(f.c_str(), 04755) == 0 || errno != EPERM) bad |= 32;
-  if (::chmod(f.c_str(), 02755) == 0 || errno != EPERM) bad |= 32;
-  if (::chmod(f.c_str(), 0755) != 0) bad |= 64;
+  if (::chmod(f.c_str(), 04755) == 0 || errno != EPERM) return 7;
+  if (::chmod(f.c_str(), 02755) == 0 || errno != EPERM) return 8;
+  if (::chmod(f.c_str(), 0755) != 0) return 9;
   int fd = ::open((dir + "/suid").c_str(), O_WRONLY | O_CREAT, 04755);
-  if (fd >= 0 || errno != EPERM) bad |= 128;
+  if (fd >= 0 || errno != EPERM) return 10;
   fd = ::openat(AT_FDCWD, (dir + "/plain").c_str(), O_WRONLY | O_CREAT, 0644);
-  if (fd < 0) bad |= 64;
-  if (fd >= 0 && (::fchmod(fd, 06755) == 0 || errno != EPERM)) bad |= 32;
-  return bad;
+  if (fd < 0) return 11;
+  if (::fchmod(fd, 06755) == 0 || errno != EPERM) return 12;
+  if (::kill(::getppid(), 0) == 0 || errno != EPERM) return 13;
+  if (::syscall(SYS_ptrace, 0 /* PTRACE_TRACEME */, 0, 0, 0) == 0 || errno != EPERM) return 14;
+  if (::syscall(SYS_openat2, AT_FDCWD, f.c_str(), nullptr, 0) == 0 || errno != ENOSYS) return 15;
+  return 0;
 }
 
 TEST_F(ShareServerTest, TheFilterRefusesDeviceNodesAndSetIdBitsEvenToRoot) {
@@ -73,13 +99,14 @@ TEST_F(ShareServerTest, TheFilterRefusesDeviceNodesAndSetIdBitsEvenToRoot) {
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0)
-      << "bits: 2 char device made, 4 block device made, 8 fifo refused, 16 regular file "
-         "refused, 32 setuid/setgid chmod allowed, 64 a plain mode refused, 128 setuid create";
+  int failed = WEXITSTATUS(status);
+  ASSERT_LT(failed, static_cast<int>(std::size(kChecks)));
+  EXPECT_EQ(failed, 0) << kChecks[failed];
   EXPECT_FALSE(fs::exists(dir_ + "/share/chr"));
   EXPECT_FALSE(fs::exists(dir_ + "/share/blk"));
   EXPECT_TRUE(fs::is_fifo(dir_ + "/share/fifo"));
   EXPECT_FALSE(fs::exists(dir_ + "/share/suid"));
+  EXPECT_FALSE(fs::exists(dir_ + "/share/sreg"));
   EXPECT_EQ(fs::status(dir_ + "/share/file").permissions(), fs::perms(0755));
 }
 
@@ -132,6 +159,70 @@ TEST_F(ShareServerTest, OnlyItsVmsUidReachesItAndItGoesWithThatConnection) {
     ::kill(*pid, SIGKILL);
     ::waitpid(*pid, nullptr, 0);
   }
+}
+
+// VM uids: one per VM, never shared with a live process, freed with the VM's files only.
+TEST_F(ShareServerTest, AVmUidIsNeverHandedOutWhileAProcessStillRunsAsIt) {
+  constexpr uint32_t kBase = 0x78000000;
+  fs::create_directories(dir_ + "/state");
+  fs::create_directories(dir_ + "/run");
+  ::chmod(dir_.c_str(), 0711);
+  VmIdentities ids(dir_ + "/state", dir_ + "/run", kBase, 4, kBase);
+  ASSERT_TRUE(ids.Init({}, {}).ok());
+  auto a = ids.Acquire("peapod-a");
+  auto b = ids.Acquire("peapod-b");
+  ASSERT_TRUE(a.ok() && b.ok()) << (a.ok() ? b.error().ToString() : a.error().ToString());
+  EXPECT_EQ(*a, kBase + 1);
+  EXPECT_EQ(*b, kBase + 2);
+  struct stat st {};
+  ASSERT_EQ(::stat(ids.StateDir("peapod-a").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 0u) << "QEMU must not own (and so fill) its directory";
+  EXPECT_EQ(st.st_mode & 07777, 0710u);
+  ASSERT_EQ(::stat(ids.RunDir("peapod-a").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0700u) << "open to the group before the socket is the VM's";
+
+  // A late cleanup names the uid it knew: a newer VM of the same name keeps its files.
+  ids.Release("peapod-b", *a);
+  EXPECT_EQ(ids.UidOf("peapod-b"), kBase + 2);
+
+  // Released, the uid is free again, unless a process still runs as it (a QEMU being
+  // destroyed after its files went).
+  ids.Release("peapod-a");
+  EXPECT_EQ(ids.UidOf("peapod-a"), 0u);
+  pid_t lingering = ::fork();
+  if (lingering == 0) {
+    if (::setgid(kBase) < 0 || ::setuid(kBase + 1) < 0) ::_exit(1);
+    ::pause();
+    ::_exit(0);
+  }
+  for (int i = 0; i < 100; ++i) {  // until the child has become kBase + 1
+    std::ifstream f("/proc/" + std::to_string(lingering) + "/status");
+    std::string text((std::istreambuf_iterator<char>(f)), {});
+    if (text.find(std::to_string(kBase + 1)) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  auto c = ids.Acquire("peapod-c");
+  ::kill(lingering, SIGKILL);
+  ::waitpid(lingering, nullptr, 0);
+  ASSERT_TRUE(c.ok()) << c.error().ToString();
+  EXPECT_EQ(*c, kBase + 3) << "a uid a live process holds was handed out";
+  auto d = ids.Acquire("peapod-d");
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(*d, kBase + 1) << "the uid is free once its process is gone";
+  EXPECT_TRUE(ids.Acquire("peapod-e").ok());
+  auto f = ids.Acquire("peapod-f");
+  EXPECT_FALSE(f.ok()) << "4 uids, 4 VMs: the fifth must be refused";
+  if (!f.ok()) {
+    EXPECT_EQ(f.error().code(), Code::kResourceExhausted);
+  }
+
+  // Recovery keeps the files of VMs that run and removes the others'.
+  ids.Sweep({"peapod-c"});
+  EXPECT_EQ(ids.UidOf("peapod-c"), kBase + 3);
+  EXPECT_EQ(ids.UidOf("peapod-b"), 0u);
+  EXPECT_FALSE(fs::exists(ids.StateDir("peapod-d")));
+  EXPECT_FALSE(fs::exists(ids.StateDir("peapod-e")));
+  EXPECT_FALSE(fs::exists(ids.RunDir("peapod-d")));
 }
 
 }  // namespace

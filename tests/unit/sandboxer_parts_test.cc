@@ -183,6 +183,43 @@ TEST_F(LayerCacheTest, ConcurrentRequestsForOneLayerBuildItOnce) {
   EXPECT_EQ(n, 1);
 }
 
+TEST_F(LayerCacheTest, ContainerdBlobsAreCopiedOnceIntoTheCacheAndSymlinksRefused) {
+  // An erofs snapshotter's blob lives in containerd's directories, which a confined QEMU
+  // cannot pass: the cache holds a copy, made once, released like a built image.
+  auto cache = MakeCache(0s);
+  ASSERT_TRUE(cache->Init().ok());
+  std::string blob = t_.path() + "/layer.erofs";
+  std::string data(3 << 20, 'e');
+  std::ofstream(blob) << data;
+  auto copy = [&](const std::string& from) {
+    std::promise<Result<std::string>> p;
+    auto f = p.get_future();
+    OnLoop([&] {
+      cache->AcquireCopy(from, [&](Result<std::string> r) { p.set_value(std::move(r)); });
+    });
+    return f.get();
+  };
+  auto a = copy(blob);
+  ASSERT_TRUE(a.ok()) << a.error().ToString();
+  EXPECT_EQ(fs::path(*a).parent_path(), fs::path(t_.path() + "/cache"));
+  EXPECT_EQ(fs::file_size(*a), data.size());
+  std::ifstream in(*a);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), data);
+  EXPECT_EQ((fs::status(*a).permissions() & fs::perms::others_read), fs::perms::others_read);
+  auto b = copy(blob);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(*b, *a) << "one copy per blob";
+  fs::create_symlink(blob, t_.path() + "/link.erofs");
+  auto l = copy(t_.path() + "/link.erofs");
+  EXPECT_FALSE(l.ok()) << "a symlinked blob must not be followed";
+  OnLoop([&] {
+    cache->Release(*a);
+    cache->Release(*a);
+    cache->Collect();
+  });
+  EXPECT_FALSE(fs::exists(*a)) << "the copy goes with its last user";
+}
+
 TEST_F(LayerCacheTest, UnusedImagesAreCollectedAfterTheirKeepTime) {
   auto cache = MakeCache(0s);
   ASSERT_TRUE(cache->Init().ok());
