@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -128,6 +129,16 @@ struct TaskService::Process {
   google::protobuf::Timestamp exited_at;
   std::vector<ttrpc::TypedResponder<task::WaitResponse>> waiters;  // loop thread only
   std::string process_json;  // an exec's OCI process, until it starts
+  // Our own writer on the stdin FIFO: the pump sees EOF only once containerd's CloseIO (or the
+  // exit) drops it, after containerd's writer is gone, so nothing still in the FIFO is lost.
+  std::mutex stdin_mu;
+  UniqueFd stdin_keep;
+  bool stdin_closed = false;
+  void DropStdinWriter() {
+    std::lock_guard<std::mutex> l(stdin_mu);
+    stdin_closed = true;
+    stdin_keep.Reset();
+  }
 };
 
 struct TaskService::Impl {
@@ -219,9 +230,23 @@ struct TaskService::Impl {
   }
 
   // Pumps containerd's stdin FIFO into the process until EOF, then closes the process's stdin.
+  // containerd's contract (runc's shim keeps a writer too): CloseIO, not the end of containerd's
+  // own writer, ends stdin, and everything written to the FIFO before it reaches the process.
+  // Closing the process's stdin at CloseIO lost what was still in the FIFO (up to 64 KiB).
   void PumpInput(std::shared_ptr<Process> p) {
+    // O_RDWR never blocks on a FIFO; with a writer held, the reader's open does not either.
+    UniqueFd keep(::open(p->stdin_path.c_str(), O_RDWR | O_CLOEXEC));
+    if (!keep) {
+      spdlog::warn("shim: {}: open stdin {}: {}", opts.id, p->stdin_path, std::strerror(errno));
+      return;
+    }
     UniqueFd in(::open(p->stdin_path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!in) return;
+    {
+      std::lock_guard<std::mutex> l(p->stdin_mu);
+      if (!p->stdin_closed) p->stdin_keep = std::move(keep);
+    }
+    keep.Reset();
     char buf[32768];
     for (;;) {
       ssize_t n = ::read(in.get(), buf, sizeof buf);
@@ -328,6 +353,7 @@ struct TaskService::Impl {
               const google::protobuf::Timestamp& at) {
     if (p->state == Process::State::kStopped) return;
     p->state = Process::State::kStopped;
+    p->DropStdinWriter();  // its stdin pump ends when containerd's writer goes
     p->exit_status = status;
     p->exited_at = at;
     ev::TaskExit e;
@@ -826,6 +852,13 @@ void TaskService::Register(ttrpc::Server& server) {
 
   Reg<task::CloseIORequest, Empty>(server, "CloseIO", [d](task::CloseIORequest req, auto reply) {
     if (!req.stdin()) return reply(Empty());
+    auto p = d->Find(req.exec_id());
+    if (!p.ok()) return reply(p.error());
+    // The pump drains the FIFO, then closes the process's stdin itself.
+    if (!(*p)->stdin_path.empty()) {
+      (*p)->DropStdinWriter();
+      return reply(Empty());
+    }
     d->Async<Empty>(
         [d, req]() -> Result<Empty> {
           av1::ProcessRequest r;

@@ -323,6 +323,22 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_EQ(LastLine(b1.text), LastLine(b2.text));
     EXPECT_NE(LastLine(b1.text), host_boot);
     EXPECT_EQ(LastLine(Crictl("exec -s " + ids[0] + " hostname").text), "web-0");
+    // stdin through `exec -i`, byte-exact: 3 MiB of binary data (every byte value, no
+    // newline structure), counted and hashed inside the container.
+    {
+      std::string blob = dir_ + "/stdin.bin";
+      std::string data(3 << 20, '\0');
+      uint32_t x = 12345;
+      for (auto& c : data) c = static_cast<char>((x = x * 1103515245u + 12345u) >> 24);
+      std::ofstream(blob, std::ios::binary) << data;
+      auto want = Sh("sha256sum " + blob + " | cut -d' ' -f1");
+      auto got =
+          Crictl("exec -i " + ids[1] + " sh -c 'tee /tmp/in | wc -c; sha256sum /tmp/in' < " + blob);
+      ASSERT_EQ(got.rc, 0) << got.text;
+      EXPECT_NE(got.text.find(std::to_string(data.size()) + "\n"), std::string::npos)
+          << "stdin lost bytes: " << got.text;
+      EXPECT_NE(got.text.find(Trim(want.text)), std::string::npos) << got.text;
+    }
     // The pod's DNS config, through the resolv.conf containerd mounts from the pod's files.
     auto resolv = Crictl("exec -s " + ids[0] + " cat /etc/resolv.conf").text;
     EXPECT_NE(resolv.find("nameserver 10.96.0.10"), std::string::npos) << resolv;
