@@ -163,7 +163,9 @@ TEST_F(ShareServerTest, OnlyItsVmsUidReachesItAndItGoesWithThatConnection) {
 
 // VM uids: one per VM, never shared with a live process, freed with the VM's files only.
 TEST_F(ShareServerTest, AVmUidIsNeverHandedOutWhileAProcessStillRunsAsIt) {
-  constexpr uint32_t kBase = 0x78000000;
+  // A range no other test runs processes in: ctest runs this file's tests in parallel, and
+  // a share server another test starts as kUid would (rightly) hold that uid.
+  constexpr uint32_t kBase = 0x78100000;
   fs::create_directories(dir_ + "/state");
   fs::create_directories(dir_ + "/run");
   ::chmod(dir_.c_str(), 0711);
