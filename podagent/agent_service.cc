@@ -77,14 +77,17 @@ Result<Empty> ToEmpty(Result<void> r) {
 
 // Answers a ReadStdout/ReadStderr/ReadPort from out: data as soon as there is some, or EOF.
 template <typename Waiting, typename Reply>
-void ReadStream(OutputStream* out, uint32_t max_bytes, Waiting waiting, Reply reply) {
+void ReadStream(OutputStream* out, uint32_t max_bytes, std::optional<uint64_t> offset,
+                Waiting waiting, Reply reply) {
   size_t max = max_bytes ? max_bytes : OutputStream::kMaxRead;
-  out->Read(max, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
-                    v1::ReadStreamResponse resp;
-                    resp.set_data(std::move(data));
-                    resp.set_eof(eof);
-                    reply(std::move(resp));
-                  }});
+  auto r = out->Read(max, offset,
+                     {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
+                        v1::ReadStreamResponse resp;
+                        resp.set_data(std::move(data));
+                        resp.set_eof(eof);
+                        reply(std::move(resp));
+                      }});
+  if (!r.ok()) reply(std::move(r).error());
 }
 
 Result<void> SetupSandbox(const v1::CreateSandboxRequest& req, bool local) {
@@ -244,12 +247,17 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
            ttrpc::TypedResponder<v1::WriteStreamResponse> reply) {
         auto in = cm->Input(req.container_id(), req.exec_id());
         if (!in.ok()) return reply(in.error());
-        (*in)->Write(std::move(*req.mutable_data()), [reply](Result<uint32_t> n) {
-          if (!n.ok()) return reply(n.error());
-          v1::WriteStreamResponse resp;
-          resp.set_len(*n);
-          reply(std::move(resp));
-        });
+        std::optional<uint64_t> offset;
+        if (req.has_offset()) offset = req.offset();
+        (*in)->Write(
+            std::move(*req.mutable_data()),
+            [reply](Result<uint32_t> n) {
+              if (!n.ok()) return reply(n.error());
+              v1::WriteStreamResponse resp;
+              resp.set_len(*n);
+              reply(std::move(resp));
+            },
+            offset);
       });
   for (bool err : {false, true}) {
     RegisterLong<v1::ReadStreamRequest, v1::ReadStreamResponse>(
@@ -257,7 +265,9 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
         [cm, err](v1::ReadStreamRequest&& req, auto waiting, auto reply) {
           auto out = cm->Output(req.container_id(), req.exec_id(), err);
           if (!out.ok()) return reply(out.error());
-          ReadStream(*out, req.max_bytes(), std::move(waiting), std::move(reply));
+          std::optional<uint64_t> offset;
+          if (req.has_offset()) offset = req.offset();
+          ReadStream(*out, req.max_bytes(), offset, std::move(waiting), std::move(reply));
         });
   }
   RegisterSync<v1::ProcessRequest, Empty>(
@@ -284,7 +294,7 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
       server, "ReadPort", [ports](v1::PortIoRequest&& req, auto waiting, auto reply) {
         auto out = ports->Output(req.id());
         if (!out.ok()) return reply(out.error());
-        ReadStream(*out, req.max_bytes(), std::move(waiting), std::move(reply));
+        ReadStream(*out, req.max_bytes(), std::nullopt, std::move(waiting), std::move(reply));
       });
   RegisterLong<v1::PortIoRequest, v1::WriteStreamResponse>(
       server, "WritePort", [ports](v1::PortIoRequest&& req, auto, auto reply) {

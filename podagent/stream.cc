@@ -18,8 +18,10 @@ OutputStream::~OutputStream() {
   auto readers = std::move(readers_);
   for (auto& p : readers) {
     if (!p.reader.waiting()) continue;
-    std::string data = std::move(buf_);
-    buf_.clear();
+    size_t from = p.keep ? static_cast<size_t>(handed_ - base_) : 0;
+    std::string data = buf_.substr(from);
+    handed_ = base_ + buf_.size();
+    if (!p.keep) buf_.clear();
     p.reader.deliver(std::move(data), true);
   }
 }
@@ -56,9 +58,20 @@ void OutputStream::OnReadable() {
   Serve();
 }
 
-void OutputStream::Read(size_t max, Reader reader) {
-  readers_.push_back({std::clamp<size_t>(max, 1, kMaxRead), std::move(reader)});
+Result<void> OutputStream::Read(size_t max, std::optional<uint64_t> offset, Reader reader) {
+  if (offset) {
+    if (*offset < base_ || *offset > handed_) {
+      return Error::Invalid(
+          "read at offset {} of a stream that keeps bytes {} to {}: the reader lost its place",
+          *offset, base_, handed_);
+    }
+    buf_.erase(0, *offset - base_);
+    base_ = *offset;
+    handed_ = base_;  // what follows is handed out again
+  }
+  readers_.push_back({std::clamp<size_t>(max, 1, kMaxRead), offset.has_value(), std::move(reader)});
   Serve();
+  return Ok();
 }
 
 void OutputStream::Serve() {
@@ -68,13 +81,23 @@ void OutputStream::Serve() {
       readers_.pop_front();
       continue;
     }
-    if (buf_.empty() && !closed_) break;
-    size_t n = std::min(p.max, buf_.size());
-    std::string data = buf_.substr(0, n);
-    buf_.erase(0, n);
+    // An offset reader gets what follows the bytes already handed out; a plain one, the head.
+    size_t from = p.keep ? static_cast<size_t>(handed_ - base_) : 0;
+    size_t avail = buf_.size() - from;
+    if (avail == 0 && !closed_) break;
+    size_t n = std::min(p.max, avail);
+    std::string data = buf_.substr(from, n);
+    bool eof = closed_ && from + n == buf_.size();
+    if (p.keep) {
+      handed_ += n;
+    } else {
+      buf_.erase(0, n);
+      base_ += n;
+      handed_ = std::max(handed_, base_);
+    }
     auto deliver = std::move(p.reader.deliver);
     readers_.pop_front();
-    deliver(std::move(data), closed_ && buf_.empty());
+    deliver(std::move(data), eof);
   }
   UpdateWatch();
 }
@@ -96,12 +119,31 @@ InputStream::~InputStream() {
   Fail(Error::Make(Code::kUnavailable, "stdin closed: the process is gone"));
 }
 
-void InputStream::Write(std::string data, std::function<void(Result<uint32_t>)> done) {
+void InputStream::Write(std::string data, std::function<void(Result<uint32_t>)> done,
+                        std::optional<uint64_t> offset) {
+  const auto len = static_cast<uint32_t>(data.size());
+  if (offset) {
+    if (*offset > taken_) {
+      done(Error::Invalid("write at offset {} of a stream that has taken {} bytes: a gap", *offset,
+                          taken_));
+      return;
+    }
+    uint64_t dup = std::min<uint64_t>(taken_ - *offset, data.size());
+    if (dup == data.size()) {  // all of it was taken before (a re-sent write)
+      done(len);
+      return;
+    }
+    data.erase(0, dup);
+  }
   if (!fd_ || close_requested_) {
     done(Error::Make(Code::kFailedPrecondition, "stdin is closed"));
     return;
   }
-  pending_.push_back({std::move(data), 0, std::move(done)});
+  taken_ += data.size();
+  pending_.push_back({std::move(data), 0, [done = std::move(done), len](Result<uint32_t> n) {
+                        if (!n.ok()) return done(std::move(n).error());
+                        done(len);
+                      }});
   Flush();
 }
 

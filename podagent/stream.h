@@ -13,6 +13,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "common/base/result.h"
@@ -40,8 +41,14 @@ class OutputStream {
   OutputStream& operator=(const OutputStream&) = delete;
 
   Result<void> Start();
-  // Answers as soon as there is data (at most max bytes) or EOF.
-  void Read(size_t max, Reader reader);
+  // Answers as soon as there is data (at most max bytes) or EOF. Without an offset, what is
+  // handed out is dropped. With one (the bytes of the stream the reader already has), what
+  // precedes it is dropped and the answer starts there; what is handed out stays buffered
+  // (counted against kMaxBuffered) until a later offset passes it, so a reader that lost an
+  // answer reads it again. An offset before the oldest byte kept or past the newest one
+  // handed out is an error, and nothing changes.
+  Result<void> Read(size_t max, std::optional<uint64_t> offset, Reader reader);
+  void Read(size_t max, Reader reader) { (void)Read(max, std::nullopt, std::move(reader)); }
   bool eof() const { return closed_ && buf_.empty(); }
   size_t buffered() const { return buf_.size(); }
 
@@ -57,8 +64,11 @@ class OutputStream {
   bool watching_in_ = false;
   bool closed_ = false;
   std::string buf_;
+  uint64_t base_ = 0;    // stream offset of buf_[0]
+  uint64_t handed_ = 0;  // stream offset past the last byte handed out
   struct Pending {
     size_t max;
+    bool keep;  // an offset reader: leave what it gets in buf_
     Reader reader;
   };
   std::deque<Pending> readers_;
@@ -74,8 +84,11 @@ class InputStream {
   InputStream& operator=(const InputStream&) = delete;
 
   // Writes data, waiting while the pipe is full; answers how much was written (all of it,
-  // unless the reader went away, which is an error).
-  void Write(std::string data, std::function<void(Result<uint32_t>)> done);
+  // unless the reader went away, which is an error). With an offset (where data starts in the
+  // stream), bytes already taken by an earlier write are skipped, so a write re-sent after a
+  // lost answer is taken once; a gap is an error.
+  void Write(std::string data, std::function<void(Result<uint32_t>)> done,
+             std::optional<uint64_t> offset = std::nullopt);
   // Closes the fd once queued writes are done, so the process sees EOF.
   void Close();
   bool closed() const { return !fd_ && pending_.empty(); }
@@ -89,6 +102,7 @@ class InputStream {
   EventLoop::WatchId watch_ = 0;
   bool half_close_ = false;
   bool close_requested_ = false;
+  uint64_t taken_ = 0;  // bytes of the stream accepted so far
   struct Pending {
     std::string data;
     size_t written = 0;

@@ -24,6 +24,7 @@
 #include "containerd/runtime/task/v2/shim.pb.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "peapod/sandboxer/v1/sandboxer.pb.h"
+#include "shim/agent_link.h"
 #include "shim/dial.h"
 #include "shim/pacing.h"
 #include "shim/volumes.h"
@@ -147,7 +148,7 @@ struct TaskService::Impl {
   EventPublisher* events;
   PodRole role;
   std::string bundle_rootfs;
-  std::shared_ptr<ttrpc::Client> agent;      // the pod's agent, through the sandboxer's mux
+  std::unique_ptr<AgentLink> agent;          // the pod's agent, through the sandboxer's mux
   std::shared_ptr<ttrpc::Client> sandboxer;  // peapod.sandboxer.v1
   uint32_t vm_pid = 0;
   bool created = false;
@@ -167,32 +168,57 @@ struct TaskService::Impl {
     });
   }
 
+  // A call the agent must take once (sent on a live connection, redialled first if needed).
   template <typename Resp>
   Result<Resp> CallAgent(const std::string& method, const google::protobuf::Message& req,
                          std::chrono::nanoseconds timeout = 60s) {
     if (!agent) return Error(Code::kFailedPrecondition, "not connected to the pod's agent");
-    ttrpc::CallOptions o;
-    o.timeout = timeout;
-    return agent->CallSyncTyped<Resp>(kAgent, method, req, o);
+    return agent->Once<Resp>(method, req, timeout);
+  }
+  // A call the agent can take twice (waits; stdio at an offset): re-sent across a sandboxer
+  // restart until answered or the pod is gone.
+  template <typename Resp>
+  Result<Resp> AwaitAgent(const std::string& method, const google::protobuf::Message& req) {
+    if (!agent) return Error(Code::kFailedPrecondition, "not connected to the pod's agent");
+    return agent->Retrying<Resp>(method, req);
   }
   template <typename Resp>
   Result<Resp> CallSandboxer(const std::string& method, const google::protobuf::Message& req) {
     std::shared_ptr<ttrpc::Client> c;
     {
       std::lock_guard<std::mutex> l(clients_mu);
-      if (!sandboxer) {
+      if (!sandboxer || sandboxer->closed()) {  // never dialled, or the sandboxer restarted
         auto dialed = Dial(loop, opts.sandboxer);
         if (!dialed.ok()) {
           return std::move(dialed).error().Wrap("connect to peapod-sandboxer at " + opts.sandboxer +
                                                 " (is it running?)");
         }
+        if (sandboxer) loop->Post([old = std::move(sandboxer)]() mutable { old.reset(); });
         sandboxer = *dialed;
       }
       c = sandboxer;
     }
     ttrpc::CallOptions o;
     o.timeout = 300s;  // a cold pod boots under TCG in seconds; mkfs of a big layer takes longer
-    return c->CallSyncTyped<Resp>(kSandboxer, method, req, o);
+    auto r = c->CallSyncTyped<Resp>(kSandboxer, method, req, o);
+    loop->Post([c = std::move(c)]() mutable { c.reset(); });  // clients go on their loop
+    return r;
+  }
+
+  // Where the pod's agent socket is, for AgentLink: gone once the sandboxer says so.
+  Result<std::string> LocateAgent() {
+    sb::GetPodRequest g;
+    g.set_pod_id(role.pod_id);
+    auto pod = CallSandboxer<sb::PodInfo>("GetPod", g);
+    if (!pod.ok()) {
+      if (pod.error().code() == Code::kNotFound) return std::move(pod).error();
+      return Error(Code::kUnavailable, pod.error().message());  // the sandboxer is away
+    }
+    if (!pod->ready()) {
+      return Error::Make(Code::kFailedPrecondition, "pod {} is not ready (its VM is not running)",
+                         role.pod_id);
+    }
+    return pod->agent_address();
   }
 
   Result<std::shared_ptr<Process>> Find(const std::string& exec_id) {
@@ -213,12 +239,15 @@ struct TaskService::Impl {
     req.set_exec_id(p->exec_id);
     req.set_max_bytes(1 << 20);
     EmptyAnswerBackoff backoff;
+    uint64_t offset = 0;  // what we have: the agent keeps the rest until we say so
     for (;;) {
-      auto r = CallAgent<av1::ReadStreamResponse>(err ? "ReadStderr" : "ReadStdout", req, 0ns);
+      req.set_offset(offset);
+      auto r = AwaitAgent<av1::ReadStreamResponse>(err ? "ReadStderr" : "ReadStdout", req);
       if (!r.ok()) {
         spdlog::debug("shim: {} {}: {}", opts.id, err ? "stderr" : "stdout", r.error().ToString());
         return;
       }
+      offset += r->data().size();
       if (out && !r->data().empty()) {
         if (!WriteAll(out.get(), r->data().data(), r->data().size()).ok()) out.Reset();
       }
@@ -248,6 +277,7 @@ struct TaskService::Impl {
     }
     keep.Reset();
     char buf[32768];
+    uint64_t offset = 0;  // a write re-sent after a lost answer is taken once
     for (;;) {
       ssize_t n = ::read(in.get(), buf, sizeof buf);
       if (n < 0 && errno == EINTR) continue;
@@ -256,12 +286,14 @@ struct TaskService::Impl {
       w.set_container_id(opts.id);
       w.set_exec_id(p->exec_id);
       w.set_data(buf, static_cast<size_t>(n));
-      if (!CallAgent<av1::WriteStreamResponse>("WriteStdin", w, 0ns).ok()) return;
+      w.set_offset(offset);
+      if (!AwaitAgent<av1::WriteStreamResponse>("WriteStdin", w).ok()) return;
+      offset += static_cast<uint64_t>(n);
     }
     av1::ProcessRequest c;
     c.set_container_id(opts.id);
     c.set_exec_id(p->exec_id);
-    (void)CallAgent<Empty>("CloseStdin", c);
+    (void)AwaitAgent<Empty>("CloseStdin", c);
   }
 
   // Starts the stdio pumps and the exit watcher of a started process. The exit is reported
@@ -297,7 +329,7 @@ struct TaskService::Impl {
       av1::WaitProcessRequest w;
       w.set_container_id(opts.id);
       w.set_exec_id(p->exec_id);
-      auto r = CallAgent<av1::WaitProcessResponse>("WaitProcess", w, 0ns);
+      auto r = AwaitAgent<av1::WaitProcessResponse>("WaitProcess", w);
       {
         std::unique_lock<std::mutex> l(done->first);
         done->second.wait_for(l, 2s, [&] { return *pending == 0; });
@@ -323,7 +355,7 @@ struct TaskService::Impl {
       std::optional<EventCoalescer::Clock::time_point> last_report;  // of coalesced events
       uint64_t reported = 0;
       for (;;) {
-        auto oom = CallAgent<av1::OOMEvent>("GetOOMEvent", r, 0ns);
+        auto oom = AwaitAgent<av1::OOMEvent>("GetOOMEvent", r);
         if (!oom.ok()) return;
         auto now = EventCoalescer::Clock::now();
         auto d = coalescer.Offer(now);
@@ -398,7 +430,7 @@ struct TaskService::Impl {
       PP_ASSIGN_OR_RETURN(pod, CallSandboxer<sb::PodInfo>("CreatePod", c));
     }
     vm_pid = pod.pid();
-    PP_ASSIGN_OR_RETURN(agent, Dial(loop, pod.agent_address()));
+    agent = std::make_unique<AgentLink>(loop, [this] { return LocateAgent(); });
     if (role.kind == PodRole::kPause) return vm_pid;  // the pause process costs nothing
 
     // Rootfs: containerd's snapshot mounts become layer disks.

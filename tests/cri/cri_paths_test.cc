@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -171,6 +172,18 @@ class CriPathsTest : public ::testing::Test {
         << (root && *root ? root : "/var/lib/peapod/test-libvirt") << "\", \"image_dir\": \""
         << PEAPOD_VM_IMAGE_DIR << "\", \"accel\": \"tcg\", \"layer_cache_keep_seconds\": 0, "
         << "\"cri_root\": \"" << dir_ << "/ctd-root/io.containerd.grpc.v1.cri\"}";
+    ASSERT_NO_FATAL_FAILURE(StartSandboxer());
+    fs::create_directories(dir_ + "/net.d");
+    std::ofstream(dir_ + "/net.d/10-peapod-test.conflist")
+        << R"({"cniVersion": "1.0.0", "name": "peapod-test", "plugins": [
+             {"type": "bridge", "bridge": "ppcri0", "isGateway": true,
+              "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.97.0.0/24"}]],
+                       "routes": [{"dst": "0.0.0.0/0"}], "dataDir": ")"
+        << dir_ << R"(/ipam"}}]})";
+  }
+
+  void StartSandboxer() {
+    ::unlink((dir_ + "/shim.sock").c_str());  // a killed sandboxer leaves its socket
     sandboxer_ = Spawn({PEAPOD_SANDBOXER_BINARY, "--config", dir_ + "/sandboxer.json"},
                        dir_ + "/sandboxer.log", {});
     auto end = std::chrono::steady_clock::now() + 150s;
@@ -179,13 +192,6 @@ class CriPathsTest : public ::testing::Test {
     }
     ASSERT_TRUE(ConnectUnix(dir_ + "/shim.sock").ok()) << "sandboxer did not start:\n"
                                                        << ReadAll(dir_ + "/sandboxer.log");
-    fs::create_directories(dir_ + "/net.d");
-    std::ofstream(dir_ + "/net.d/10-peapod-test.conflist")
-        << R"({"cniVersion": "1.0.0", "name": "peapod-test", "plugins": [
-             {"type": "bridge", "bridge": "ppcri0", "isGateway": true,
-              "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.97.0.0/24"}]],
-                       "routes": [{"dst": "0.0.0.0/0"}], "dataDir": ")"
-        << dir_ << R"(/ipam"}}]})";
   }
 
   void TearDown() override {
@@ -243,16 +249,8 @@ class CriPathsTest : public ::testing::Test {
           << "    runtime_type = \"io.containerd.peapod.v2\"\n";
     }
     cfg.close();
-    std::string path = std::string("PATH=") + PEAPOD_SHIM_DIR + ":" + bin + ":" +
-                       (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
-    containerd_ =
-        Spawn({bin + "/containerd", "--config", dir_ + "/containerd.toml"},
-              dir_ + "/containerd.log", {path, "PEAPOD_SANDBOXER_SOCKET=" + dir_ + "/shim.sock"});
-    auto end = std::chrono::steady_clock::now() + 30s;
-    while (Sh(ctr_ + " version").rc != 0 && std::chrono::steady_clock::now() < end) {
-      std::this_thread::sleep_for(200ms);
-    }
-    ASSERT_EQ(Sh(ctr_ + " version").rc, 0) << ReadAll(dir_ + "/containerd.log");
+    containerd_bin_ = bin;
+    ASSERT_NO_FATAL_FAILURE(SpawnContainerd());
     for (const char* ns : {"k8s.io", "default"}) {
       for (const char* img : {"busybox", "pause"}) {
         auto r = Sh(ctr_ + " -n " + ns + " images import " + dir_ + "/images/" + img + ".tar");
@@ -264,22 +262,58 @@ class CriPathsTest : public ::testing::Test {
         << dir_ << "/containerd.sock\ntimeout: 120\n";
   }
 
-  Out Crictl(const std::string& args) {
-    return Sh("CRI_CONFIG_FILE=" + dir_ + "/crictl.yaml " + crictl_ + " " + args);
+  // Starts (or starts again) the containerd StartContainerd configured.
+  void SpawnContainerd() {
+    const std::string& bin = containerd_bin_;
+    std::string path = std::string("PATH=") + PEAPOD_SHIM_DIR + ":" + bin + ":" +
+                       (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
+    containerd_ =
+        Spawn({bin + "/containerd", "--config", dir_ + "/containerd.toml"},
+              dir_ + "/containerd.log", {path, "PEAPOD_SANDBOXER_SOCKET=" + dir_ + "/shim.sock"});
+    auto end = std::chrono::steady_clock::now() + 30s;
+    while (Sh(ctr_ + " version").rc != 0 && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(200ms);
+    }
+    ASSERT_EQ(Sh(ctr_ + " version").rc, 0) << ReadAll(dir_ + "/containerd.log");
   }
 
-  // The pod scenario of paths A and B.
-  void PodScenario() {
+  // crictl from the Go tool cache, and containerd's CRI plugin answering it.
+  void FindCrictl() {
     auto found = Sh(std::string(PEAPOD_SOURCE_DIR) + "/scripts/go-tools.sh --print-path crictl");
     crictl_ = Trim(found.text) + "/crictl";
     if (found.rc != 0 || ::access(crictl_.c_str(), X_OK) != 0) {
       GTEST_SKIP() << "crictl is not built (scripts/go-tools.sh crictl)";
     }
-    // containerd's CRI plugin comes up after the daemon answers.
     auto end = std::chrono::steady_clock::now() + 60s;
     while (Crictl("version").rc != 0 && std::chrono::steady_clock::now() < end) {
       std::this_thread::sleep_for(300ms);
     }
+  }
+
+  Out Crictl(const std::string& args) {
+    return Sh("CRI_CONFIG_FILE=" + dir_ + "/crictl.yaml " + crictl_ + " " + args);
+  }
+
+  // stdin through `exec -i`, byte-exact: 3 MiB of binary data (every byte value, no newline
+  // structure), counted and hashed inside the container.
+  void ExpectStdinExact(const std::string& id) {
+    std::string blob = dir_ + "/stdin.bin";
+    std::string data(3 << 20, '\0');
+    uint32_t x = 12345;
+    for (auto& c : data) c = static_cast<char>((x = x * 1103515245u + 12345u) >> 24);
+    std::ofstream(blob, std::ios::binary) << data;
+    auto want = Sh("sha256sum " + blob + " | cut -d' ' -f1");
+    auto got = Crictl("exec -i " + id + " sh -c 'tee /tmp/in | wc -c; sha256sum /tmp/in' < " + blob);
+    ASSERT_EQ(got.rc, 0) << got.text;
+    EXPECT_NE(got.text.find(std::to_string(data.size()) + "\n"), std::string::npos)
+        << "stdin lost bytes: " << got.text;
+    EXPECT_NE(got.text.find(Trim(want.text)), std::string::npos) << got.text;
+  }
+
+  // The pod scenario of paths A and B.
+  void PodScenario() {
+    ASSERT_NO_FATAL_FAILURE(FindCrictl());
+    if (IsSkipped()) return;
     fs::create_directories(dir_ + "/logs");
     std::ofstream(dir_ + "/pod.json")
         << R"({"metadata": {"name": "web", "namespace": "default", "uid": "uid-web", "attempt": 0},
@@ -323,22 +357,7 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_EQ(LastLine(b1.text), LastLine(b2.text));
     EXPECT_NE(LastLine(b1.text), host_boot);
     EXPECT_EQ(LastLine(Crictl("exec -s " + ids[0] + " hostname").text), "web-0");
-    // stdin through `exec -i`, byte-exact: 3 MiB of binary data (every byte value, no
-    // newline structure), counted and hashed inside the container.
-    {
-      std::string blob = dir_ + "/stdin.bin";
-      std::string data(3 << 20, '\0');
-      uint32_t x = 12345;
-      for (auto& c : data) c = static_cast<char>((x = x * 1103515245u + 12345u) >> 24);
-      std::ofstream(blob, std::ios::binary) << data;
-      auto want = Sh("sha256sum " + blob + " | cut -d' ' -f1");
-      auto got =
-          Crictl("exec -i " + ids[1] + " sh -c 'tee /tmp/in | wc -c; sha256sum /tmp/in' < " + blob);
-      ASSERT_EQ(got.rc, 0) << got.text;
-      EXPECT_NE(got.text.find(std::to_string(data.size()) + "\n"), std::string::npos)
-          << "stdin lost bytes: " << got.text;
-      EXPECT_NE(got.text.find(Trim(want.text)), std::string::npos) << got.text;
-    }
+    ExpectStdinExact(ids[1]);
     // The pod's DNS config, through the resolv.conf containerd mounts from the pod's files.
     auto resolv = Crictl("exec -s " + ids[0] + " cat /etc/resolv.conf").text;
     EXPECT_NE(resolv.find("nameserver 10.96.0.10"), std::string::npos) << resolv;
@@ -409,7 +428,7 @@ class CriPathsTest : public ::testing::Test {
   }
 
   std::string dir_;
-  std::string ctr_, crictl_;
+  std::string ctr_, crictl_, containerd_bin_;
   pid_t sandboxer_ = -1, containerd_ = -1;
 };
 
@@ -422,6 +441,107 @@ TEST_F(CriPathsTest, A_Containerd2SandboxApiRunsAPodOfContainersInOneVm) {
 TEST_F(CriPathsTest, B_Containerd16ClassicCriRunsAPodOfContainersInOneVm) {
   ASSERT_NO_FATAL_FAILURE(StartContainerd(/*v2=*/false));
   PodScenario();
+}
+
+// Numbers the lines "<prefix><n>" of text must hold, in order, each once: an empty string, or
+// what is wrong.
+std::string GapsOrRepeats(const std::string& text, const std::string& prefix, int at_least) {
+  std::istringstream in(text);
+  std::string line;
+  int next = 0;
+  while (std::getline(in, line)) {
+    auto at = line.find(prefix);
+    if (at == std::string::npos) continue;
+    int n = std::atoi(line.c_str() + at + prefix.size());
+    if (n != next) {
+      return "expected " + prefix + std::to_string(next) + ", got " + line.substr(at);
+    }
+    ++next;
+  }
+  if (next < at_least) {
+    return "only " + std::to_string(next) + " lines of " + prefix + ", wanted " +
+           std::to_string(at_least);
+  }
+  return "";
+}
+
+// Issue 16: a sandboxer killed with -9 and started again, then a containerd restart, change
+// nothing: containers stay running, a streaming exec and a container's log lose and repeat no
+// line, stdin stays byte-exact, and everything stops and goes afterwards.
+TEST_F(CriPathsTest, D_SandboxerAndContainerdRestartsChangeNoContainer) {
+  ASSERT_NO_FATAL_FAILURE(StartContainerd(/*v2=*/true));
+  if (IsSkipped()) return;
+  ASSERT_NO_FATAL_FAILURE(FindCrictl());
+  if (IsSkipped()) return;
+  fs::create_directories(dir_ + "/logs");
+  std::ofstream(dir_ + "/pod.json")
+      << R"({"metadata": {"name": "rs", "namespace": "default", "uid": "uid-rs", "attempt": 0},
+             "log_directory": ")"
+      << dir_ << R"(/logs", "linux": {}})";
+  auto container = [&](const std::string& name, const std::string& script) {
+    std::ofstream(dir_ + "/" + name + ".json")
+        << R"({"metadata": {"name": ")" << name
+        << R"("}, "image": {"image": "docker.io/peapod/busybox:test"}, "command": ["sh", "-c", ")"
+        << script << R"("], "log_path": ")" << name << R"(.log", "linux": {}})";
+  };
+  container("talker", "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done");
+  container("idle", "sleep 3600");
+  auto runp = Crictl("runp --runtime peapod " + dir_ + "/pod.json");
+  ASSERT_EQ(runp.rc, 0) << runp.text;
+  std::string pod = LastLine(runp.text);
+  std::vector<std::string> ids;
+  for (const char* c : {"talker", "idle"}) {
+    auto created = Crictl("create " + pod + " " + dir_ + "/" + c + ".json " + dir_ + "/pod.json");
+    ASSERT_EQ(created.rc, 0) << created.text;
+    ids.push_back(LastLine(created.text));
+    ASSERT_EQ(Crictl("start " + ids.back()).rc, 0);
+  }
+  auto running = [&](const std::string& id) {
+    return Crictl("inspect " + id).text.find("\"state\": \"CONTAINER_RUNNING\"") !=
+           std::string::npos;
+  };
+
+  // A streaming exec that runs across the restart.
+  auto streaming = std::async(std::launch::async, [&] {
+    return Crictl("exec " + ids[1] +
+                  " sh -c 'i=0; while [ $i -lt 150 ]; do echo exec-$i; i=$((i+1)); sleep 0.05; "
+                  "done'");
+  });
+  std::this_thread::sleep_for(3s);
+  ::kill(sandboxer_, SIGKILL);
+  ::waitpid(sandboxer_, nullptr, 0);
+  sandboxer_ = -1;
+  std::this_thread::sleep_for(2s);  // the talker goes on writing meanwhile
+  ASSERT_NO_FATAL_FAILURE(StartSandboxer());
+
+  auto exec = streaming.get();
+  EXPECT_EQ(exec.rc, 0) << exec.text;
+  EXPECT_EQ(GapsOrRepeats(exec.text, "exec-", 150), "") << exec.text;
+  for (const auto& id : ids) EXPECT_TRUE(running(id)) << Crictl("inspect " + id).text;
+  EXPECT_EQ(LastLine(Crictl("exec -s " + ids[0] + " echo alive").text), "alive");
+  ExpectStdinExact(ids[1]);
+  auto logs = Crictl("logs " + ids[0]);
+  EXPECT_EQ(GapsOrRepeats(logs.text, "line-", 40), "") << logs.text;
+
+  // containerd goes and comes back: the shims live on and it reconnects to them.
+  Stop(containerd_);
+  ASSERT_NO_FATAL_FAILURE(SpawnContainerd());
+  ASSERT_NO_FATAL_FAILURE(FindCrictl());
+  for (const auto& id : ids) EXPECT_TRUE(running(id)) << Crictl("inspect " + id).text;
+  EXPECT_EQ(LastLine(Crictl("exec -s " + ids[1] + " echo still").text), "still");
+  std::this_thread::sleep_for(1s);
+  logs = Crictl("logs " + ids[0]);
+  EXPECT_EQ(GapsOrRepeats(logs.text, "line-", 60), "") << logs.text;
+
+  for (const auto& id : ids) {
+    EXPECT_EQ(Crictl("stop " + id).rc, 0);
+    EXPECT_EQ(Crictl("rm " + id).rc, 0);
+  }
+  auto stopp = Crictl("stopp " + pod);
+  EXPECT_EQ(stopp.rc, 0) << stopp.text;
+  auto rmp = Crictl("rmp " + pod);
+  EXPECT_EQ(rmp.rc, 0) << rmp.text;
+  ExpectNothingLeft();
 }
 
 TEST_F(CriPathsTest, C_PlainCtrRunIsAOneContainerPod) {

@@ -7,6 +7,7 @@
 
 #include <csignal>
 #include <future>
+#include <thread>
 
 #include "podagent/process.h"
 #include "podagent/storage.h"
@@ -135,6 +136,116 @@ TEST(OutputStreamTest, AReaderWaitingWhenTheProcessIsRemovedGetsEof) {
   auto f = p.get_future();
   ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
   EXPECT_TRUE(f.get().second);
+}
+
+// Reads at an offset (as the shim does): the answer stays in the stream until a later read's
+// offset passes it, so an answer lost with a connection (a sandboxer restart) comes again.
+std::pair<std::string, bool> ReadAt(peapod::testing::LoopThread& lt, OutputStream& s,
+                                    uint64_t offset, size_t max, Result<void>* refused = nullptr) {
+  std::promise<std::pair<std::string, bool>> p;
+  auto f = p.get_future();
+  Result<void> r = Ok();
+  lt.Sync([&] {
+    r = s.Read(max, offset,
+               {.waiting = [] { return true; },
+                .deliver = [&p](std::string d, bool eof) { p.set_value({std::move(d), eof}); }});
+  });
+  if (refused) *refused = r;
+  if (!r.ok()) return {"", false};
+  EXPECT_EQ(f.wait_for(10s), std::future_status::ready);
+  return f.get();
+}
+
+TEST(OutputStreamTest, AnAnswerLostWithItsConnectionIsHandedOutAgainAtTheSameOffset) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  OutputStream s(lt.loop(), std::move(pipe.r), false);
+  ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
+  ASSERT_TRUE(WriteAll(pipe.w.get(), "0123456789", 10).ok());
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(ReadAt(lt, s, 0, 4).first, "0123");
+  // The answer was lost: the reader asks again from where it was.
+  EXPECT_EQ(ReadAt(lt, s, 0, 4).first, "0123");
+  EXPECT_EQ(ReadAt(lt, s, 4, 3).first, "456");
+  // Behind what was acknowledged, or past what was handed out: refused, nothing changes.
+  Result<void> refused = Ok();
+  ReadAt(lt, s, 2, 3, &refused);
+  EXPECT_EQ(refused.error().code(), Code::kInvalidArgument);
+  ReadAt(lt, s, 9, 3, &refused);
+  EXPECT_EQ(refused.error().code(), Code::kInvalidArgument);
+  pipe.w.Reset();
+  std::this_thread::sleep_for(50ms);
+  auto [rest, eof] = ReadAt(lt, s, 7, 100);
+  EXPECT_EQ(rest, "789");
+  EXPECT_TRUE(eof);
+  // EOF is said again to a reader that lost it too.
+  auto again = ReadAt(lt, s, 7, 100);
+  EXPECT_EQ(again.first, "789");
+  EXPECT_TRUE(again.second);
+  lt.Sync([&] { EXPECT_FALSE(s.eof()) << "nothing acknowledged the last bytes yet"; });
+  auto end = ReadAt(lt, s, 10, 100);
+  EXPECT_EQ(end.first, "");
+  EXPECT_TRUE(end.second);
+  lt.Sync([&] { EXPECT_TRUE(s.eof()); });
+}
+
+TEST(OutputStreamTest, BytesKeptForAReaderCountAgainstTheBound) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  int wfd = pipe.w.get();
+  ASSERT_TRUE(SetNonBlocking(wfd).ok());
+  OutputStream s(lt.loop(), std::move(pipe.r), false);
+  ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
+  std::string chunk(64 << 10, 'z');
+  auto fill = [&] {
+    size_t n = 0;
+    for (int stalls = 0; stalls < 20;) {
+      ssize_t w = ::write(wfd, chunk.data(), chunk.size());
+      if (w > 0) {
+        n += static_cast<size_t>(w);
+        stalls = 0;
+      } else {
+        ++stalls;
+        std::this_thread::sleep_for(5ms);
+      }
+    }
+    return n;
+  };
+  fill();
+  // Everything handed out but not acknowledged: the stream still holds it, and reads no more.
+  auto [data, eof] = ReadAt(lt, s, 0, OutputStream::kMaxRead);
+  EXPECT_EQ(data.size(), OutputStream::kMaxBuffered);
+  EXPECT_EQ(fill(), 0u) << "the stream took more while its buffer was full of kept bytes";
+  lt.Sync([&] { EXPECT_EQ(s.buffered(), OutputStream::kMaxBuffered); });
+  // Acknowledged, the room comes back.
+  ReadAt(lt, s, data.size(), 1);
+  EXPECT_GT(fill(), 0u);
+}
+
+TEST(InputStreamTest, AWriteReSentAtTheSameOffsetIsTakenOnce) {
+  peapod::testing::LoopThread lt;
+  Pipe pipe;
+  InputStream in(lt.loop(), std::move(pipe.w));
+  auto write_at = [&](std::string data, uint64_t offset) {
+    std::promise<Result<uint32_t>> p;
+    auto f = p.get_future();
+    lt.Sync([&] {
+      in.Write(std::move(data), [&](Result<uint32_t> n) { p.set_value(std::move(n)); }, offset);
+    });
+    return f.get();
+  };
+  EXPECT_EQ(*write_at("abc", 0), 3u);
+  EXPECT_EQ(*write_at("abc", 0), 3u) << "a re-sent write answers as if taken";
+  EXPECT_EQ(*write_at("bcde", 1), 4u) << "overlap: only the new bytes are written";
+  auto gap = write_at("xyz", 9);
+  ASSERT_FALSE(gap.ok());
+  EXPECT_EQ(gap.error().code(), Code::kInvalidArgument);
+  lt.Sync([&] { in.Close(); });
+  std::string got;
+  char buf[16];
+  ssize_t n;
+  while ((n = ::read(pipe.r.get(), buf, sizeof(buf))) > 0) got.append(buf, static_cast<size_t>(n));
+  EXPECT_EQ(got, "abcde");
 }
 
 TEST(InputStreamTest, WritesThenClosesSoTheReaderSeesEof) {
