@@ -80,13 +80,13 @@ template <typename Waiting, typename Reply>
 void ReadStream(OutputStream* out, uint32_t max_bytes, std::optional<uint64_t> offset,
                 Waiting waiting, Reply reply) {
   size_t max = max_bytes ? max_bytes : OutputStream::kMaxRead;
-  auto r = out->Read(max, offset,
-                     {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
-                        v1::ReadStreamResponse resp;
-                        resp.set_data(std::move(data));
-                        resp.set_eof(eof);
-                        reply(std::move(resp));
-                      }});
+  auto r = out->Read(
+      max, offset, {.waiting = std::move(waiting), .deliver = [reply](std::string data, bool eof) {
+                      v1::ReadStreamResponse resp;
+                      resp.set_data(std::move(data));
+                      resp.set_eof(eof);
+                      reply(std::move(resp));
+                    }});
   if (!r.ok()) reply(std::move(r).error());
 }
 

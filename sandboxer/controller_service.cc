@@ -60,6 +60,7 @@ Result<void> PodOptionsFromCri(const google::protobuf::Any& options, PodOptions*
   opts->dns_searches.assign(cfg.dns_config().searches().begin(), cfg.dns_config().searches().end());
   opts->dns_options.assign(cfg.dns_config().options().begin(), cfg.dns_config().options().end());
   opts->sysctls.insert(cfg.linux().sysctls().begin(), cfg.linux().sysctls().end());
+  opts->cgroup_parent = cfg.linux().cgroup_parent();
   const auto& res = cfg.linux().resources();
   if (res.memory_limit_in_bytes() > 0) opts->memory_limit_bytes = res.memory_limit_in_bytes();
   if (res.cpu_quota() > 0 && res.cpu_period() > 0) {

@@ -228,6 +228,7 @@ Result<void> PodManager::Recover() {
       (void)Save(*pod);
       spdlog::warn("pod {}: its VM is gone; now {}", rec.id, PhaseName(pod->rec.phase));
     }
+    if (pod->rec.phase != Phase::kRunning) UnplaceVm(*pod);  // a crash before it went
     // A stopped VM holds no disk and no TAP any more: give them back now rather than at
     // Shutdown, which may never come if containerd forgot the pod. (RemoveTap looks in our
     // netns too, where a Start interrupted between creating and moving the TAP left it.)
@@ -322,6 +323,10 @@ void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<voi
   }
   pod->rec.memory_limit_bytes = opts.memory_limit_bytes;
   pod->rec.cpus = opts.cpus;
+  if (auto leaf = PodCgroupLeaf(opts.cgroup_parent, id); !leaf.ok()) {
+    return reply(std::move(leaf).error().Wrap("sandbox " + id));
+  }
+  pod->rec.cgroup_parent = opts.cgroup_parent;
   // The VM gets the pod's limits plus room for the guest kernel and agent; no limits, the
   // configured default size.
   pod->rec.vcpus = opts.cpus > 0 ? std::min<unsigned>(cfg_.max_vcpus,
@@ -564,6 +569,7 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
                            if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
                            pod->busy = false;
                            pod->rec.phase = Phase::kRunning;
+                           PlaceVm(*pod);
                            (void)Save(*pod);
                            pod->Step("guest_setup");
                            StartPortForwarder(*pod);
@@ -633,11 +639,49 @@ void PodManager::MarkStopped(Pod& pod, uint32_t status) {
   pod.mux.reset();
   std::error_code ec;
   fs::remove(AgentSocket(pod.rec.id), ec);
+  UnplaceVm(pod);
   (void)Save(pod);
   spdlog::info("pod {}: stopped (status {})", pod.rec.id, status);
   auto waiters = std::move(pod.waiters);
   pod.waiters.clear();
   for (auto& w : waiters) w(PodExit{pod.rec.exit_status, pod.rec.exited_at_ns});
+}
+
+void PodManager::PlaceVm(Pod& pod) {
+  if (pod.rec.cgroup_parent.empty() || pod.rec.pid <= 0) return;
+  auto leaf = PodCgroupLeaf(pod.rec.cgroup_parent, pod.rec.id);
+  auto placed = leaf.ok() ? PlaceInPodCgroup(*leaf, pod.rec.pid, cgroup_roots_)
+                          : Result<PodCgroup>(leaf.error());
+  if (!placed.ok()) {
+    // The pod runs; its VM is counted where the sandboxer runs, and statsp cannot see it.
+    spdlog::warn("pod {}: its VM stays out of the pod's cgroup: {}", pod.rec.id,
+                 placed.error().ToString());
+    return;
+  }
+  pod.rec.cgroup_leaf = placed->leaf;
+  pod.rec.cgroup_made = placed->made;
+}
+
+void PodManager::UnplaceVm(Pod& pod) {
+  if (pod.rec.cgroup_leaf.empty()) return;
+  PodCgroup cg{pod.rec.cgroup_leaf, pod.rec.cgroup_made};
+  std::weak_ptr<bool> alive = alive_;
+  workers_.Run([this, alive, id = pod.rec.id, cg, roots = cgroup_roots_] {
+    Result<void> r = Ok();
+    for (int i = 0; i < 50; ++i) {  // QEMU may still be exiting (up to 5 s)
+      if ((r = RemovePodCgroup(cg, roots)).ok()) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    if (!r.ok()) spdlog::warn("pod {}: {}", id, r.error().ToString());
+    loop_->Post([this, alive, id, leaf = cg.leaf, ok = r.ok()] {
+      if (alive.expired() || !ok) return;
+      Pod* p = Find(id);
+      if (!p || p->rec.cgroup_leaf != leaf) return;
+      p->rec.cgroup_leaf.clear();
+      p->rec.cgroup_made.clear();
+      (void)Save(*p);
+    });
+  });
 }
 
 void PodManager::CancelWaiters() {

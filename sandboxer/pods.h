@@ -22,6 +22,7 @@
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/agent_mux.h"
 #include "sandboxer/config.h"
+#include "sandboxer/pod_cgroup.h"
 #include "sandboxer/pod_share.h"
 #include "sandboxer/state.h"
 #include "sandboxer/storage.h"
@@ -44,6 +45,9 @@ struct PodOptions {
   std::map<std::string, std::string> sysctls;
   // Also write the pod files where containerd's CRI looks for them (the sandbox-API path).
   bool cri_files = false;
+  // kubelet's cgroup for the pod (PodSandboxConfig.linux.cgroup_parent): the VM's QEMU is
+  // accounted below it (pod_cgroup.h). Empty: where the sandboxer runs.
+  std::string cgroup_parent;
 };
 
 // Where a container's rootfs is in the guest: what goes into the agent's CreateContainer.
@@ -187,6 +191,10 @@ class PodManager {
   void WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,
                     Reply<PodStatus> reply);
   void MarkStopped(Pod& pod, uint32_t status);
+  // The pod's QEMU into the pod's cgroup once it runs; the cgroup removed once it stopped
+  // (pod_cgroup.h).
+  void PlaceVm(Pod& pod);
+  void UnplaceVm(Pod& pod);
   PodStatus StatusOf(const Pod& pod) const;
   VmSpec SpecFor(const Pod& pod) const;
   bool UseKvm() const;
@@ -207,7 +215,8 @@ class PodManager {
   LayerCache cache_;
   VmIdentities ids_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
-  std::vector<std::unique_ptr<PoolVm>> pool_;  // booting and ready
+  std::vector<std::unique_ptr<PoolVm>> pool_;                        // booting and ready
+  std::vector<std::string> cgroup_roots_ = AccountingHierarchies();  // where pods' VMs go
   // Shared with boot workers, which outlive nothing but may finish after DestroyPool began.
   std::shared_ptr<std::atomic<int>> pool_booting_ = std::make_shared<std::atomic<int>>(0);
   std::shared_ptr<std::atomic<bool>> pool_closed_ = std::make_shared<std::atomic<bool>>(false);

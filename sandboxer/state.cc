@@ -88,6 +88,9 @@ Result<void> StateStore::Save(const PodRecord& r) {
                       {"dns_options", r.dns_options},
                       {"sysctls", r.sysctls},
                       {"cri_files", r.cri_files},
+                      {"cgroup_parent", r.cgroup_parent},
+                      {"cgroup_leaf", r.cgroup_leaf},
+                      {"cgroup_made", r.cgroup_made},
                       {"tap", r.tap},
                       {"volumes", r.volumes},
                       {"rootfs", r.rootfs}};
@@ -140,6 +143,9 @@ Result<std::vector<PodRecord>> StateStore::LoadAll() {
       r.dns_options = j.value("dns_options", std::vector<std::string>{});
       r.sysctls = j.value("sysctls", std::map<std::string, std::string>{});
       r.cri_files = j.value("cri_files", false);
+      r.cgroup_parent = j.value("cgroup_parent", std::string());
+      r.cgroup_leaf = j.value("cgroup_leaf", std::string());
+      r.cgroup_made = j.value("cgroup_made", std::string());
       r.tap = j.value("tap", std::string());
       if (j.contains("volumes")) {
         r.volumes = j.at("volumes").get<std::map<std::string, std::vector<std::string>>>();

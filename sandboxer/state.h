@@ -38,6 +38,8 @@ struct PodRecord {
   std::vector<std::string> dns_servers, dns_searches, dns_options;
   std::map<std::string, std::string> sysctls;
   bool cri_files = false;
+  // The pod's cgroup (pod_cgroup.h): asked for, and where QEMU was put ("" until then).
+  std::string cgroup_parent, cgroup_leaf, cgroup_made;
   std::string tap;                // the pod's TAP when not TapName(id) (a pool VM's)
   bool scratch = false;           // the scratch disk (unit 0) exists
   std::vector<DiskRecord> disks;  // hot-added layer disks

@@ -32,9 +32,16 @@ std::vector<MountPoint> ReadMountTable(const std::string& table) {
     std::istringstream in(line);
     std::string id, parent, devno, root, point, options;
     if (!(in >> id >> parent >> devno >> root >> point >> options)) continue;
-    MountPoint m{Unescape(point), false};
+    MountPoint m{Unescape(point), false, "", ""};
     std::istringstream opts(options);
     for (std::string o; std::getline(opts, o, ',');) m.readonly = m.readonly || o == "ro";
+    // optional fields, then "-", fstype, source, super options
+    for (std::string f; in >> f;) {
+      if (f != "-") continue;
+      std::string source;
+      in >> m.fstype >> source >> m.super_options;
+      break;
+    }
     out.push_back(std::move(m));
   }
   return out;

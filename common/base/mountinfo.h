@@ -7,8 +7,10 @@
 namespace peapod {
 
 struct MountPoint {
-  std::string path;       // unescaped mount point
-  bool readonly = false;  // the mount's own (per-mount) "ro" flag
+  std::string path;           // unescaped mount point
+  bool readonly = false;      // the mount's own (per-mount) "ro" flag
+  std::string fstype;         // "cgroup2", "ext4", ...
+  std::string super_options;  // the filesystem's options (a cgroup v1 mount's controllers)
 };
 
 // Every mount in the table, in its order (parents before children). An unreadable table

@@ -6,12 +6,14 @@
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <future>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -60,6 +62,50 @@ TEST_F(PodManagerTest, CreateThenStartMakesThePodReadyWithItsAgentReachable) {
   EXPECT_EQ(st->pid, *pid);
   EXPECT_EQ(st->address, s->address);
   ASSERT_OK(CheckAgent(s->address));
+}
+
+// The pod's cgroup (kubelet's cgroup_parent): the VM runs in a leaf of its own below it in
+// every accounting hierarchy while the pod runs, so containerd's CRI reads the pod's CPU and
+// memory there (statsp); stopped, the leaf and the parents the sandboxer made are gone.
+TEST_F(PodManagerTest, ThePodsVmRunsInThePodsCgroupUntilItStops) {
+  auto roots = AccountingHierarchies();
+  if (roots.empty()) GTEST_SKIP() << "no cgroup hierarchy that accounts CPU or memory is mounted";
+  std::string parent = "/peapod-pmtest-" + std::to_string(::getpid()) + "/pod-uid-1";
+  PodOptions opts;
+  opts.cgroup_parent = parent;
+  ASSERT_OK(Create("cg1", opts));
+  auto s = Start("cg1");
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  std::string leaf = parent.substr(1) + "/peapod-cg1";
+  std::ifstream procs_file(roots.front() + "/" + leaf + "/cgroup.procs");
+  std::string procs((std::istreambuf_iterator<char>(procs_file)), {});
+  EXPECT_NE(procs.find(std::to_string(s->pid)), std::string::npos)
+      << roots.front() << "/" << leaf << " holds [" << procs << "]";
+  std::ifstream self("/proc/" + std::to_string(s->pid) + "/cgroup");
+  std::string where((std::istreambuf_iterator<char>(self)), {});
+  for (const auto& root : roots) EXPECT_TRUE(fs::exists(root + "/" + leaf)) << root;
+  EXPECT_NE(where.find("/" + leaf), std::string::npos) << where;
+
+  ASSERT_OK(Stop("cg1"));
+  bool gone = false;
+  for (int i = 0; i < 100 && !gone; ++i) {
+    gone = std::none_of(roots.begin(), roots.end(), [&](const std::string& root) {
+      return fs::exists(root + "/" + parent.substr(1, parent.find('/', 1) - 1));
+    });
+    if (!gone) std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_TRUE(gone) << "the pod's cgroup (and the parents made for it) stayed";
+  ASSERT_OK(Shutdown("cg1"));
+}
+
+TEST_F(PodManagerTest, ACgroupParentOutsideTheHierarchyIsRefusedAtCreate) {
+  PodOptions opts;
+  opts.cgroup_parent = "/kubepods/../../etc";
+  auto r = Create("cg2", opts);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kInvalidArgument);
+  EXPECT_NE(r.error().message().find("cgroup parent"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(fs::exists(RecordDir("cg2"))) << "a refused Create left a record";
 }
 
 // A volume with a tmpfs on a subdirectory, as critest's read-only mount tests make it: the

@@ -148,7 +148,10 @@ std::pair<std::string, bool> ReadAt(peapod::testing::LoopThread& lt, OutputStrea
   lt.Sync([&] {
     r = s.Read(max, offset,
                {.waiting = [] { return true; },
-                .deliver = [&p](std::string d, bool eof) { p.set_value({std::move(d), eof}); }});
+                .deliver =
+                    [&p](std::string d, bool eof) {
+                      p.set_value({std::move(d), eof});
+                    }});
   });
   if (refused) *refused = r;
   if (!r.ok()) return {"", false};
@@ -230,7 +233,8 @@ TEST(InputStreamTest, AWriteReSentAtTheSameOffsetIsTakenOnce) {
     std::promise<Result<uint32_t>> p;
     auto f = p.get_future();
     lt.Sync([&] {
-      in.Write(std::move(data), [&](Result<uint32_t> n) { p.set_value(std::move(n)); }, offset);
+      in.Write(
+          std::move(data), [&](Result<uint32_t> n) { p.set_value(std::move(n)); }, offset);
     });
     return f.get();
   };

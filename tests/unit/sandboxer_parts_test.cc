@@ -15,6 +15,7 @@
 #include "sandboxer/config.h"
 #include "sandboxer/controller_service.h"
 #include "sandboxer/ksm.h"
+#include "sandboxer/pod_cgroup.h"
 #include "sandboxer/pod_share.h"
 #include "sandboxer/storage.h"
 #include "sandboxer/worker_pool.h"
@@ -349,6 +350,7 @@ TEST(PodOptionsFromCriTest, ReadsHostnameDnsSysctlsAndLimits) {
   cfg.mutable_linux()->mutable_resources()->set_cpu_period(100000);
   cfg.mutable_linux()->mutable_resources()->set_memory_limit_in_bytes(256ll << 20);
   cfg.mutable_linux()->mutable_overhead()->set_memory_limit_in_bytes(100ll << 20);
+  cfg.mutable_linux()->set_cgroup_parent("/kubepods/burstable/pod-uid");
   google::protobuf::Any any;
   any.set_type_url("type.googleapis.com/runtime.v1.PodSandboxConfig");
   any.set_value(cfg.SerializeAsString());
@@ -361,6 +363,7 @@ TEST(PodOptionsFromCriTest, ReadsHostnameDnsSysctlsAndLimits) {
   EXPECT_DOUBLE_EQ(opts.cpus, 1.5);
   EXPECT_EQ(opts.memory_limit_bytes, 256ll << 20);
   EXPECT_EQ(opts.memory_overhead_bytes, 100ll << 20);
+  EXPECT_EQ(opts.cgroup_parent, "/kubepods/burstable/pod-uid");
 
   PodOptions bare;  // as containerd's typeurl writes it: no URL prefix
   any.set_type_url("runtime.v1.PodSandboxConfig");
@@ -374,6 +377,38 @@ TEST(PodOptionsFromCriTest, ReadsHostnameDnsSysctlsAndLimits) {
   EXPECT_TRUE(untouched.hostname.empty());
   any.set_value("\xff\xff garbage");
   EXPECT_EQ(PodOptionsFromCri(any, &untouched).error().code(), Code::kInvalidArgument);
+}
+
+// kubelet's cgroup_parent, in either driver's form, becomes the pod's own leaf below it.
+TEST(PodCgroupTest, TheLeafIsBelowTheParentInEitherDriversForm) {
+  EXPECT_EQ(*PodCgroupLeaf("/kubepods/burstable/pod12", "p1"),
+            "kubepods/burstable/pod12/peapod-p1");
+  EXPECT_EQ(*PodCgroupLeaf("kubepods/pod12/", "p1"), "kubepods/pod12/peapod-p1");
+  EXPECT_EQ(*PodCgroupLeaf("kubepods-burstable-pod12.slice", "p1"),
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/peapod-p1");
+  EXPECT_EQ(*PodCgroupLeaf("", "p1"), "") << "no parent: no cgroup of the pod's";
+  for (const char* bad : {"/kubepods/../etc", "/a//b", "/a/./b", "-bad-.slice", "a--b.slice"}) {
+    auto r = PodCgroupLeaf(bad, "p1");
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.error().code(), Code::kInvalidArgument) << bad;
+  }
+}
+
+TEST(PodCgroupTest, OnlyHierarchiesThatAccountAreUsedOnceEach) {
+  std::string table = ::testing::TempDir() + "/cg-mountinfo-" + std::to_string(::getpid());
+  std::ofstream(table)
+      << "30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n"
+      << "31 25 0:27 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n"
+      << "32 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+      << "33 25 0:29 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n"
+      << "34 25 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+      << "35 25 0:30 / /mnt/memory-again rw - cgroup cgroup rw,memory\n"
+      << "36 25 0:31 / /sys/fs/cgroup/devices rw - cgroup cgroup rw,devices\n"
+      << "37 25 8:1 / / rw - ext4 /dev/sda1 rw\n";
+  EXPECT_EQ(AccountingHierarchies(table),
+            (std::vector<std::string>{"/sys/fs/cgroup/unified", "/sys/fs/cgroup/cpu,cpuacct",
+                                      "/sys/fs/cgroup/memory"}));
+  std::remove(table.c_str());
 }
 
 }  // namespace
