@@ -314,6 +314,14 @@ class CriPathsTest : public ::testing::Test {
     EXPECT_NE(got.text.find(Trim(want.text)), std::string::npos) << got.text;
   }
 
+  // <dir>/<name>.json: a busybox container running `sh -c script`, logging to <name>.log.
+  void WriteContainerConfig(const std::string& name, const std::string& script) {
+    std::ofstream(dir_ + "/" + name + ".json")
+        << R"({"metadata": {"name": ")" << name
+        << R"("}, "image": {"image": "docker.io/peapod/busybox:test"}, "command": ["sh", "-c", ")"
+        << script << R"("], "log_path": ")" << name << R"(.log", "linux": {}})";
+  }
+
   // The pod scenario of paths A and B.
   void PodScenario() {
     ASSERT_NO_FATAL_FAILURE(FindCrictl());
@@ -325,10 +333,7 @@ class CriPathsTest : public ::testing::Test {
                "log_directory": ")"
         << dir_ << R"(/logs", "linux": {}})";
     auto container = [&](const std::string& name, const std::string& script) {
-      std::ofstream(dir_ + "/" + name + ".json")
-          << R"({"metadata": {"name": ")" << name
-          << R"("}, "image": {"image": "docker.io/peapod/busybox:test"}, "command": ["sh", "-c", ")"
-          << script << R"("], "log_path": ")" << name << R"(.log", "linux": {}})";
+      WriteContainerConfig(name, script);
     };
     container("c1", "echo c1 says hi; sleep 3600");
     container("c2", "echo c2 says hi; sleep 3600");
@@ -486,10 +491,7 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
              "log_directory": ")"
       << dir_ << R"(/logs", "linux": {"cgroup_parent": ")" << cgroup_parent << R"("}})";
   auto container = [&](const std::string& name, const std::string& script) {
-    std::ofstream(dir_ + "/" + name + ".json")
-        << R"({"metadata": {"name": ")" << name
-        << R"("}, "image": {"image": "docker.io/peapod/busybox:test"}, "command": ["sh", "-c", ")"
-        << script << R"("], "log_path": ")" << name << R"(.log", "linux": {}})";
+    WriteContainerConfig(name, script);
   };
   container("talker", "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done");
   container("idle", "sleep 3600");
