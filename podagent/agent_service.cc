@@ -75,6 +75,12 @@ Result<Empty> ToEmpty(Result<void> r) {
   return Empty();
 }
 
+// A stream request's offset, if it carries one.
+template <typename Req>
+std::optional<uint64_t> OffsetOf(const Req& req) {
+  return req.has_offset() ? std::optional<uint64_t>(req.offset()) : std::nullopt;
+}
+
 // Answers a ReadStdout/ReadStderr/ReadPort from out: data as soon as there is some, or EOF.
 template <typename Waiting, typename Reply>
 void ReadStream(OutputStream* out, uint32_t max_bytes, std::optional<uint64_t> offset,
@@ -247,8 +253,7 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
            ttrpc::TypedResponder<v1::WriteStreamResponse> reply) {
         auto in = cm->Input(req.container_id(), req.exec_id());
         if (!in.ok()) return reply(in.error());
-        std::optional<uint64_t> offset;
-        if (req.has_offset()) offset = req.offset();
+        auto offset = OffsetOf(req);
         (*in)->Write(
             std::move(*req.mutable_data()),
             [reply](Result<uint32_t> n) {
@@ -265,9 +270,7 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
         [cm, err](v1::ReadStreamRequest&& req, auto waiting, auto reply) {
           auto out = cm->Output(req.container_id(), req.exec_id(), err);
           if (!out.ok()) return reply(out.error());
-          std::optional<uint64_t> offset;
-          if (req.has_offset()) offset = req.offset();
-          ReadStream(*out, req.max_bytes(), offset, std::move(waiting), std::move(reply));
+          ReadStream(*out, req.max_bytes(), OffsetOf(req), std::move(waiting), std::move(reply));
         });
   }
   RegisterSync<v1::ProcessRequest, Empty>(

@@ -48,7 +48,6 @@ class OutputStream {
   // answer reads it again. An offset before the oldest byte kept or past the newest one
   // handed out is an error, and nothing changes.
   Result<void> Read(size_t max, std::optional<uint64_t> offset, Reader reader);
-  void Read(size_t max, Reader reader) { (void)Read(max, std::nullopt, std::move(reader)); }
   bool eof() const { return closed_ && buf_.empty(); }
   size_t buffered() const { return buf_.size(); }
 

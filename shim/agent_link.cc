@@ -33,11 +33,6 @@ void AgentLink::Stop() {
   if (c) loop_->Post([c = std::move(c)]() mutable { c->Close(); });
 }
 
-int AgentLink::reconnects() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return reconnects_;
-}
-
 bool AgentLink::Pause(std::chrono::milliseconds d) {
   std::unique_lock<std::mutex> l(mu_);
   return !stopped_cv_.wait_for(l, d, [&] { return stopped_; });
@@ -79,7 +74,6 @@ Result<std::shared_ptr<ttrpc::Client>> AgentLink::Live(std::chrono::milliseconds
         return client_;
       }
       if (ever_connected_) {
-        ++reconnects_;
         spdlog::info("shim: reconnected to the pod's agent at {}", *where);
       }
       ever_connected_ = true;

@@ -66,8 +66,6 @@ class AgentLink {
 
   // Makes waiting calls give up (the shim is exiting). The client is closed on the loop.
   void Stop();
-  // Times a connection was made again after being lost (tests, logs).
-  int reconnects() const;
 
  private:
   template <typename Resp>
@@ -93,8 +91,7 @@ class AgentLink {
   std::condition_variable stopped_cv_;
   bool stopped_ = false;
   std::shared_ptr<ttrpc::Client> client_;
-  bool ever_connected_ = false;
-  int reconnects_ = 0;
+  bool ever_connected_ = false;  // a later connection is a reconnection (logged)
 };
 
 }  // namespace peapod::shim

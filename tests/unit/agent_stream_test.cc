@@ -29,17 +29,38 @@ struct Pipe {
   }
 };
 
+// Writes 64 KiB chunks to a non-blocking pipe until it stays full (50 tries 5 ms apart, at
+// most 10 s): the bytes written.
+size_t FillUntilBlocked(int wfd) {
+  std::string chunk(64 << 10, 'x');
+  size_t written = 0;
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  int stalls = 0;
+  while (std::chrono::steady_clock::now() < deadline && stalls < 50) {
+    ssize_t n = ::write(wfd, chunk.data(), chunk.size());
+    if (n > 0) {
+      written += static_cast<size_t>(n);
+      stalls = 0;
+    } else {
+      ++stalls;
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+  return written;
+}
+
 // Reads once from the stream on the loop thread and waits for the answer.
 std::pair<std::string, bool> ReadOnce(peapod::testing::LoopThread& lt, OutputStream& s,
                                       size_t max = OutputStream::kMaxRead) {
   std::promise<std::pair<std::string, bool>> p;
   auto f = p.get_future();
   lt.Sync([&] {
-    s.Read(max, {.waiting = [] { return true; },
-                 .deliver =
-                     [&p](std::string d, bool eof) {
-                       p.set_value({std::move(d), eof});
-                     }});
+    (void)s.Read(max, std::nullopt,
+                 {.waiting = [] { return true; },
+                  .deliver =
+                      [&p](std::string d, bool eof) {
+                        p.set_value({std::move(d), eof});
+                      }});
   });
   EXPECT_EQ(f.wait_for(10s), std::future_status::ready);
   return f.get();
@@ -73,20 +94,7 @@ TEST(OutputStreamTest, StopsReadingWhenItsBufferIsFullSoTheWriterBlocks) {
   OutputStream s(lt.loop(), std::move(pipe.r), false);
   ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
   // Write until the pipe is full: the stream must not absorb more than its bound.
-  std::string chunk(64 << 10, 'x');
-  size_t written = 0;
-  auto deadline = std::chrono::steady_clock::now() + 10s;
-  int stalls = 0;
-  while (std::chrono::steady_clock::now() < deadline && stalls < 50) {
-    ssize_t n = ::write(wfd, chunk.data(), chunk.size());
-    if (n > 0) {
-      written += static_cast<size_t>(n);
-      stalls = 0;
-    } else {
-      ++stalls;
-      std::this_thread::sleep_for(5ms);
-    }
-  }
+  size_t written = FillUntilBlocked(wfd);
   size_t buffered = lt.Sync([&] { return s.buffered(); });
   EXPECT_EQ(buffered, OutputStream::kMaxBuffered);
   EXPECT_LT(written, OutputStream::kMaxBuffered + (4u << 20)) << "writer was never blocked";
@@ -109,8 +117,9 @@ TEST(OutputStreamTest, DataIsKeptForTheNextReaderWhenACallerGaveUp) {
   ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
   bool delivered_to_gone = false;
   lt.Sync([&] {
-    s.Read(100, {.waiting = [] { return false; },
-                 .deliver = [&](std::string, bool) { delivered_to_gone = true; }});
+    (void)s.Read(100, std::nullopt,
+                 {.waiting = [] { return false; },
+                  .deliver = [&](std::string, bool) { delivered_to_gone = true; }});
   });
   ASSERT_TRUE(WriteAll(pipe.w.get(), "kept", 4).ok());
   auto [data, eof] = ReadOnce(lt, s);
@@ -126,11 +135,12 @@ TEST(OutputStreamTest, AReaderWaitingWhenTheProcessIsRemovedGetsEof) {
   ASSERT_TRUE(lt.Sync([&] { return s->Start(); }).ok());
   std::promise<std::pair<std::string, bool>> p;
   lt.Sync([&] {
-    s->Read(100, {.waiting = [] { return true; },
-                  .deliver =
-                      [&p](std::string d, bool eof) {
-                        p.set_value({std::move(d), eof});
-                      }});
+    (void)s->Read(100, std::nullopt,
+                  {.waiting = [] { return true; },
+                   .deliver =
+                       [&p](std::string d, bool eof) {
+                         p.set_value({std::move(d), eof});
+                       }});
     s.reset();
   });
   auto f = p.get_future();
@@ -199,21 +209,7 @@ TEST(OutputStreamTest, BytesKeptForAReaderCountAgainstTheBound) {
   ASSERT_TRUE(SetNonBlocking(wfd).ok());
   OutputStream s(lt.loop(), std::move(pipe.r), false);
   ASSERT_TRUE(lt.Sync([&] { return s.Start(); }).ok());
-  std::string chunk(64 << 10, 'z');
-  auto fill = [&] {
-    size_t n = 0;
-    for (int stalls = 0; stalls < 20;) {
-      ssize_t w = ::write(wfd, chunk.data(), chunk.size());
-      if (w > 0) {
-        n += static_cast<size_t>(w);
-        stalls = 0;
-      } else {
-        ++stalls;
-        std::this_thread::sleep_for(5ms);
-      }
-    }
-    return n;
-  };
+  auto fill = [&] { return FillUntilBlocked(wfd); };
   fill();
   // Everything handed out but not acknowledged: the stream still holds it, and reads no more.
   auto [data, eof] = ReadAt(lt, s, 0, OutputStream::kMaxRead);
