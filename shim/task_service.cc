@@ -46,6 +46,8 @@ constexpr char kSandboxer[] = "peapod.sandboxer.v1.Sandboxer";
 constexpr char kTask[] = "containerd.task.v2.Task";
 // At most one /tasks/oom per container per this interval.
 constexpr auto kOomEventInterval = 1s;
+// GetPod is a lookup: an answer slower than this means the connection is stuck, not busy.
+constexpr auto kLocateTimeout = 10s;
 
 Result<PodRole> RoleFromSpec(const std::string& id, const std::string& config_json) {
   Json spec;
@@ -87,10 +89,14 @@ namespace {
 Result<UniqueFd> OpenOutput(const std::string& target) {
   if (target.empty()) return UniqueFd();
   std::string path = target;
-  int flags = O_WRONLY | O_CLOEXEC;
+  // A FIFO is opened read-write, as runc's shim keeps a reader of its own: while containerd
+  // restarts there is no other reader, and a write-only end would fail with EPIPE and lose
+  // the output. With ours, output waits in the pipe (and the pump blocks when it is full)
+  // until containerd opens the FIFO again. We never read from it.
+  int flags = O_RDWR | O_CLOEXEC;
   if (target.rfind("file://", 0) == 0) {
     path = target.substr(7);
-    flags |= O_CREAT | O_APPEND;
+    flags = O_WRONLY | O_CLOEXEC | O_CREAT | O_APPEND;
   } else if (target.find("://") != std::string::npos) {
     return Error::Make(Code::kUnimplemented,
                        "stdio target {} is not supported by peapod (use a FIFO or file://)",
@@ -183,7 +189,11 @@ struct TaskService::Impl {
     return agent->Retrying<Resp>(method, req);
   }
   template <typename Resp>
-  Result<Resp> CallSandboxer(const std::string& method, const google::protobuf::Message& req) {
+  // timeout: a cold pod boots under TCG in seconds; mkfs of a big layer takes longer. A call
+  // that misses it drops the connection, so the next call dials again: a connection the
+  // sandboxer no longer answers on must not hold every later call for minutes.
+  Result<Resp> CallSandboxer(const std::string& method, const google::protobuf::Message& req,
+                             std::chrono::nanoseconds timeout = 300s) {
     std::shared_ptr<ttrpc::Client> c;
     {
       std::lock_guard<std::mutex> l(clients_mu);
@@ -199,8 +209,14 @@ struct TaskService::Impl {
       c = sandboxer;
     }
     ttrpc::CallOptions o;
-    o.timeout = 300s;  // a cold pod boots under TCG in seconds; mkfs of a big layer takes longer
+    o.timeout = timeout;
     auto r = c->CallSyncTyped<Resp>(kSandboxer, method, req, o);
+    if (!r.ok() && r.error().code() == Code::kDeadlineExceeded) {
+      spdlog::warn("shim: {}: peapod-sandboxer did not answer {} in time; dialling again", opts.id,
+                   method);
+      std::lock_guard<std::mutex> l(clients_mu);
+      if (sandboxer == c) loop->Post([old = std::move(sandboxer)]() mutable { old.reset(); });
+    }
     loop->Post([c = std::move(c)]() mutable { c.reset(); });  // clients go on their loop
     return r;
   }
@@ -209,7 +225,7 @@ struct TaskService::Impl {
   Result<std::string> LocateAgent() {
     sb::GetPodRequest g;
     g.set_pod_id(role.pod_id);
-    auto pod = CallSandboxer<sb::PodInfo>("GetPod", g);
+    auto pod = CallSandboxer<sb::PodInfo>("GetPod", g, kLocateTimeout);
     if (!pod.ok()) {
       if (pod.error().code() == Code::kNotFound) return std::move(pod).error();
       return Error(Code::kUnavailable, pod.error().message());  // the sandboxer is away
@@ -244,7 +260,8 @@ struct TaskService::Impl {
       req.set_offset(offset);
       auto r = AwaitAgent<av1::ReadStreamResponse>(err ? "ReadStderr" : "ReadStdout", req);
       if (!r.ok()) {
-        spdlog::debug("shim: {} {}: {}", opts.id, err ? "stderr" : "stdout", r.error().ToString());
+        spdlog::warn("shim: {} {} stream ends: {}", opts.id, err ? "stderr" : "stdout",
+                     r.error().ToString());
         return;
       }
       offset += r->data().size();

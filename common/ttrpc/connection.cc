@@ -62,6 +62,10 @@ Result<void> Connection::Send(uint32_t stream_id, uint8_t type, uint8_t flags,
   out_.push_back(std::move(bytes));
   queued_ += frame;
   Flush();
+  // A write that finds the peer gone closes the connection inside Flush, after the close
+  // callbacks ran: the caller must learn it here, or a client would wait for an answer that
+  // nothing will deliver (a shim's call to a sandboxer killed a moment ago hung for minutes).
+  if (closed_) return Error(Code::kUnavailable, "ttrpc connection closed while sending");
   return Ok();
 }
 

@@ -303,6 +303,27 @@ TEST_F(TtrpcTest, ConnectionLossFailsPendingCalls) {
   lt_->Sync([&] { c.reset(); });
 }
 
+// The peer is gone but the loop has not read its EOF yet: the request's own write finds it
+// out and closes the connection. The call must fail then, not wait for an answer forever (a
+// shim's GetPod to a sandboxer killed a moment before hung until its 300 s deadline).
+TEST_F(TtrpcTest, ACallWhoseWriteFindsThePeerGoneFailsAtOnce) {
+  auto pair = SocketPair();
+  ASSERT_TRUE(pair.ok());
+  UniqueFd server_end = std::move(pair->first);
+  auto c = lt_->Sync([&] { return *Client::Create(lt_->loop(), std::move(pair->second)); });
+  std::promise<Result<std::string>> p;
+  lt_->Sync([&] {
+    server_end.Reset();  // in the same loop turn as the call: no EOF seen before the write
+    c->Call(kSvc, "Echo", "x", {}, [&](Result<std::string> r) { p.set_value(std::move(r)); });
+  });
+  auto f = p.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready) << "the call was never answered";
+  auto r = f.get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kUnavailable);
+  lt_->Sync([&] { c.reset(); });
+}
+
 TEST_F(TtrpcTest, CallSyncOnLoopThreadIsRefused) {
   auto c = Connect();
   auto r = lt_->Sync([&] { return c->CallSync(kSvc, "Echo", "x"); });
