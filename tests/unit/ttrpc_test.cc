@@ -76,6 +76,15 @@ class TtrpcTest : public ::testing::Test {
     });
   }
 
+  // A client whose peer is a bare socket end the test holds (no server): closing it is the
+  // peer dying.
+  std::shared_ptr<Client> ConnectToBareEnd(UniqueFd* peer) {
+    auto pair = SocketPair();
+    EXPECT_TRUE(pair.ok());
+    *peer = std::move(pair->first);
+    return lt_->Sync([&] { return *Client::Create(lt_->loop(), std::move(pair->second)); });
+  }
+
   // The raw client end of a server connection, blocking.
   UniqueFd ConnectRaw() {
     return lt_->Sync([this] {
@@ -286,10 +295,8 @@ TEST_F(TtrpcTest, ServerEnforcesRequestTimeout) {
 }
 
 TEST_F(TtrpcTest, ConnectionLossFailsPendingCalls) {
-  auto pair = SocketPair();
-  ASSERT_TRUE(pair.ok());
-  UniqueFd server_end = std::move(pair->first);
-  auto c = lt_->Sync([&] { return *Client::Create(lt_->loop(), std::move(pair->second)); });
+  UniqueFd server_end;
+  auto c = ConnectToBareEnd(&server_end);
   std::promise<Result<std::string>> p;
   lt_->Sync([&] {
     c->Call(kSvc, "Echo", "x", {}, [&](Result<std::string> r) { p.set_value(std::move(r)); });
@@ -307,10 +314,8 @@ TEST_F(TtrpcTest, ConnectionLossFailsPendingCalls) {
 // out and closes the connection. The call must fail then, not wait for an answer forever (a
 // shim's GetPod to a sandboxer killed a moment before hung until its 300 s deadline).
 TEST_F(TtrpcTest, ACallWhoseWriteFindsThePeerGoneFailsAtOnce) {
-  auto pair = SocketPair();
-  ASSERT_TRUE(pair.ok());
-  UniqueFd server_end = std::move(pair->first);
-  auto c = lt_->Sync([&] { return *Client::Create(lt_->loop(), std::move(pair->second)); });
+  UniqueFd server_end;
+  auto c = ConnectToBareEnd(&server_end);
   std::promise<Result<std::string>> p;
   lt_->Sync([&] {
     server_end.Reset();  // in the same loop turn as the call: no EOF seen before the write
