@@ -188,10 +188,10 @@ struct TaskService::Impl {
     if (!agent) return Error(Code::kFailedPrecondition, "not connected to the pod's agent");
     return agent->Retrying<Resp>(method, req);
   }
-  template <typename Resp>
   // timeout: a cold pod boots under TCG in seconds; mkfs of a big layer takes longer. A call
   // that misses it drops the connection, so the next call dials again: a connection the
   // sandboxer no longer answers on must not hold every later call for minutes.
+  template <typename Resp>
   Result<Resp> CallSandboxer(const std::string& method, const google::protobuf::Message& req,
                              std::chrono::nanoseconds timeout = 300s) {
     std::shared_ptr<ttrpc::Client> c;
