@@ -541,15 +541,14 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
       << statsp.text;
 
   // containerd killed and started again: the shims are still there, and it finds them.
-  auto log_lines = [&] {
-    auto text = Crictl("logs " + ids[0]).text;
+  auto log_lines = [](const std::string& text) {
     size_t n = 0;
     for (size_t at = text.find("line-"); at != std::string::npos; at = text.find("line-", at + 1)) {
       ++n;
     }
     return n;
   };
-  const size_t lines_before = log_lines();
+  const size_t lines_before = log_lines(Crictl("logs " + ids[0]).text);
   ::kill(containerd_, SIGKILL);
   ::waitpid(containerd_, nullptr, 0);
   containerd_ = -1;
@@ -561,7 +560,8 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   std::this_thread::sleep_for(2s);
   auto logs_after = Crictl("logs " + ids[0]);
   EXPECT_EQ(GapsOrRepeats(logs_after.text, "line-", 80), "") << logs_after.text;
-  EXPECT_GE(log_lines(), lines_before + 20) << "the log stopped at the containerd restart";
+  EXPECT_GE(log_lines(logs_after.text), lines_before + 20)
+      << "the log stopped at the containerd restart";
   for (const auto& id : ids) {
     EXPECT_EQ(Crictl("stop " + id).rc, 0);
     EXPECT_EQ(Crictl("rm " + id).rc, 0);
