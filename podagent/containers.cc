@@ -266,6 +266,15 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
     }
     if (cgroups) {
       linux_doc["cgroupsPath"] = cgroup_path;
+      // The guest is cgroup v2. containerd adds a cgroup namespace only when its own host is v2;
+      // without one the container's /sys/fs/cgroup is the guest's root, where memory.max and
+      // cpu.max do not exist. With one it is the container's own cgroup, as under runc on v2.
+      if (!linux_doc.contains("namespaces")) linux_doc["namespaces"] = oci::Json::array();
+      bool has_cgroupns = false;
+      for (const auto& ns : linux_doc["namespaces"]) {
+        if (ns.value("type", "") == "cgroup") has_cgroupns = true;
+      }
+      if (!has_cgroupns) linux_doc["namespaces"].push_back({{"type", "cgroup"}});
     } else {
       linux_doc.erase("cgroupsPath");
       linux_doc.erase("resources");
@@ -669,6 +678,53 @@ void ContainerManager::Resume(const std::string& id, Reply<void> reply) {
              });
 }
 
+namespace {
+
+// The guest's memory in bytes (MemTotal), or 0 when /proc/meminfo says nothing.
+uint64_t GuestMemoryBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kib = 0;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemTotal:") return kib * 1024;
+  }
+  return 0;
+}
+
+// A limit above what the VM has would never bind: the container could use the whole VM while
+// kubelet and `crictl inspect` show the new figure. peapod does not hot-plug memory or CPUs
+// yet, so such an update is refused with the figures, and nothing changes.
+Result<void> FitsTheVm(const std::string& id, const oci::Resources& res) {
+  if (res.memory && res.memory->limit && *res.memory->limit > 0) {
+    uint64_t have = GuestMemoryBytes();
+    if (have > 0 && static_cast<uint64_t>(*res.memory->limit) > have) {
+      return Error::Make(
+          Code::kResourceExhausted,
+          "update container {}: memory limit {} MiB is more than the pod's VM has ({} MiB); "
+          "peapod cannot grow a running VM: give the pod more memory when it is created (pod "
+          "resources, or memory_mib in the sandboxer config)",
+          id, *res.memory->limit >> 20, have >> 20);
+    }
+  }
+  if (res.cpu && res.cpu->quota && *res.cpu->quota > 0) {
+    uint64_t period = res.cpu->period.value_or(100000);
+    long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+    if (period > 0 && cpus > 0 &&
+        static_cast<uint64_t>(*res.cpu->quota) > static_cast<uint64_t>(cpus) * period) {
+      return Error::Make(
+          Code::kResourceExhausted,
+          "update container {}: CPU quota {}/{} us ({:.2f} CPUs) is more than the pod's VM has "
+          "({} vCPUs); peapod cannot grow a running VM: give the pod more CPUs when it is "
+          "created (pod resources, or vcpus/max_vcpus in the sandboxer config)",
+          id, *res.cpu->quota, period, static_cast<double>(*res.cpu->quota) / period, cpus);
+    }
+  }
+  return Ok();
+}
+
+}  // namespace
+
 void ContainerManager::Update(const std::string& id, const std::string& resources_json,
                               Reply<void> reply) {
   auto c = Find(id);
@@ -690,7 +746,11 @@ void ContainerManager::Update(const std::string& id, const std::string& resource
   } catch (const std::exception& e) {
     return reply(Error::Invalid("update container {}: resources are not JSON: {}", id, e.what()));
   }
-  if (auto v = oci::Spec::FromJson(doc, "resources"); !v.ok()) return reply(v.error());
+  auto spec = oci::Spec::FromJson(doc, "resources");
+  if (!spec.ok()) return reply(spec.error());
+  if (auto fits = FitsTheVm(id, *spec->linux_config()->resources); !fits.ok()) {
+    return reply(fits.error());
+  }
   const std::string file = ct->dir + "/resources.json";
   if (auto r = WriteFile(file, resources_json); !r.ok()) return reply(r.error());
   ct->busy = true;
