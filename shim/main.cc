@@ -237,6 +237,14 @@ int main(int argc, char** argv) {
     std::printf("containerd-shim-peapod-v2 %s\n", PEAPOD_VERSION);
     return 0;
   }
+  // start, delete and info answer containerd on stdout: anything logged goes to stderr, which
+  // containerd copies into its own log. (spdlog's default logger writes to stdout: a warning
+  // from delete's cleanup made its DeleteResponse unreadable, and containerd reported the task's
+  // exit as 255 instead of 137.)
+  if (a.action != "serve") {
+    (void)log::Init(
+        {.program = "containerd-shim-peapod-v2", .level = a.debug ? "debug" : "info", .file = ""});
+  }
   if (a.action == "info") return Info();
   if (a.action == "start") return Start(a, argv);
   if (a.action == "delete") return Delete(a);

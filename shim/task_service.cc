@@ -996,7 +996,10 @@ void CleanupAfterDeadShim(const ShimOptions& opts) {
     ttrpc::CallOptions o;
     o.timeout = 60s;
     auto r = c->CallSync(svc, method, req.SerializeAsString(), o);
-    if (!r.ok()) spdlog::warn("shim delete: {} {}: {}", method, opts.id, r.error().ToString());
+    // NotFound: already gone (containerd also runs delete after a shim that ended normally).
+    if (!r.ok() && r.error().code() != Code::kNotFound) {
+      spdlog::warn("shim delete: {} {}: {}", method, opts.id, r.error().ToString());
+    }
   };
   {
     std::shared_ptr<ttrpc::Client> sbx, agent;

@@ -113,6 +113,29 @@ TEST(ShimProcessTest, BadBundlesAndOptionsAreClearErrorsAndCreateNothing) {
   task::DeleteResponse resp;
   ASSERT_TRUE(resp.ParseFromString(deleted));
   EXPECT_EQ(resp.exit_status(), 137u);
+
+  // Again with a sandboxer that answers every call with an error: the cleanup's warnings go to
+  // stderr, and stdout still holds nothing but the DeleteResponse (a warning on stdout made
+  // containerd report a killed shim's container as exited 255).
+  std::ofstream(bundle + "/config.json", std::ios::trunc)
+      << R"({"ociVersion": "1.0.2", "process": {"args": ["sh"], "cwd": "/"}, "root": {"path": "rootfs"}})";
+  auto listener = ListenUnix(dir + "/useless-sandboxer.sock");
+  ASSERT_TRUE(listener.ok()) << listener.error().ToString();
+  auto useless = std::make_unique<ttrpc::Server>(lt.loop());
+  lt.Sync([&] { ASSERT_TRUE(useless->ServeListener(std::move(*listener)).ok()); });
+  std::string warned = RunShell("cd " + bundle + " && PEAPOD_SHIM_SOCKET_DIR=" + dir +
+                                    " PEAPOD_SANDBOXER_SOCKET=" + dir + "/useless-sandboxer.sock " +
+                                    PEAPOD_SHIM_BINARY + flags + "-bundle " + bundle +
+                                    " delete 2>" + dir + "/delete.err",
+                                &rc);
+  EXPECT_EQ(rc, 0);
+  task::DeleteResponse resp2;
+  EXPECT_TRUE(resp2.ParseFromString(warned)) << "stdout: " << warned;
+  EXPECT_EQ(resp2.exit_status(), 137u);
+  std::ifstream err_in(dir + "/delete.err");
+  std::string err((std::istreambuf_iterator<char>(err_in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(err.find("shim delete"), std::string::npos) << "no warning on stderr: " << err;
+  lt.Sync([&] { useless.reset(); });
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
