@@ -1,5 +1,6 @@
 #include "sandboxer/libvirt_backend.h"
 
+#include <fcntl.h>
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
 #include <signal.h>
@@ -223,7 +224,41 @@ void LibvirtBackend::Stopped(const std::string& name) {
     cb = on_stopped_;
   }
   spdlog::info("libvirt: domain {} stopped", name);
+  DropQemuLog(name);
   if (cb) cb(name);
+}
+
+// The embedded driver keeps each domain's QEMU stderr in <root>/log/qemu/<domain>.log and never
+// removes it: one file per pod ever run. When the domain stops, the messages in the file's tail
+// (timestamped lines, without the command line and libvirt's own start-up notes) go to our log,
+// and the file goes.
+void LibvirtBackend::DropQemuLog(const std::string& name) {
+  if (embed_root_.empty() || name.empty() || name.find('/') != std::string::npos ||
+      name[0] == '.') {
+    return;
+  }
+  const std::string path = embed_root_ + "/log/qemu/" + name + ".log";
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd) return;
+  constexpr off_t kTail = 4096;
+  struct stat st {};
+  if (::fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode)) {
+    off_t from = st.st_size > kTail ? st.st_size - kTail : 0;
+    std::string tail(static_cast<size_t>(st.st_size - from), '\0');
+    ssize_t n = ::pread(fd.get(), tail.data(), tail.size(), from);
+    tail.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    std::istringstream lines(tail);
+    for (std::string line; std::getline(lines, line);) {
+      if (line.empty() || line[0] < '0' || line[0] > '9') continue;
+      if (line.find("starting up libvirt") != std::string::npos ||
+          line.find("is tainted") != std::string::npos) {
+        continue;
+      }
+      if (line.size() > 300) line.resize(300);
+      spdlog::info("libvirt: {}: {}", name, line);
+    }
+  }
+  ::unlink(path.c_str());
 }
 
 Result<pid_t> LibvirtBackend::FindQemuPid(const std::string& name) {

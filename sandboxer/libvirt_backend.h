@@ -51,6 +51,7 @@ class LibvirtBackend : public VmBackend {
   Result<pid_t> FindQemuPid(const std::string& name);
   void ReapWhenExits(const std::string& name, pid_t pid, bool our_child = false);
   void Stopped(const std::string& name);
+  void DropQemuLog(const std::string& name);
 
   std::string uri_;
   std::string embed_root_;
