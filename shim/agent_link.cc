@@ -1,8 +1,8 @@
 #include "shim/agent_link.h"
 
-#include <spdlog/spdlog.h>
+#include <algorithm>
 
-#include "shim/dial.h"
+#include <spdlog/spdlog.h>
 
 namespace peapod::shim {
 
@@ -14,116 +14,161 @@ bool MeansGone(const Error& e) {
   return e.code() == Code::kNotFound || e.code() == Code::kFailedPrecondition;
 }
 
+Error Stopping() { return Error(Code::kUnavailable, "the shim is stopping"); }
+
 }  // namespace
 
-AgentLink::AgentLink(EventLoop* loop, Locate locate, Backoff backoff)
-    : loop_(loop), locate_(std::move(locate)), backoff_(backoff) {}
+struct AgentLink::Retry {
+  std::string method;
+  std::string payload;
+  std::chrono::nanoseconds timeout;
+  Done done;
+  std::chrono::milliseconds wait;
+};
 
-AgentLink::~AgentLink() { Stop(); }
+std::shared_ptr<AgentLink> AgentLink::Create(EventLoop* loop, Locate locate, Backoff backoff) {
+  return std::shared_ptr<AgentLink>(new AgentLink(loop, std::move(locate), backoff));
+}
+
+AgentLink::~AgentLink() {
+  if (client_) client_->Close();
+}
 
 void AgentLink::Stop() {
-  std::shared_ptr<ttrpc::Client> c;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    stopped_ = true;
-    c = std::move(client_);
-  }
-  stopped_cv_.notify_all();
-  // A client is closed on its loop; calls in flight on it fail there.
-  if (c) loop_->Post([c = std::move(c)]() mutable { c->Close(); });
+  if (stopped_) return;
+  stopped_ = true;
+  Fail(Stopping());
+  auto resting = std::move(resting_);
+  resting_.clear();
+  for (auto& r : resting) r->done(Stopping());
+  // Calls in flight on the client fail (CANCELLED) as it closes.
+  if (auto c = std::move(client_)) c->Close();
 }
 
-bool AgentLink::Pause(std::chrono::milliseconds d) {
-  std::unique_lock<std::mutex> l(mu_);
-  return !stopped_cv_.wait_for(l, d, [&] { return stopped_; });
+void AgentLink::After(std::chrono::milliseconds d, std::function<void()> fn) {
+  loop_->AddTimer(d, [weak = weak_from_this(), fn = std::move(fn)] {
+    auto self = weak.lock();
+    if (self && !self->stopped_) fn();
+  });
 }
 
-Result<void> AgentLink::PodAlive() {
-  auto where = locate_();
-  if (!where.ok() && MeansGone(where.error())) return std::move(where).error();
-  return Ok();
+void AgentLink::Fail(const Error& why) {
+  auto waiters = std::move(waiters_);
+  waiters_.clear();
+  for (auto& w : waiters) w.got(why);
 }
 
-Result<std::shared_ptr<ttrpc::Client>> AgentLink::Live(std::chrono::milliseconds patience) {
-  std::shared_ptr<ttrpc::Client> lost;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    if (stopped_) return Error(Code::kUnavailable, "the shim is stopping");
-    if (client_ && !client_->closed()) return client_;
-    lost = std::move(client_);
-  }
-  if (lost) loop_->Post([lost = std::move(lost)]() mutable { lost.reset(); });
-  // mu_ is not held while dialling: threads that redial at once keep the first client made.
-  const auto start = std::chrono::steady_clock::now();
-  auto wait = backoff_.first;
-  Error last(Code::kUnavailable, "not connected");
-  for (;;) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (stopped_) return Error(Code::kUnavailable, "the shim is stopping");
-      if (client_ && !client_->closed()) return client_;  // another thread got there first
+void AgentLink::Live(std::chrono::milliseconds patience, Got got) {
+  if (stopped_) return got(Stopping());
+  if (client_ && !client_->closed()) return got(client_);
+  auto deadline = patience.count() > 0 ? std::chrono::steady_clock::now() + patience
+                                       : std::chrono::steady_clock::time_point::max();
+  waiters_.push_back({deadline, std::move(got)});
+  if (!dialling_) Attempt(backoff_.first);
+}
+
+void AgentLink::Attempt(std::chrono::milliseconds wait) {
+  dialling_ = true;
+  locate_([weak = weak_from_this(), wait](Result<std::string> where) {
+    auto self = weak.lock();
+    if (!self) return;
+    if (self->stopped_) {
+      self->dialling_ = false;
+      return self->Fail(Stopping());
     }
-    auto where = locate_();
+    Error last(Code::kUnavailable, "not connected");
     if (!where.ok()) {
-      if (MeansGone(where.error())) return std::move(where).error();
+      if (MeansGone(where.error())) {
+        self->dialling_ = false;
+        return self->Fail(where.error());
+      }
       last = std::move(where).error();
-    } else if (auto c = Dial(loop_, *where); c.ok()) {
-      std::lock_guard<std::mutex> l(mu_);
-      if (client_ && !client_->closed()) {  // raced: keep the first, drop ours on the loop
-        loop_->Post([c = std::move(*c)]() mutable { c.reset(); });
-        return client_;
-      }
-      if (ever_connected_) {
-        spdlog::info("shim: reconnected to the pod's agent at {}", *where);
-      }
-      ever_connected_ = true;
-      client_ = std::move(*c);
-      return client_;
-    } else {
+    } else if (auto fd = ConnectUnix(*where); !fd.ok()) {
+      last = std::move(fd).error();
+    } else if (auto c = ttrpc::Client::Create(self->loop_, std::move(*fd)); !c.ok()) {
       last = std::move(c).error();
+    } else {
+      if (self->ever_connected_) spdlog::info("shim: reconnected to the pod's agent at {}", *where);
+      self->ever_connected_ = true;
+      if (self->client_) self->client_->Close();
+      self->client_ = std::move(*c);
+      self->dialling_ = false;
+      auto waiters = std::move(self->waiters_);
+      self->waiters_.clear();
+      for (auto& w : waiters) w.got(self->client_);
+      return;
     }
-    if (patience.count() > 0 && std::chrono::steady_clock::now() - start >= patience) {
-      return last.Wrap("the pod's agent is not reachable");
+    // This round failed: callers out of patience get the reason, the others another round.
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<Waiter> keep;
+    std::vector<Waiter> expired;
+    for (auto& w : self->waiters_) (now >= w.deadline ? expired : keep).push_back(std::move(w));
+    self->waiters_ = std::move(keep);
+    for (auto& w : expired) w.got(last.Wrap("the pod's agent is not reachable"));
+    if (self->waiters_.empty()) {
+      self->dialling_ = false;
+      return;
     }
-    if (!Pause(wait)) return Error(Code::kUnavailable, "the shim is stopping");
-    wait = std::min(wait * 2, backoff_.max);
-  }
+    self->After(wait, [weak, next = std::min(wait * 2, self->backoff_.max)] {
+      if (auto s = weak.lock()) s->Attempt(next);
+    });
+  });
 }
 
-Result<std::string> AgentLink::CallOnce(const std::string& method, const std::string& payload,
-                                        std::chrono::nanoseconds timeout) {
-  PP_ASSIGN_OR_RETURN(auto c, Live(backoff_.once_patience));
-  ttrpc::CallOptions o;
-  o.timeout = timeout;
-  auto r = c->CallSync(kAgent, method, payload, o);
-  loop_->Post([c = std::move(c)]() mutable { c.reset(); });
-  return r;
+void AgentLink::CallOnce(const std::string& method, std::string payload,
+                         std::chrono::nanoseconds timeout, Done done) {
+  Live(backoff_.once_patience,
+       [method, payload = std::move(payload), timeout,
+        done = std::move(done)](Result<std::shared_ptr<ttrpc::Client>> c) mutable {
+         if (!c.ok()) return done(std::move(c).error());
+         ttrpc::CallOptions o;
+         o.timeout = timeout;
+         (*c)->Call(kAgent, method, std::move(payload), o, std::move(done));
+       });
 }
 
-Result<std::string> AgentLink::CallRetrying(const std::string& method, const std::string& payload,
-                                            std::chrono::nanoseconds timeout) {
-  auto wait = backoff_.first;
-  for (;;) {
-    PP_ASSIGN_OR_RETURN(auto c, Live(std::chrono::milliseconds(0)));
-    ttrpc::CallOptions o;
-    o.timeout = timeout;
-    auto r = c->CallSync(kAgent, method, payload, o);
-    bool lost = !r.ok() && r.error().code() == Code::kUnavailable;
-    bool closed = c->closed();
-    loop_->Post([c = std::move(c)]() mutable { c.reset(); });
-    if (!lost) return r;
-    // The connection went (the sandboxer restarts), or the mux has no channel to the guest
-    // just now (it reattaches, or the VM died): go on while the pod lives.
-    if (auto alive = PodAlive(); !alive.ok()) {
-      return std::move(alive).error().Wrap(method + " cannot be answered");
-    }
-    if (closed) {
-      wait = backoff_.first;  // Live redials with its own backoff
-      continue;
-    }
-    if (!Pause(wait)) return Error(Code::kUnavailable, "the shim is stopping");
-    wait = std::min(wait * 2, backoff_.max);
-  }
+void AgentLink::CallRetrying(const std::string& method, std::string payload,
+                             std::chrono::nanoseconds timeout, Done done) {
+  SendRetry(std::make_shared<Retry>(
+      Retry{method, std::move(payload), timeout, std::move(done), backoff_.first}));
+}
+
+void AgentLink::SendRetry(std::shared_ptr<Retry> r) {
+  Live(std::chrono::milliseconds(0),
+       [weak = weak_from_this(), r](Result<std::shared_ptr<ttrpc::Client>> c) {
+         if (!c.ok()) return r->done(std::move(c).error());
+         ttrpc::CallOptions o;
+         o.timeout = r->timeout;
+         auto client = *c;
+         client->Call(kAgent, r->method, r->payload, o, [weak, r, client](Result<std::string> res) {
+           auto self = weak.lock();
+           bool lost = !res.ok() && res.error().code() == Code::kUnavailable;
+           if (!lost || !self || self->stopped_) return r->done(std::move(res));
+           // The connection went (the sandboxer restarts), or the mux has no channel to the guest
+           // just now (it reattaches, or the VM died): go on while the pod lives.
+           const bool closed = client->closed();
+           self->locate_([weak, r, closed](Result<std::string> where) {
+             auto self = weak.lock();
+             if (!self || self->stopped_) return r->done(Stopping());
+             if (!where.ok() && MeansGone(where.error())) {
+               return r->done(std::move(where).error().Wrap(r->method + " cannot be answered"));
+             }
+             if (closed) {  // Live redials with its own backoff
+               r->wait = self->backoff_.first;
+               return self->SendRetry(r);
+             }
+             self->resting_.push_back(r);
+             self->After(r->wait, [weak, r] {
+               auto self = weak.lock();
+               if (!self) return;
+               auto& rest = self->resting_;
+               rest.erase(std::remove(rest.begin(), rest.end(), r), rest.end());
+               r->wait = std::min(r->wait * 2, self->backoff_.max);
+               self->SendRetry(r);
+             });
+           });
+         });
+       });
 }
 
 }  // namespace peapod::shim

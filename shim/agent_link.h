@@ -9,17 +9,15 @@
 // a connection that is up (after a redial if needed).
 //
 // It gives up only when the sandboxer says the pod is gone or not ready (its VM died), or when
-// the shim stops. Calls are blocking: use them from worker threads, not the loop thread.
+// the shim stops. Everything runs on the loop thread: calls answer through callbacks, and the
+// waits between redials are loop timers, never a sleeping thread.
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-
-#include <google/protobuf/message.h>
+#include <vector>
 
 #include "common/base/result.h"
 #include "common/loop/event_loop.h"
@@ -27,12 +25,13 @@
 
 namespace peapod::shim {
 
-class AgentLink {
+class AgentLink : public std::enable_shared_from_this<AgentLink> {
  public:
-  // Answers where the pod's agent socket is now, or an error: kNotFound or
-  // kFailedPrecondition when the pod is gone or its VM is not running (the link gives up),
-  // anything else while the sandboxer cannot say (it is retried).
-  using Locate = std::function<Result<std::string>()>;
+  using Done = std::function<void(Result<std::string>)>;
+  // Answers (through its callback, on the loop) where the pod's agent socket is now, or an
+  // error: kNotFound or kFailedPrecondition when the pod is gone or its VM is not running (the
+  // link gives up), anything else while the sandboxer cannot say (it is retried).
+  using Locate = std::function<void(std::function<void(Result<std::string>)>)>;
 
   struct Backoff {
     std::chrono::milliseconds first{100};
@@ -41,57 +40,52 @@ class AgentLink {
     std::chrono::milliseconds once_patience{30000};
   };
 
-  AgentLink(EventLoop* loop, Locate locate, Backoff backoff);
-  AgentLink(EventLoop* loop, Locate locate) : AgentLink(loop, std::move(locate), Backoff()) {}
+  static std::shared_ptr<AgentLink> Create(EventLoop* loop, Locate locate, Backoff backoff);
+  static std::shared_ptr<AgentLink> Create(EventLoop* loop, Locate locate) {
+    return Create(loop, std::move(locate), Backoff());
+  }
   ~AgentLink();
 
-  // Sent once, on a live connection: for calls the agent must not take twice.
-  Result<std::string> CallOnce(const std::string& method, const std::string& payload,
-                               std::chrono::nanoseconds timeout);
-  // Re-sent on a new connection whenever the old one is lost, until answered, the pod is
-  // gone, or Stop.
-  Result<std::string> CallRetrying(const std::string& method, const std::string& payload,
-                                   std::chrono::nanoseconds timeout);
+  // Loop thread. Sent once, on a live connection: for calls the agent must not take twice.
+  void CallOnce(const std::string& method, std::string payload, std::chrono::nanoseconds timeout,
+                Done done);
+  // Loop thread. Re-sent on a new connection whenever the old one is lost, until answered, the
+  // pod is gone, or Stop.
+  void CallRetrying(const std::string& method, std::string payload,
+                    std::chrono::nanoseconds timeout, Done done);
 
-  template <typename Resp>
-  Result<Resp> Once(const std::string& method, const google::protobuf::Message& req,
-                    std::chrono::nanoseconds timeout = std::chrono::seconds(60)) {
-    return Parse<Resp>(CallOnce(method, req.SerializeAsString(), timeout), method);
-  }
-  template <typename Resp>
-  Result<Resp> Retrying(const std::string& method, const google::protobuf::Message& req,
-                        std::chrono::nanoseconds timeout = std::chrono::nanoseconds(0)) {
-    return Parse<Resp>(CallRetrying(method, req.SerializeAsString(), timeout), method);
-  }
-
-  // Makes waiting calls give up (the shim is exiting). The client is closed on the loop.
+  // Loop thread. Makes waiting calls give up (the shim is exiting) and closes the client.
   void Stop();
 
  private:
-  template <typename Resp>
-  static Result<Resp> Parse(Result<std::string> raw, const std::string& method) {
-    if (!raw.ok()) return std::move(raw).error();
-    Resp r;
-    if (!r.ParseFromString(*raw)) {
-      return Error::Make(Code::kInternal, "the agent's answer to {} does not parse", method);
-    }
-    return r;
-  }
-  // A live client; redials if the connection was lost. patience 0: as long as it takes.
-  Result<std::shared_ptr<ttrpc::Client>> Live(std::chrono::milliseconds patience);
-  // Whether the pod still runs; false with the reason once it is gone.
-  Result<void> PodAlive();
-  // Sleeps d unless stopped; false if stopped.
-  bool Pause(std::chrono::milliseconds d);
+  using Got = std::function<void(Result<std::shared_ptr<ttrpc::Client>>)>;
+  struct Waiter {
+    std::chrono::steady_clock::time_point deadline;
+    Got got;
+  };
+  struct Retry;
+
+  AgentLink(EventLoop* loop, Locate locate, Backoff backoff)
+      : loop_(loop), locate_(std::move(locate)), backoff_(backoff) {}
+  // Hands got a live client, dialling first if needed; patience 0: as long as it takes.
+  void Live(std::chrono::milliseconds patience, Got got);
+  // One round of locate + dial for the waiters; the next one `wait` later if it failed.
+  void Attempt(std::chrono::milliseconds wait);
+  void Fail(const Error& why);  // every waiter
+  void SendRetry(std::shared_ptr<Retry> r);
+  // Runs fn after d, unless stopped (then fn never runs: its owner was failed by Stop).
+  void After(std::chrono::milliseconds d, std::function<void()> fn);
 
   EventLoop* loop_;
   Locate locate_;
   Backoff backoff_;
-  mutable std::mutex mu_;
-  std::condition_variable stopped_cv_;
   bool stopped_ = false;
   std::shared_ptr<ttrpc::Client> client_;
   bool ever_connected_ = false;  // a later connection is a reconnection (logged)
+  bool dialling_ = false;
+  std::vector<Waiter> waiters_;
+  // Calls re-sent after a lost connection wait here between tries; Stop fails them.
+  std::vector<std::shared_ptr<Retry>> resting_;
 };
 
 }  // namespace peapod::shim

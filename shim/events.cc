@@ -4,7 +4,6 @@
 #include <spdlog/spdlog.h>
 
 #include "containerd/services/ttrpc/events/v1/events.pb.h"
-#include "shim/dial.h"
 
 namespace peapod::shim {
 
@@ -12,17 +11,11 @@ using google::protobuf::util::TimeUtil;
 using namespace std::chrono_literals;
 
 EventPublisher::EventPublisher(EventLoop* loop, std::string address, std::string ns)
-    : loop_(loop), address_(std::move(address)), ns_(std::move(ns)) {
-  thread_ = std::thread([this] { Run(); });
-}
+    : loop_(loop), address_(std::move(address)), ns_(std::move(ns)) {}
 
 EventPublisher::~EventPublisher() {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    quit_ = true;
-  }
-  cv_.notify_all();
-  thread_.join();
+  *alive_ = false;
+  if (client_) client_->Close();
 }
 
 void EventPublisher::Publish(const std::string& topic, const google::protobuf::Message& event) {
@@ -35,54 +28,64 @@ void EventPublisher::Publish(const std::string& topic, const google::protobuf::M
   env->mutable_event()->set_type_url(std::string(event.GetDescriptor()->full_name()));
   env->mutable_event()->set_value(event.SerializeAsString());
   spdlog::info("shim: event {} {}", topic, event.ShortDebugString());
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    queue_.push_back(req.SerializeAsString());
-  }
-  cv_.notify_all();
+  queue_.push_back(req.SerializeAsString());
+  if (!sending_) SendNext();
 }
 
-void EventPublisher::Flush() {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait_for(l, 10s, [&] { return queue_.empty() && !sending_; });
+void EventPublisher::Flush(std::function<void()> done) {
+  if (queue_.empty() && !sending_) return done();
+  flushed_.push_back(done);
+  // containerd away: the shim still exits.
+  loop_->AddTimer(10s, [alive = alive_, this] {
+    if (!*alive) return;
+    auto waiting = std::move(flushed_);
+    flushed_.clear();
+    for (auto& f : waiting) f();
+  });
 }
 
-void EventPublisher::Run() {
-  for (;;) {
-    std::string req;
-    {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return quit_ || !queue_.empty(); });
-      if (queue_.empty()) return;
-      req = std::move(queue_.front());
-      queue_.pop_front();
-      sending_ = true;
-    }
-    if (!address_.empty()) {
-      for (int attempt = 0; attempt < 2; ++attempt) {
-        if (!client_) {
-          auto c = Dial(loop_, address_);
-          if (c.ok()) client_ = *c;
-        }
-        if (!client_) {
-          spdlog::warn("shim: cannot reach containerd's event service at {}", address_);
-          break;
-        }
-        ttrpc::CallOptions opts;
-        opts.timeout = 5s;
-        auto r =
-            client_->CallSync("containerd.services.events.ttrpc.v1.Events", "Forward", req, opts);
-        if (r.ok()) break;
-        spdlog::warn("shim: forwarding an event: {}", r.error().ToString());
-        client_.reset();  // reconnect once
-      }
-    }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      sending_ = false;
-    }
-    cv_.notify_all();
+void EventPublisher::SendNext() {
+  if (queue_.empty()) {
+    sending_ = false;
+    auto waiting = std::move(flushed_);
+    flushed_.clear();
+    for (auto& f : waiting) f();
+    return;
   }
+  sending_ = true;
+  Send(0);
+}
+
+void EventPublisher::Sent() {
+  queue_.pop_front();
+  SendNext();
+}
+
+void EventPublisher::Send(int attempt) {
+  if (address_.empty()) return Sent();
+  if (!client_ || client_->closed()) {
+    client_.reset();
+    if (auto fd = ConnectUnix(address_); fd.ok()) {
+      if (auto c = ttrpc::Client::Create(loop_, std::move(*fd)); c.ok()) client_ = std::move(*c);
+    }
+  }
+  if (!client_) {
+    spdlog::warn("shim: cannot reach containerd's event service at {}", address_);
+    return Sent();
+  }
+  ttrpc::CallOptions opts;
+  opts.timeout = 5s;
+  client_->Call("containerd.services.events.ttrpc.v1.Events", "Forward", queue_.front(), opts,
+                [alive = alive_, this, attempt](Result<std::string> r) {
+                  if (!*alive) return;
+                  if (r.ok()) return Sent();
+                  spdlog::warn("shim: forwarding an event: {}", r.error().ToString());
+                  if (attempt > 0) return Sent();
+                  // Reconnect once: the call's own callback is no place to close the client.
+                  auto c = std::move(client_);
+                  loop_->Post([c] { c->Close(); });
+                  Send(attempt + 1);
+                });
 }
 
 }  // namespace peapod::shim

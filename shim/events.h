@@ -1,15 +1,14 @@
 // Task events to containerd: each wrapped in an Envelope (timestamp, namespace, topic, Any) and
-// sent with containerd.services.events.ttrpc.v1.Events/Forward on TTRPC_ADDRESS. One thread
-// sends them in order (create before start before exit before delete); a containerd that is
-// not there costs a logged warning, never a stuck task.
+// sent with containerd.services.events.ttrpc.v1.Events/Forward on TTRPC_ADDRESS. Sent one at a
+// time, in order (create before start before exit before delete), from the loop; a containerd
+// that is not there costs a logged warning, never a stuck task.
 #pragma once
 
-#include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
+#include <vector>
 
 #include <google/protobuf/message.h>
 
@@ -23,24 +22,25 @@ class EventPublisher {
   // address: containerd's ttrpc socket (empty: events are only logged).
   EventPublisher(EventLoop* loop, std::string address, std::string ns);
   ~EventPublisher();
-  // topic e.g. "/tasks/exit"; the event is one of containerd.events' Task* messages.
+  // topic e.g. "/tasks/exit"; the event is one of containerd.events' Task* messages. Loop
+  // thread.
   void Publish(const std::string& topic, const google::protobuf::Message& event);
-  // Blocks until every queued event was sent (or failed).
-  void Flush();
+  // Calls done once every event queued so far was sent (or failed), or after 10 s. Loop thread.
+  void Flush(std::function<void()> done);
 
  private:
-  void Run();
+  void SendNext();
+  void Send(int attempt);
+  void Sent();
 
   EventLoop* loop_;
   std::string address_;
   std::string ns_;
   std::shared_ptr<ttrpc::Client> client_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::string> queue_;  // serialized ForwardRequests
+  std::deque<std::string> queue_;  // serialized ForwardRequests; the front one is being sent
   bool sending_ = false;
-  bool quit_ = false;
-  std::thread thread_;
+  std::vector<std::function<void()>> flushed_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // for callbacks after we go
 };
 
 }  // namespace peapod::shim

@@ -3,10 +3,11 @@
 // The shim holds no VM: it finds (or, for a pause container or a plain `ctr run`, creates) the
 // container's pod through peapod-sandboxer's shim API, asks the sandboxer to attach the rootfs
 // and volumes, and drives the container in the guest through the pod's agent socket (the
-// sandboxer's mux). Handlers run on the event loop; every call that waits on the agent or the
-// sandboxer runs on its own thread and answers back on the loop. stdio is pumped between
-// containerd's FIFOs and the agent by one thread per stream; a process's exit is reported
-// (Wait, /tasks/exit) only after its output has been copied.
+// sandboxer's mux). Everything runs on the shim's one event loop: each task method has a short
+// handler that answers at once or when its calls to the sandboxer or the agent (asynchronous,
+// typed: common/agentapi) answer; stdio is pumped between containerd's FIFOs and the agent on
+// the loop too (shim/stdio_pumps.h), with no thread per request or stream. A process's exit is
+// reported (Wait, /tasks/exit) only after its output has been copied.
 #pragma once
 
 #include <map>
@@ -36,9 +37,11 @@ class TaskService {
   // Set when containerd asked us to exit (Shutdown): main stops the loop.
   void SetOnShutdown(std::function<void()> cb) { on_shutdown_ = std::move(cb); }
 
- private:
+  // Defined in task_service.cc.
   struct Process;
   struct Impl;
+
+ private:
   std::unique_ptr<Impl> impl_;
   std::function<void()> on_shutdown_;
 };

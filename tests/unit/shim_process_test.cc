@@ -73,7 +73,19 @@ TEST(ShimProcessTest, BadBundlesAndOptionsAreClearErrorsAndCreateNothing) {
   EXPECT_EQ(bad_json.error().code(), Code::kInvalidArgument) << bad_json.error().ToString();
   EXPECT_NE(bad_json.error().message().find("config.json"), std::string::npos);
 
-  std::ofstream(bundle + "/config.json", std::ios::trunc) << R"({"process": {"args": ["sh"]}})";
+  // A field of the wrong JSON type: an error naming it, and the shim lives on.
+  std::ofstream(bundle + "/config.json", std::ios::trunc)
+      << R"({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+             "process": {"args": "sh", "cwd": "/", "user": {"uid": 0, "gid": 0}}})";
+  auto wrong_type = create(nullptr);
+  ASSERT_FALSE(wrong_type.ok());
+  EXPECT_EQ(wrong_type.error().code(), Code::kInvalidArgument) << wrong_type.error().ToString();
+  EXPECT_NE(wrong_type.error().message().find("process.args"), std::string::npos)
+      << wrong_type.error().ToString();
+
+  std::ofstream(bundle + "/config.json", std::ios::trunc)
+      << R"({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+             "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}})";
   google::protobuf::Any foreign;
   foreign.set_type_url("example.com/some.Options");
   auto bad_options = create(&foreign);
