@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include "common/agentapi/agent_client.h"
 #include "common/base/ids.h"
 #include "common/base/mountinfo.h"
 #include "peapod/agent/v1/agent.pb.h"
@@ -29,9 +30,8 @@ namespace peapod::sandboxer {
 namespace fs = std::filesystem;
 namespace v1 = peapod::agent::v1;
 using namespace std::chrono_literals;
+using agentapi::Empty;
 using Phase = PodRecord::Phase;
-
-constexpr char kAgentService[] = "peapod.agent.v1.Agent";
 
 namespace {
 
@@ -516,69 +516,72 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
     return fail(Error(Code::kUnavailable, "the VM went away while booting (see " +
                                               store_.PodDir(id) + "/console.log)"));
   }
-  ttrpc::CallOptions opts;
-  opts.timeout = 1s;
   std::weak_ptr<bool> alive = alive_;
-  pod->agent->Call(
-      kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
-      [this, alive, id, deadline, reply, fail](Result<std::string> r) {
-        if (alive.expired()) return;
-        Pod* pod = Find(id);
-        if (!pod) return reply(UnknownPod(id));
-        if (!r.ok()) {
-          // Not up yet: the agent answers once it has opened its end of the channel.
-          loop_->AddTimer(200ms, [this, alive, id, deadline, reply] {
-            if (!alive.expired()) WaitForAgent(id, deadline, reply);
-          });
-          return;
-        }
-        if (std::none_of(pod->start_steps.begin(), pod->start_steps.end(),
-                         [](const auto& st) { return st.first == "boot_to_agent"; })) {
-          pod->Step("boot_to_agent");  // the first answer: kernel, initrd, agent start
-        }
-        v1::CreateSandboxRequest sb;
-        sb.set_sandbox_id(id);
-        sb.set_hostname(pod->rec.hostname.empty() ? id.substr(0, 63) : pod->rec.hostname);
-        for (const auto& d : pod->rec.dns_servers) sb.add_dns_servers(d);
-        for (const auto& d : pod->rec.dns_searches) sb.add_dns_searches(d);
-        for (const auto& d : pod->rec.dns_options) sb.add_dns_options(d);
-        for (const auto& [k, v] : pod->rec.sysctls) (*sb.mutable_sysctls())[k] = v;
-        AddPodStorages(sb, pod->rec.scratch);
-        ttrpc::CallOptions o;
-        o.timeout = 30s;
-        if (pod->net) {
-          // Addresses and routes first: containers must find the pod network up.
-          v1::ConfigureNetworkRequest net = pod->net->guest;
-          pod->net.reset();
-          pod->agent->Call(kAgentService, "ConfigureNetwork", net.SerializeAsString(), o,
-                           [this, alive, id, deadline, reply, fail](Result<std::string> r) {
-                             if (alive.expired()) return;
-                             if (!r.ok()) {
-                               return fail(std::move(r).error().Wrap("configure guest network"));
-                             }
-                             if (Pod* p = Find(id)) p->Step("guest_network");
-                             WaitForAgent(id, deadline, reply);  // Check again, then set up
-                           });
-          return;
-        }
-        pod->agent->Call(kAgentService, "CreateSandbox", sb.SerializeAsString(), o,
-                         [this, alive, id, reply, fail](Result<std::string> r) {
-                           if (alive.expired()) return;
-                           Pod* pod = Find(id);
-                           if (!pod) return reply(UnknownPod(id));
-                           if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
-                           pod->busy = false;
-                           pod->rec.phase = Phase::kRunning;
-                           PlaceVm(*pod);
-                           (void)Save(*pod);
-                           pod->Step("guest_setup");
-                           StartPortForwarder(*pod);
-                           pod->Step("port_forwarder");
-                           LogStartSteps(*pod);
-                           spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
-                           reply(StatusOf(*pod));
-                         });
-      });
+  agentapi::AgentClient::Over(pod->agent)
+      .Check(
+          v1::CheckRequest(),
+          [this, alive, id, deadline, reply, fail](Result<v1::CheckResponse> r) {
+            if (alive.expired()) return;
+            Pod* pod = Find(id);
+            if (!pod) return reply(UnknownPod(id));
+            if (!r.ok()) {
+              // Not up yet: the agent answers once it has opened its end of the channel.
+              loop_->AddTimer(200ms, [this, alive, id, deadline, reply] {
+                if (!alive.expired()) WaitForAgent(id, deadline, reply);
+              });
+              return;
+            }
+            if (std::none_of(pod->start_steps.begin(), pod->start_steps.end(),
+                             [](const auto& st) { return st.first == "boot_to_agent"; })) {
+              pod->Step("boot_to_agent");  // the first answer: kernel, initrd, agent start
+            }
+            v1::CreateSandboxRequest sb;
+            sb.set_sandbox_id(id);
+            sb.set_hostname(pod->rec.hostname.empty() ? id.substr(0, 63) : pod->rec.hostname);
+            for (const auto& d : pod->rec.dns_servers) sb.add_dns_servers(d);
+            for (const auto& d : pod->rec.dns_searches) sb.add_dns_searches(d);
+            for (const auto& d : pod->rec.dns_options) sb.add_dns_options(d);
+            for (const auto& [k, v] : pod->rec.sysctls) (*sb.mutable_sysctls())[k] = v;
+            AddPodStorages(sb, pod->rec.scratch);
+            auto agent = agentapi::AgentClient::Over(pod->agent);
+            if (pod->net) {
+              // Addresses and routes first: containers must find the pod network up.
+              v1::ConfigureNetworkRequest net = pod->net->guest;
+              pod->net.reset();
+              agent.ConfigureNetwork(
+                  net,
+                  [this, alive, id, deadline, reply, fail](Result<Empty> r) {
+                    if (alive.expired()) return;
+                    if (!r.ok()) {
+                      return fail(std::move(r).error().Wrap("configure guest network"));
+                    }
+                    if (Pod* p = Find(id)) p->Step("guest_network");
+                    WaitForAgent(id, deadline, reply);  // Check again, then set up
+                  },
+                  30s);
+              return;
+            }
+            agent.CreateSandbox(
+                sb,
+                [this, alive, id, reply, fail](Result<Empty> r) {
+                  if (alive.expired()) return;
+                  Pod* pod = Find(id);
+                  if (!pod) return reply(UnknownPod(id));
+                  if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
+                  pod->busy = false;
+                  pod->rec.phase = Phase::kRunning;
+                  PlaceVm(*pod);
+                  (void)Save(*pod);
+                  pod->Step("guest_setup");
+                  StartPortForwarder(*pod);
+                  pod->Step("port_forwarder");
+                  LogStartSteps(*pod);
+                  spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
+                  reply(StatusOf(*pod));
+                },
+                30s);
+          },
+          1s);
 }
 
 void AddPodStorages(v1::CreateSandboxRequest& sb, bool scratch) {
@@ -741,13 +744,14 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
   v1::DestroySandboxRequest req;
   uint32_t grace = timeout_secs ? timeout_secs : 10;
   req.set_grace_seconds(grace);
-  ttrpc::CallOptions opts;
-  opts.timeout = std::chrono::seconds(grace + 5);
-  pod->agent->Call(kAgentService, "DestroySandbox", req.SerializeAsString(), opts,
-                   [destroy](Result<std::string> r) {
-                     // Powered off or not, make sure the domain is gone (and wait for it).
-                     destroy(r.ok() ? "" : r.error().ToString());
-                   });
+  agentapi::AgentClient::Over(pod->agent)
+      .DestroySandbox(
+          req,
+          [destroy](Result<Empty> r) {
+            // Powered off or not, make sure the domain is gone (and wait for it).
+            destroy(r.ok() ? "" : r.error().ToString());
+          },
+          std::chrono::seconds(grace + 5));
 }
 
 void PodManager::Wait(const std::string& id, Reply<PodExit> reply) {
@@ -767,17 +771,14 @@ void PodManager::Metrics(const std::string& id, Reply<std::string> reply) {
                              PhaseName(pod->rec.phase)));
   }
   v1::ContainerRequest req;  // no container: the pod
-  ttrpc::CallOptions opts;
-  opts.timeout = 10s;
-  pod->agent->Call(kAgentService, "StatsContainer", req.SerializeAsString(), opts,
-                   [reply, id](Result<std::string> r) {
-                     if (!r.ok()) return reply(std::move(r).error().Wrap("metrics of " + id));
-                     v1::StatsContainerResponse resp;
-                     if (!resp.ParseFromString(*r)) {
-                       return reply(Error::Internal("metrics of {}: bad agent answer", id));
-                     }
-                     reply(resp.metrics().SerializeAsString());
-                   });
+  agentapi::AgentClient::Over(pod->agent)
+      .StatsContainer(
+          req,
+          [reply, id](Result<v1::StatsContainerResponse> r) {
+            if (!r.ok()) return reply(std::move(r).error().Wrap("metrics of " + id));
+            reply(r->metrics().SerializeAsString());
+          },
+          10s);
 }
 
 PodStatus PodManager::StatusOf(const Pod& pod) const {

@@ -16,7 +16,9 @@
 #include <string>
 #include <vector>
 
+#include <google/protobuf/empty.pb.h>
 #include "common/base/result.h"
+
 #include "common/loop/event_loop.h"
 #include "common/ttrpc/client.h"
 #include "peapod/agent/v1/agent.pb.h"
@@ -173,7 +175,7 @@ class PodManager {
                   const std::string& state_dir, unsigned vcpus, uint64_t memory_mib) const;
   void BootPoolVm();
   void PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline);
-  void PoolVmMounted(const std::string& name, Result<std::string> r);
+  void PoolVmMounted(const std::string& name, Result<google::protobuf::Empty> r);
   void DropPoolVm(const std::string& name, const std::string& why);
   // Stops a pool VM that is out of pool_ and removes its TAP and directories.
   void DestroyPoolVm(std::unique_ptr<PoolVm> vm);

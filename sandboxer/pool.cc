@@ -11,6 +11,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/agentapi/agent_client.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/network.h"
 #include "sandboxer/pod_share.h"
@@ -23,10 +24,10 @@ namespace peapod::sandboxer {
 namespace fs = std::filesystem;
 namespace v1 = peapod::agent::v1;
 using namespace std::chrono_literals;
+using agentapi::Empty;
 
 namespace {
 
-constexpr char kAgentService[] = "peapod.agent.v1.Agent";
 constexpr auto kRetryAfter = 10s;  // after a pool VM failed to boot or died
 
 std::string RandomBytesHex(size_t n, const char* sep = "") {
@@ -151,38 +152,35 @@ void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point 
     return DropPoolVm(
         name, "its agent did not answer in time (see " + PoolStateDir(name) + "/console.log)");
   }
-  ttrpc::CallOptions opts;
-  opts.timeout = 1s;
   std::weak_ptr<bool> alive = alive_;
-  pv->channel.agent->Call(kAgentService, "Check", v1::CheckRequest().SerializeAsString(), opts,
-                          [this, alive, name, deadline](Result<std::string> r) {
-                            if (alive.expired()) return;
-                            PoolVm* pv = FindPoolVm(name);
-                            if (!pv) return;
-                            if (!r.ok()) {
-                              loop_->AddTimer(200ms, [this, alive, name, deadline] {
-                                if (!alive.expired()) PoolVmUp(name, deadline);
-                              });
-                              return;
-                            }
-                            // The storage every pod mounts (share, scratch disk: ext4's
-                            // modules load here, ~1 s under TCG) is mounted now, off the
-                            // adopting pod's path; the adopting CreateSandbox names the same
-                            // mounts, which the agent counts instead of mounting again.
-                            v1::CreateSandboxRequest sb;
-                            AddPodStorages(sb, backend_->SupportsDisks());
-                            ttrpc::CallOptions o;
-                            o.timeout = 60s;
-                            pv->channel.agent->Call(kAgentService, "CreateSandbox",
-                                                    sb.SerializeAsString(), o,
-                                                    [this, alive, name](Result<std::string> r) {
-                                                      if (alive.expired()) return;
-                                                      PoolVmMounted(name, std::move(r));
-                                                    });
-                          });
+  auto agent = agentapi::AgentClient::Over(pv->channel.agent);
+  agent.Check(
+      v1::CheckRequest(),
+      [this, alive, name, deadline, agent](Result<v1::CheckResponse> r) {
+        if (alive.expired()) return;
+        PoolVm* pv = FindPoolVm(name);
+        if (!pv) return;
+        if (!r.ok()) {
+          loop_->AddTimer(200ms, [this, alive, name, deadline] {
+            if (!alive.expired()) PoolVmUp(name, deadline);
+          });
+          return;
+        }
+        // The storage every pod mounts (share, scratch disk: ext4's
+        // modules load here, ~1 s under TCG) is mounted now, off the
+        // adopting pod's path; the adopting CreateSandbox names the same
+        // mounts, which the agent counts instead of mounting again.
+        v1::CreateSandboxRequest sb;
+        AddPodStorages(sb, backend_->SupportsDisks());
+        agent.CreateSandbox(sb, [this, alive, name](Result<Empty> r) {
+          if (alive.expired()) return;
+          PoolVmMounted(name, std::move(r));
+        });
+      },
+      1s);
 }
 
-void PodManager::PoolVmMounted(const std::string& name, Result<std::string> r) {
+void PodManager::PoolVmMounted(const std::string& name, Result<Empty> r) {
   PoolVm* pv = FindPoolVm(name);
   if (!pv) return;
   if (!r.ok()) return DropPoolVm(name, "mount its storage: " + r.error().ToString());

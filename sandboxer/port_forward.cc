@@ -10,6 +10,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/agentapi/agent_client.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/network.h"
 
@@ -19,7 +20,6 @@ namespace v1 = peapod::agent::v1;
 
 namespace {
 
-constexpr char kAgentService[] = "peapod.agent.v1.Agent";
 constexpr size_t kChunk = 64 << 10;  // per read from either side
 constexpr size_t kMaxConnections = 1024;
 
@@ -80,7 +80,7 @@ void PortForwarder::CloseInGuest(const std::string& id) {
   if (!agent_ || agent_->closed()) return;
   v1::ClosePortRequest req;
   req.set_id(id);
-  agent_->Call(kAgentService, "ClosePort", req.SerializeAsString(), {}, [](Result<std::string>) {});
+  agentapi::AgentClient::Over(agent_).ClosePort(req, [](Result<agentapi::Empty>) {});
 }
 
 void PortForwarder::Forget(uint64_t n) {
@@ -123,19 +123,16 @@ void PortForwarder::OnAccept() {
     v1::OpenPortRequest req;
     req.set_port(c->port);
     conns_[n] = std::move(c);
-    ttrpc::CallOptions opts;
-    opts.timeout = std::chrono::seconds(15);
     std::weak_ptr<bool> alive = alive_;
-    agent_->Call(kAgentService, "OpenPort", req.SerializeAsString(), opts,
-                 [this, alive, n](Result<std::string> r) {
-                   if (alive.expired()) return;
-                   if (!r.ok()) return Opened(n, std::move(r).error());
-                   v1::OpenPortResponse resp;
-                   if (!resp.ParseFromString(*r) || resp.id().empty()) {
-                     return Opened(n, Error::Internal("malformed OpenPort answer"));
-                   }
-                   Opened(n, resp.id());
-                 });
+    agentapi::AgentClient::Over(agent_).OpenPort(
+        req,
+        [this, alive, n](Result<v1::OpenPortResponse> r) {
+          if (alive.expired()) return;
+          if (!r.ok()) return Opened(n, std::move(r).error());
+          if (r->id().empty()) return Opened(n, Error::Internal("malformed OpenPort answer"));
+          Opened(n, r->id());
+        },
+        std::chrono::seconds(15));
   }
 }
 
@@ -213,18 +210,18 @@ void PortForwarder::OnHostEvents(uint64_t n, uint32_t events) {
   c->to_guest = true;
   UpdateWatch(*c);
   std::weak_ptr<bool> alive = alive_;
-  agent_->Call(kAgentService, "WritePort", req.SerializeAsString(), {},
-               [this, alive, n](Result<std::string> r) {
-                 if (alive.expired()) return;
-                 Conn* c = Find(n);
-                 if (!c) return;
-                 // The guest side closed its receiving end: the client loses nothing it could
-                 // still deliver, so end the connection.
-                 if (!r.ok()) return Abort(n, "");
-                 c->to_guest = false;
-                 UpdateWatch(*c);
-                 MaybeFinish(n);
-               });
+  agentapi::AgentClient::Over(agent_).WritePort(
+      req, [this, alive, n](Result<v1::WriteStreamResponse> r) {
+        if (alive.expired()) return;
+        Conn* c = Find(n);
+        if (!c) return;
+        // The guest side closed its receiving end: the client loses nothing it could
+        // still deliver, so end the connection.
+        if (!r.ok()) return Abort(n, "");
+        c->to_guest = false;
+        UpdateWatch(*c);
+        MaybeFinish(n);
+      });
 }
 
 void PortForwarder::ReadGuest(uint64_t n) {
@@ -235,18 +232,17 @@ void PortForwarder::ReadGuest(uint64_t n) {
   req.set_max_bytes(kChunk);
   c->from_guest = true;
   std::weak_ptr<bool> alive = alive_;
-  agent_->Call(kAgentService, "ReadPort", req.SerializeAsString(), {},
-               [this, alive, n](Result<std::string> r) {
-                 if (alive.expired()) return;
-                 Conn* c = Find(n);
-                 if (!c) return;
-                 c->from_guest = false;
-                 v1::ReadStreamResponse resp;
-                 if (!r.ok() || !resp.ParseFromString(*r)) return Abort(n, "");
-                 c->to_host += resp.data();
-                 if (resp.eof()) c->guest_eof = true;
-                 FlushToHost(*c);
-               });
+  agentapi::AgentClient::Over(agent_).ReadPort(req,
+                                               [this, alive, n](Result<v1::ReadStreamResponse> r) {
+                                                 if (alive.expired()) return;
+                                                 Conn* c = Find(n);
+                                                 if (!c) return;
+                                                 c->from_guest = false;
+                                                 if (!r.ok()) return Abort(n, "");
+                                                 c->to_host += r->data();
+                                                 if (r->eof()) c->guest_eof = true;
+                                                 FlushToHost(*c);
+                                               });
 }
 
 void PortForwarder::FlushToHost(Conn& c) {
