@@ -19,8 +19,8 @@ namespace v1 = peapod::agent::v1;
 
 class OutputPump : public std::enable_shared_from_this<OutputPump> {
  public:
-  OutputPump(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, bool err,
-             UniqueFd out, std::function<void()> done)
+  OutputPump(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, bool err, UniqueFd out,
+             std::function<void()> done)
       : loop_(loop),
         agent_(std::move(agent)),
         stream_(std::move(stream)),
@@ -125,9 +125,8 @@ class InputPump : public std::enable_shared_from_this<InputPump> {
       : loop_(loop), agent_(std::move(agent)), stream_(std::move(stream)), in_(std::move(in)) {}
 
   void Arm() {
-    auto w = loop_->Watch(in_.get(), EPOLLIN, [self = shared_from_this()](uint32_t) {
-      self->OnReadable();
-    });
+    auto w = loop_->Watch(in_.get(), EPOLLIN,
+                          [self = shared_from_this()](uint32_t) { self->OnReadable(); });
     if (!w.ok()) {
       spdlog::warn("shim: {}: cannot wait on its stdin: {}", stream_.container_id,
                    w.error().ToString());
@@ -163,8 +162,7 @@ class InputPump : public std::enable_shared_from_this<InputPump> {
     c.set_exec_id(stream_.exec_id);
     agent_.CloseStdin(c, [self = shared_from_this()](Result<agentapi::Empty> r) {
       if (!r.ok() && r.error().code() != Code::kNotFound) {
-        spdlog::warn("shim: {}: close stdin: {}", self->stream_.container_id,
-                     r.error().ToString());
+        spdlog::warn("shim: {}: close stdin: {}", self->stream_.container_id, r.error().ToString());
       }
     });
   }

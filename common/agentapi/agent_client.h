@@ -52,85 +52,116 @@ class AgentClient {
 
   explicit operator bool() const { return static_cast<bool>(send_); }
 
-  void Check(const v1::CheckRequest& req, Done<v1::CheckResponse> done, Timeout timeout = kControl) const {
+  void Check(const v1::CheckRequest& req, Done<v1::CheckResponse> done,
+             Timeout timeout = kControl) const {
     Call<v1::CheckResponse>("Check", req, timeout, Resend::kSafe, std::move(done));
   }
-  void CreateSandbox(const v1::CreateSandboxRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void CreateSandbox(const v1::CreateSandboxRequest& req, Done<Empty> done,
+                     Timeout timeout = kControl) const {
     Call<Empty>("CreateSandbox", req, timeout, Resend::kNever, std::move(done));
   }
-  void ConfigureNetwork(const v1::ConfigureNetworkRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void ConfigureNetwork(const v1::ConfigureNetworkRequest& req, Done<Empty> done,
+                        Timeout timeout = kControl) const {
     Call<Empty>("ConfigureNetwork", req, timeout, Resend::kNever, std::move(done));
   }
-  void DestroySandbox(const v1::DestroySandboxRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void DestroySandbox(const v1::DestroySandboxRequest& req, Done<Empty> done,
+                      Timeout timeout = kControl) const {
     Call<Empty>("DestroySandbox", req, timeout, Resend::kNever, std::move(done));
   }
-  void CreateContainer(const v1::CreateContainerRequest& req, Done<v1::CreateContainerResponse> done, Timeout timeout = kCreate) const {
-    Call<v1::CreateContainerResponse>("CreateContainer", req, timeout, Resend::kNever, std::move(done));
+  void CreateContainer(const v1::CreateContainerRequest& req,
+                       Done<v1::CreateContainerResponse> done, Timeout timeout = kCreate) const {
+    Call<v1::CreateContainerResponse>("CreateContainer", req, timeout, Resend::kNever,
+                                      std::move(done));
   }
-  void StartContainer(const v1::StartContainerRequest& req, Done<v1::StartContainerResponse> done, Timeout timeout = kControl) const {
-    Call<v1::StartContainerResponse>("StartContainer", req, timeout, Resend::kNever, std::move(done));
+  void StartContainer(const v1::StartContainerRequest& req, Done<v1::StartContainerResponse> done,
+                      Timeout timeout = kControl) const {
+    Call<v1::StartContainerResponse>("StartContainer", req, timeout, Resend::kNever,
+                                     std::move(done));
   }
-  void RemoveContainer(const v1::RemoveContainerRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void RemoveContainer(const v1::RemoveContainerRequest& req, Done<Empty> done,
+                       Timeout timeout = kControl) const {
     Call<Empty>("RemoveContainer", req, timeout, Resend::kNever, std::move(done));
   }
-  void ExecProcess(const v1::ExecProcessRequest& req, Done<v1::ExecProcessResponse> done, Timeout timeout = kControl) const {
+  void ExecProcess(const v1::ExecProcessRequest& req, Done<v1::ExecProcessResponse> done,
+                   Timeout timeout = kControl) const {
     Call<v1::ExecProcessResponse>("ExecProcess", req, timeout, Resend::kNever, std::move(done));
   }
-  void SignalProcess(const v1::SignalProcessRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void SignalProcess(const v1::SignalProcessRequest& req, Done<Empty> done,
+                     Timeout timeout = kControl) const {
     Call<Empty>("SignalProcess", req, timeout, Resend::kNever, std::move(done));
   }
-  void WaitProcess(const v1::WaitProcessRequest& req, Done<v1::WaitProcessResponse> done, Timeout timeout = kNoDeadline) const {
+  void WaitProcess(const v1::WaitProcessRequest& req, Done<v1::WaitProcessResponse> done,
+                   Timeout timeout = kNoDeadline) const {
     Call<v1::WaitProcessResponse>("WaitProcess", req, timeout, Resend::kSafe, std::move(done));
   }
-  void DeleteProcess(const v1::DeleteProcessRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void DeleteProcess(const v1::DeleteProcessRequest& req, Done<Empty> done,
+                     Timeout timeout = kControl) const {
     Call<Empty>("DeleteProcess", req, timeout, Resend::kNever, std::move(done));
   }
-  void PauseContainer(const v1::ContainerRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void PauseContainer(const v1::ContainerRequest& req, Done<Empty> done,
+                      Timeout timeout = kControl) const {
     Call<Empty>("PauseContainer", req, timeout, Resend::kNever, std::move(done));
   }
-  void ResumeContainer(const v1::ContainerRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void ResumeContainer(const v1::ContainerRequest& req, Done<Empty> done,
+                       Timeout timeout = kControl) const {
     Call<Empty>("ResumeContainer", req, timeout, Resend::kNever, std::move(done));
   }
-  void UpdateContainer(const v1::UpdateContainerRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void UpdateContainer(const v1::UpdateContainerRequest& req, Done<Empty> done,
+                       Timeout timeout = kControl) const {
     Call<Empty>("UpdateContainer", req, timeout, Resend::kNever, std::move(done));
   }
-  void StatsContainer(const v1::ContainerRequest& req, Done<v1::StatsContainerResponse> done, Timeout timeout = kControl) const {
-    Call<v1::StatsContainerResponse>("StatsContainer", req, timeout, Resend::kSafe, std::move(done));
+  void StatsContainer(const v1::ContainerRequest& req, Done<v1::StatsContainerResponse> done,
+                      Timeout timeout = kControl) const {
+    Call<v1::StatsContainerResponse>("StatsContainer", req, timeout, Resend::kSafe,
+                                     std::move(done));
   }
-  void ListProcesses(const v1::ContainerRequest& req, Done<v1::ListProcessesResponse> done, Timeout timeout = kControl) const {
+  void ListProcesses(const v1::ContainerRequest& req, Done<v1::ListProcessesResponse> done,
+                     Timeout timeout = kControl) const {
     Call<v1::ListProcessesResponse>("ListProcesses", req, timeout, Resend::kSafe, std::move(done));
   }
-  void StateContainer(const v1::ContainerRequest& req, Done<v1::StateContainerResponse> done, Timeout timeout = kControl) const {
-    Call<v1::StateContainerResponse>("StateContainer", req, timeout, Resend::kSafe, std::move(done));
+  void StateContainer(const v1::ContainerRequest& req, Done<v1::StateContainerResponse> done,
+                      Timeout timeout = kControl) const {
+    Call<v1::StateContainerResponse>("StateContainer", req, timeout, Resend::kSafe,
+                                     std::move(done));
   }
-  void GetOOMEvent(const v1::GetOOMEventRequest& req, Done<v1::OOMEvent> done, Timeout timeout = kNoDeadline) const {
+  void GetOOMEvent(const v1::GetOOMEventRequest& req, Done<v1::OOMEvent> done,
+                   Timeout timeout = kNoDeadline) const {
     Call<v1::OOMEvent>("GetOOMEvent", req, timeout, Resend::kSafe, std::move(done));
   }
-  void WriteStdin(const v1::WriteStreamRequest& req, Done<v1::WriteStreamResponse> done, Timeout timeout = kNoDeadline) const {
+  void WriteStdin(const v1::WriteStreamRequest& req, Done<v1::WriteStreamResponse> done,
+                  Timeout timeout = kNoDeadline) const {
     Call<v1::WriteStreamResponse>("WriteStdin", req, timeout, Resend::kSafe, std::move(done));
   }
-  void ReadStdout(const v1::ReadStreamRequest& req, Done<v1::ReadStreamResponse> done, Timeout timeout = kNoDeadline) const {
+  void ReadStdout(const v1::ReadStreamRequest& req, Done<v1::ReadStreamResponse> done,
+                  Timeout timeout = kNoDeadline) const {
     Call<v1::ReadStreamResponse>("ReadStdout", req, timeout, Resend::kSafe, std::move(done));
   }
-  void ReadStderr(const v1::ReadStreamRequest& req, Done<v1::ReadStreamResponse> done, Timeout timeout = kNoDeadline) const {
+  void ReadStderr(const v1::ReadStreamRequest& req, Done<v1::ReadStreamResponse> done,
+                  Timeout timeout = kNoDeadline) const {
     Call<v1::ReadStreamResponse>("ReadStderr", req, timeout, Resend::kSafe, std::move(done));
   }
-  void CloseStdin(const v1::ProcessRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void CloseStdin(const v1::ProcessRequest& req, Done<Empty> done,
+                  Timeout timeout = kControl) const {
     Call<Empty>("CloseStdin", req, timeout, Resend::kSafe, std::move(done));
   }
-  void ResizePty(const v1::ResizePtyRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void ResizePty(const v1::ResizePtyRequest& req, Done<Empty> done,
+                 Timeout timeout = kControl) const {
     Call<Empty>("ResizePty", req, timeout, Resend::kNever, std::move(done));
   }
-  void OpenPort(const v1::OpenPortRequest& req, Done<v1::OpenPortResponse> done, Timeout timeout = kControl) const {
+  void OpenPort(const v1::OpenPortRequest& req, Done<v1::OpenPortResponse> done,
+                Timeout timeout = kControl) const {
     Call<v1::OpenPortResponse>("OpenPort", req, timeout, Resend::kNever, std::move(done));
   }
-  void ReadPort(const v1::PortIoRequest& req, Done<v1::ReadStreamResponse> done, Timeout timeout = kNoDeadline) const {
+  void ReadPort(const v1::PortIoRequest& req, Done<v1::ReadStreamResponse> done,
+                Timeout timeout = kNoDeadline) const {
     Call<v1::ReadStreamResponse>("ReadPort", req, timeout, Resend::kNever, std::move(done));
   }
-  void WritePort(const v1::PortIoRequest& req, Done<v1::WriteStreamResponse> done, Timeout timeout = kNoDeadline) const {
+  void WritePort(const v1::PortIoRequest& req, Done<v1::WriteStreamResponse> done,
+                 Timeout timeout = kNoDeadline) const {
     Call<v1::WriteStreamResponse>("WritePort", req, timeout, Resend::kNever, std::move(done));
   }
-  void ClosePort(const v1::ClosePortRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+  void ClosePort(const v1::ClosePortRequest& req, Done<Empty> done,
+                 Timeout timeout = kControl) const {
     Call<Empty>("ClosePort", req, timeout, Resend::kNever, std::move(done));
   }
 

@@ -92,6 +92,20 @@ class AgentLinkTest : public ::testing::Test {
     return f;
   }
 
+  // A WaitProcess that agent A (at a.sock) holds unanswered.
+  std::future<Result<v1::WaitProcessResponse>> WaitHeldByA() {
+    lt_.Sync([&] {
+      a_ = std::make_unique<FakeAgent>(lt_.loop(), dir_ + "/a.sock", 0, /*hold=*/true);
+      where_ = dir_ + "/a.sock";
+    });
+    MakeLink();
+    auto answer = Wait();
+    for (int i = 0; i < 100 && lt_.Sync([&] { return a_->calls; }) == 0; ++i) {
+      std::this_thread::sleep_for(10ms);
+    }
+    return answer;
+  }
+
   peapod::testing::LoopThread lt_;
   std::string dir_;
   std::shared_ptr<AgentLink> link_;
@@ -101,15 +115,7 @@ class AgentLinkTest : public ::testing::Test {
 };
 
 TEST_F(AgentLinkTest, AWaitSurvivesALostConnectionAndReachesTheAgentAtItsNewAddress) {
-  lt_.Sync([&] {
-    a_ = std::make_unique<FakeAgent>(lt_.loop(), dir_ + "/a.sock", 0, /*hold=*/true);
-    where_ = dir_ + "/a.sock";
-  });
-  MakeLink();
-  auto answer = Wait();
-  for (int i = 0; i < 100 && lt_.Sync([&] { return a_->calls; }) == 0; ++i) {
-    std::this_thread::sleep_for(10ms);
-  }
+  auto answer = WaitHeldByA();
   ASSERT_EQ(lt_.Sync([&] { return a_->calls; }), 1);
   // The sandboxer restarts: the old socket goes with every connection on it; the agent is
   // found again at a new address.
@@ -126,15 +132,7 @@ TEST_F(AgentLinkTest, AWaitSurvivesALostConnectionAndReachesTheAgentAtItsNewAddr
 }
 
 TEST_F(AgentLinkTest, AWaitEndsWhenThePodIsGone) {
-  lt_.Sync([&] {
-    a_ = std::make_unique<FakeAgent>(lt_.loop(), dir_ + "/a.sock", 0, /*hold=*/true);
-    where_ = dir_ + "/a.sock";
-  });
-  MakeLink();
-  auto answer = Wait();
-  for (int i = 0; i < 100 && lt_.Sync([&] { return a_->calls; }) == 0; ++i) {
-    std::this_thread::sleep_for(10ms);
-  }
+  auto answer = WaitHeldByA();
   lt_.Sync([&] {
     where_ = Error::NotFound("pod p1 not found");
     a_.reset();
