@@ -101,12 +101,12 @@ TEST_F(LocalAgentTest, StdinReachesTheProcessAndCloseGivesItEof) {
   v1::WriteStreamRequest w;
   w.set_container_id("cat");
   w.set_data("ping\n");
-  auto n = agent_->Call<v1::WriteStreamResponse>("WriteStdin", w);
+  auto n = agent_->Sync(&agentapi::AgentClient::WriteStdin, w);
   ASSERT_TRUE(n.ok()) << n.error().ToString();
   EXPECT_EQ(n->len(), 5u);
   v1::ProcessRequest close;
   close.set_container_id("cat");
-  ASSERT_TRUE(agent_->Call<Empty>("CloseStdin", close).ok());
+  ASSERT_TRUE(agent_->Sync(&agentapi::AgentClient::CloseStdin, close).ok());
   EXPECT_EQ(agent_->ReadAll("cat"), "ping\n");
   EXPECT_EQ(*agent_->Wait("cat"), 0u);
   ASSERT_TRUE(agent_->Remove("cat").ok());
@@ -149,11 +149,13 @@ TEST_F(LocalAgentTest, ExecWithAndWithoutATerminal) {
   v1::DeleteProcessRequest del;
   del.set_container_id("svc");
   del.set_exec_id("long");
-  EXPECT_EQ(agent_->Call<Empty>("DeleteProcess", del).error().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(agent_->Sync(&agentapi::AgentClient::DeleteProcess, del).error().code(),
+            Code::kFailedPrecondition);
   ASSERT_TRUE(agent_->Signal("svc", "long", SIGKILL).ok());
   EXPECT_EQ(*agent_->Wait("svc", "long"), 128u + SIGKILL);
-  EXPECT_TRUE(agent_->Call<Empty>("DeleteProcess", del).ok());
-  EXPECT_EQ(agent_->Call<Empty>("DeleteProcess", del).error().code(), Code::kNotFound);
+  EXPECT_TRUE(agent_->Sync(&agentapi::AgentClient::DeleteProcess, del).ok());
+  EXPECT_EQ(agent_->Sync(&agentapi::AgentClient::DeleteProcess, del).error().code(),
+            Code::kNotFound);
   EXPECT_EQ(agent_->Signal("svc", "long", SIGTERM).error().code(), Code::kNotFound);
   EXPECT_TRUE(agent_->Remove("svc", true).ok());
 }
@@ -189,7 +191,7 @@ TEST_F(LocalAgentTest, BadRequestsGetClearErrorsAndChangeNothing) {
   auto garbage = agent_->raw()->CallSync(kAgent, "CreateContainer", "\xff\xff\xff");
   EXPECT_EQ(garbage.error().code(), Code::kInvalidArgument);
   // Still serving, and the failed creates left nothing behind: the ids are free again.
-  EXPECT_TRUE(agent_->Call<v1::CheckResponse>("Check", v1::CheckRequest()).ok());
+  EXPECT_TRUE(agent_->Sync(&agentapi::AgentClient::Check, v1::CheckRequest()).ok());
   ASSERT_TRUE(agent_->Create("bad", Spec({"true"})).ok());
   EXPECT_TRUE(agent_->Remove("bad", true).ok());
   EXPECT_TRUE(agent_->Remove("dup", true).ok());

@@ -8,13 +8,16 @@
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/agentapi/agent_client.h"
 #include "common/ttrpc/client.h"
 #include "peapod/agent/v1/agent.pb.h"
 
@@ -102,16 +105,28 @@ inline std::vector<std::string> Lines(const std::string& s) {
 class AgentClient {
  public:
   AgentClient(std::shared_ptr<ttrpc::Client> client, v1::Storage layer)
-      : client_(std::move(client)), layer_(std::move(layer)) {}
+      : client_(std::move(client)),
+        layer_(std::move(layer)),
+        // The shim's and the sandboxer's typed client, each call made from the test thread.
+        typed_([c = client_](const char* method, std::string payload,
+                             agentapi::AgentClient::Timeout timeout, agentapi::Resend,
+                             ttrpc::Client::Callback done) {
+          ttrpc::CallOptions opts;
+          opts.timeout = timeout;
+          done(c->CallSync(agentapi::kService, method, std::move(payload), opts));
+        }) {}
 
   ttrpc::Client* raw() { return client_.get(); }
 
-  template <typename Resp>
-  Result<Resp> Call(const std::string& method, const google::protobuf::MessageLite& req,
-                    std::chrono::milliseconds timeout = 120s) {
-    ttrpc::CallOptions opts;
-    opts.timeout = timeout;
-    return client_->CallSyncTyped<Resp>(kAgent, method, req, opts);
+  // One call of the typed client (e.g. &Typed::CreateContainer), waited for.
+  using Typed = agentapi::AgentClient;
+  template <typename Req, typename Resp>
+  Result<Resp> Sync(void (Typed::*method)(const Req&, agentapi::Done<Resp>, Typed::Timeout) const,
+                    const std::type_identity_t<Req>& req, Typed::Timeout timeout = 120s) {
+    std::optional<Result<Resp>> out;
+    (typed_.*method)(
+        req, [&out](Result<Resp> r) { out.emplace(std::move(r)); }, timeout);
+    return std::move(*out);
   }
 
   Result<uint32_t> Create(const std::string& id, const std::string& spec, bool stdin = false) {
@@ -120,20 +135,20 @@ class AgentClient {
     req.set_oci_spec(spec);
     req.set_stdin(stdin);
     *req.add_layers() = layer_;
-    PP_ASSIGN_OR_RETURN(auto r, Call<v1::CreateContainerResponse>("CreateContainer", req));
+    PP_ASSIGN_OR_RETURN(auto r, Sync(&Typed::CreateContainer, req));
     return r.pid();
   }
 
   // A Create request built by the caller (its own layers, upper dir, mounts).
   Result<uint32_t> Create(const v1::CreateContainerRequest& req) {
-    PP_ASSIGN_OR_RETURN(auto r, Call<v1::CreateContainerResponse>("CreateContainer", req));
+    PP_ASSIGN_OR_RETURN(auto r, Sync(&Typed::CreateContainer, req));
     return r.pid();
   }
 
   Result<void> Start(const std::string& id) {
     v1::StartContainerRequest req;
     req.set_container_id(id);
-    PP_TRY(Call<v1::StartContainerResponse>("StartContainer", req));
+    PP_TRY(Sync(&Typed::StartContainer, req));
     return Ok();
   }
 
@@ -141,7 +156,7 @@ class AgentClient {
     v1::WaitProcessRequest req;
     req.set_container_id(id);
     req.set_exec_id(exec_id);
-    PP_ASSIGN_OR_RETURN(auto r, Call<v1::WaitProcessResponse>("WaitProcess", req));
+    PP_ASSIGN_OR_RETURN(auto r, Sync(&Typed::WaitProcess, req));
     return r.exit_status();
   }
 
@@ -153,7 +168,7 @@ class AgentClient {
     req.set_container_id(id);
     req.set_exec_id(exec_id);
     req.set_max_bytes(64 << 10);
-    return Call<v1::ReadStreamResponse>(stderr ? "ReadStderr" : "ReadStdout", req, timeout);
+    return Sync(stderr ? &Typed::ReadStderr : &Typed::ReadStdout, req, timeout);
   }
 
   // Everything the process writes to stdout (or stderr), until EOF.
@@ -177,7 +192,7 @@ class AgentClient {
     req.set_exec_id(exec_id);
     req.set_process(ProcessJson(args, terminal));
     req.set_terminal(terminal);
-    PP_ASSIGN_OR_RETURN(auto r, Call<v1::ExecProcessResponse>("ExecProcess", req));
+    PP_ASSIGN_OR_RETURN(auto r, Sync(&Typed::ExecProcess, req));
     return r.pid();
   }
 
@@ -186,7 +201,7 @@ class AgentClient {
     req.set_container_id(id);
     req.set_exec_id(exec_id);
     req.set_signal(static_cast<uint32_t>(sig));
-    PP_TRY(Call<Empty>("SignalProcess", req));
+    PP_TRY(Sync(&Typed::SignalProcess, req));
     return Ok();
   }
 
@@ -194,20 +209,21 @@ class AgentClient {
     v1::RemoveContainerRequest req;
     req.set_container_id(id);
     req.set_force(force);
-    PP_TRY(Call<Empty>("RemoveContainer", req));
+    PP_TRY(Sync(&Typed::RemoveContainer, req));
     return Ok();
   }
 
   v1::StateContainerResponse::Status State(const std::string& id) {
     v1::ContainerRequest req;
     req.set_container_id(id);
-    auto r = Call<v1::StateContainerResponse>("StateContainer", req);
+    auto r = Sync(&Typed::StateContainer, req);
     return r.ok() ? r->status() : v1::StateContainerResponse::UNKNOWN;
   }
 
  private:
   std::shared_ptr<ttrpc::Client> client_;
   v1::Storage layer_;
+  agentapi::AgentClient typed_;
 };
 
 }  // namespace peapod::agenttest

@@ -53,14 +53,14 @@ class AgentContainersTest : public AgentVmTest {
     v1::CreateSandboxRequest sb;
     sb.set_sandbox_id("pod1");
     sb.set_hostname("pod1");
-    auto r = agent_->Call<Empty>("CreateSandbox", sb);
+    auto r = agent_->Sync(&agentapi::AgentClient::CreateSandbox, sb);
     EXPECT_TRUE(r.ok()) << r.error().ToString();
     return r.ok();
   }
 
   void TearDown() override {
     if (agent_) {
-      (void)agent_->Call<Empty>("DestroySandbox", v1::DestroySandboxRequest(), 10s);
+      (void)agent_->Sync(&agentapi::AgentClient::DestroySandbox, v1::DestroySandboxRequest(), 10s);
       if (vm_) vm_->WaitExit(20s);
       lt_.Sync([&] { agent_.reset(); });
     }
@@ -143,7 +143,7 @@ TEST_F(AgentContainersTest, TwoContainersShareOneKernelWithTheirOwnPidNamespaces
     share->set_driver(v1::Storage::VIRTIO_9P);
     share->set_source("peapod-share");
     share->set_mount_point("/run/peapod/share");
-    auto created = agent_->Call<v1::CreateContainerResponse>("CreateContainer", req);
+    auto created = agent_->Sync(&agentapi::AgentClient::CreateContainer, req);
     ASSERT_TRUE(created.ok()) << created.error().ToString();
     ASSERT_TRUE(agent_->Start("vol").ok());
     EXPECT_EQ(agent_->ReadAll("vol"), "written on the host\n");
@@ -191,16 +191,16 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   sig.set_container_id("svc");
   sig.set_exec_id("sleeper");
   sig.set_signal(SIGTERM);
-  ASSERT_TRUE(agent_->Call<Empty>("SignalProcess", sig).ok());
+  ASSERT_TRUE(agent_->Sync(&agentapi::AgentClient::SignalProcess, sig).ok());
   EXPECT_EQ(*agent_->Wait("svc", "sleeper"), 128u + SIGTERM);
   v1::ContainerRequest creq;
   creq.set_container_id("svc");
-  auto pids = agent_->Call<v1::ListProcessesResponse>("ListProcesses", creq);
+  auto pids = agent_->Sync(&agentapi::AgentClient::ListProcesses, creq);
   ASSERT_TRUE(pids.ok()) << pids.error().ToString();
   EXPECT_EQ(pids->processes_size(), 1);  // the sleep; the execs are gone
 
   // Stats from the container's cgroup.
-  auto stats = agent_->Call<v1::StatsContainerResponse>("StatsContainer", creq);
+  auto stats = agent_->Sync(&agentapi::AgentClient::StatsContainer, creq);
   ASSERT_TRUE(stats.ok()) << stats.error().ToString();
   EXPECT_GT(stats->metrics().cpu().usage_usec(), 0u);
   EXPECT_GT(stats->metrics().memory().usage(), 0u);
@@ -210,14 +210,15 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   v1::UpdateContainerRequest update;
   update.set_container_id("svc");
   update.set_resources(R"({"memory": {"limit": 67108864}, "pids": {"limit": 50}})");
-  auto updated = agent_->Call<Empty>("UpdateContainer", update);
+  auto updated = agent_->Sync(&agentapi::AgentClient::UpdateContainer, update);
   ASSERT_TRUE(updated.ok()) << updated.error().ToString();
-  auto after = agent_->Call<v1::StatsContainerResponse>("StatsContainer", creq);
+  auto after = agent_->Sync(&agentapi::AgentClient::StatsContainer, creq);
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(after->metrics().memory().usage_limit(), 64u << 20);
   EXPECT_EQ(after->metrics().pids().limit(), 50u);
   update.set_resources("{\"memory\": {\"limit\": \"lots\"}}");
-  EXPECT_EQ(agent_->Call<Empty>("UpdateContainer", update).error().code(), Code::kInvalidArgument);
+  EXPECT_EQ(agent_->Sync(&agentapi::AgentClient::UpdateContainer, update).error().code(),
+            Code::kInvalidArgument);
 
   // A terminal resized while its process runs.
   ASSERT_TRUE(agent_->Exec("svc", "sized", {"sh", "-c", "sleep 2; stty size"}, true).ok());
@@ -226,14 +227,14 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   resize.set_exec_id("sized");
   resize.set_width(123);
   resize.set_height(45);
-  ASSERT_TRUE(agent_->Call<Empty>("ResizePty", resize).ok());
+  ASSERT_TRUE(agent_->Sync(&agentapi::AgentClient::ResizePty, resize).ok());
   EXPECT_NE(agent_->ReadAll("svc", "sized").find("45 123"), std::string::npos);
   EXPECT_EQ(*agent_->Wait("svc", "sized"), 0u);
 
   // Pause and resume.
-  ASSERT_TRUE(agent_->Call<Empty>("PauseContainer", creq).ok());
+  ASSERT_TRUE(agent_->Sync(&agentapi::AgentClient::PauseContainer, creq).ok());
   EXPECT_EQ(agent_->State("svc"), v1::StateContainerResponse::PAUSED);
-  ASSERT_TRUE(agent_->Call<Empty>("ResumeContainer", creq).ok());
+  ASSERT_TRUE(agent_->Sync(&agentapi::AgentClient::ResumeContainer, creq).ok());
   EXPECT_EQ(agent_->State("svc"), v1::StateContainerResponse::RUNNING);
 
   // A 32 MiB container that wants 64 MiB is OOM-killed, and the agent says so.
@@ -244,7 +245,7 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
                   .ok());
   ASSERT_TRUE(agent_->Start("hog").ok());
   EXPECT_EQ(*agent_->Wait("hog"), 128u + SIGKILL);
-  auto oom = agent_->Call<v1::OOMEvent>("GetOOMEvent", v1::GetOOMEventRequest(), 30s);
+  auto oom = agent_->Sync(&agentapi::AgentClient::GetOOMEvent, v1::GetOOMEventRequest(), 30s);
   ASSERT_TRUE(oom.ok()) << oom.error().ToString();
   EXPECT_EQ(oom->container_id(), "hog");
 
@@ -259,7 +260,7 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   auto* route = net.add_routes();
   route->set_gateway("10.88.0.1");
   route->set_device("eth0");
-  auto configured = agent_->Call<Empty>("ConfigureNetwork", net);
+  auto configured = agent_->Sync(&agentapi::AgentClient::ConfigureNetwork, net);
   ASSERT_TRUE(configured.ok()) << configured.error().ToString();
   ASSERT_TRUE(
       agent_->Exec("svc", "net", {"sh", "-c", "ip addr show eth0; ip route; hostname"}).ok());
@@ -272,7 +273,8 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   EXPECT_EQ(*agent_->Wait("svc", "net"), 0u);
   v1::ConfigureNetworkRequest bad_net;
   bad_net.add_interfaces()->set_mac("02:00:00:00:00:99");
-  EXPECT_EQ(agent_->Call<Empty>("ConfigureNetwork", bad_net).error().code(), Code::kNotFound);
+  EXPECT_EQ(agent_->Sync(&agentapi::AgentClient::ConfigureNetwork, bad_net).error().code(),
+            Code::kNotFound);
 
   // Bad requests get clear errors, and the agent keeps serving.
   auto bad_json = agent_->Create("bad", "{not json");
@@ -290,7 +292,7 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   // The failed creates left nothing: the id is free.
   ASSERT_TRUE(agent_->Create("bad", agenttest::Spec({"true"})).ok());
   EXPECT_TRUE(agent_->Remove("bad").ok());
-  EXPECT_TRUE(agent_->Call<v1::CheckResponse>("Check", v1::CheckRequest()).ok());
+  EXPECT_TRUE(agent_->Sync(&agentapi::AgentClient::Check, v1::CheckRequest()).ok());
 
   EXPECT_TRUE(agent_->Remove("svc", true).ok());
   EXPECT_TRUE(agent_->Remove("hog").ok());
