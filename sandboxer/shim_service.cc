@@ -33,6 +33,71 @@ void Register(ttrpc::Server& server, const std::string& method, Fn fn) {
                                   });
 }
 
+pb::AttachRootfsResponse RootfsOf(RootfsInfo r) {
+  pb::AttachRootfsResponse resp;
+  for (auto& l : r.layers) *resp.add_layers() = std::move(l);
+  resp.set_upper_dir(r.upper_dir);
+  return resp;
+}
+
+std::vector<VolumeRequest> VolumesOf(const google::protobuf::RepeatedPtrField<pb::HostVolume>& in) {
+  std::vector<VolumeRequest> volumes;
+  for (const auto& v : in) {
+    volumes.push_back(
+        {v.host_path(), v.readonly(), v.recursive_readonly(), v.propagate_from_host()});
+  }
+  return volumes;
+}
+
+pb::ShareVolumesResponse SharedOf(std::vector<SharedVolume> shared) {
+  pb::ShareVolumesResponse resp;
+  for (auto& v : shared) {
+    resp.add_guest_paths(std::move(v.guest_path));
+    auto* subs = resp.add_submounts();
+    for (auto& m : v.submounts) {
+      auto* s = subs->add_submounts();
+      s->set_path(std::move(m.path));
+      s->set_guest_path(std::move(m.guest_path));
+      s->set_readonly(m.readonly);
+    }
+  }
+  return resp;
+}
+
+// PrepareContainer: the pod, then its rootfs, then its volumes; a failure after the rootfs
+// releases what the container got.
+void PrepareContainer(PodManager* pods, pb::PrepareContainerRequest req,
+                      ttrpc::TypedResponder<pb::PrepareContainerResponse> reply) {
+  auto status = pods->Status(req.pod_id());
+  if (!status.ok()) return reply(std::move(status).error());
+  auto resp = std::make_shared<pb::PrepareContainerResponse>();
+  *resp->mutable_pod() = InfoOf(*status);
+  auto shared_req = std::make_shared<pb::PrepareContainerRequest>(std::move(req));
+  const std::string pod = shared_req->pod_id();
+  const std::string ctr = shared_req->container_id();
+  pods->AttachRootfs(pod, ctr, std::move(*shared_req->mutable_mounts()),
+                     [pods, pod, ctr, shared_req, resp, reply](Result<RootfsInfo> r) {
+                       if (!r.ok()) return reply(std::move(r).error());
+                       *resp->mutable_rootfs() = RootfsOf(std::move(*r));
+                       if (shared_req->volumes().empty()) return reply(*resp);
+                       pods->ShareVolumes(
+                           pod, ctr, VolumesOf(shared_req->volumes()),
+                           [pods, pod, ctr, resp, reply](Result<std::vector<SharedVolume>> v) {
+                             if (v.ok()) {
+                               *resp->mutable_volumes() = SharedOf(std::move(*v));
+                               return reply(*resp);
+                             }
+                             pods->ReleaseContainer(
+                                 pod, ctr, [reply, e = std::move(v).error()](Result<void> x) {
+                                   if (!x.ok())
+                                     spdlog::warn("shim api: release after a failed prepare: {}",
+                                                  x.error().ToString());
+                                   reply(e);
+                                 });
+                           });
+                     });
+}
+
 std::function<void(Result<void>)> EmptyReply(ttrpc::TypedResponder<Empty> reply) {
   return [reply](Result<void> r) {
     if (!r.ok()) return reply(std::move(r).error());
@@ -87,37 +152,25 @@ void RegisterShimService(ttrpc::Server& server, PodManager* pods) {
         pods->AttachRootfs(req.pod_id(), req.container_id(), std::move(*req.mutable_mounts()),
                            [reply](Result<RootfsInfo> r) {
                              if (!r.ok()) return reply(std::move(r).error());
-                             pb::AttachRootfsResponse resp;
-                             for (auto& l : r->layers) *resp.add_layers() = std::move(l);
-                             resp.set_upper_dir(r->upper_dir);
-                             reply(std::move(resp));
+                             reply(RootfsOf(std::move(*r)));
                            });
       });
 
   Register<pb::ShareVolumesRequest, pb::ShareVolumesResponse>(
       server, "ShareVolumes",
       [pods](pb::ShareVolumesRequest req, ttrpc::TypedResponder<pb::ShareVolumesResponse> reply) {
-        std::vector<VolumeRequest> volumes;
-        for (const auto& v : req.volumes()) {
-          volumes.push_back(
-              {v.host_path(), v.readonly(), v.recursive_readonly(), v.propagate_from_host()});
-        }
-        pods->ShareVolumes(req.pod_id(), req.container_id(), std::move(volumes),
+        pods->ShareVolumes(req.pod_id(), req.container_id(), VolumesOf(req.volumes()),
                            [reply](Result<std::vector<SharedVolume>> r) {
                              if (!r.ok()) return reply(std::move(r).error());
-                             pb::ShareVolumesResponse resp;
-                             for (auto& v : *r) {
-                               resp.add_guest_paths(std::move(v.guest_path));
-                               auto* subs = resp.add_submounts();
-                               for (auto& m : v.submounts) {
-                                 auto* s = subs->add_submounts();
-                                 s->set_path(std::move(m.path));
-                                 s->set_guest_path(std::move(m.guest_path));
-                                 s->set_readonly(m.readonly);
-                               }
-                             }
-                             reply(std::move(resp));
+                             reply(SharedOf(std::move(*r)));
                            });
+      });
+
+  Register<pb::PrepareContainerRequest, pb::PrepareContainerResponse>(
+      server, "PrepareContainer",
+      [pods](pb::PrepareContainerRequest req,
+             ttrpc::TypedResponder<pb::PrepareContainerResponse> reply) {
+        PrepareContainer(pods, std::move(req), std::move(reply));
       });
 
   Register<pb::ReleaseContainerRequest, Empty>(

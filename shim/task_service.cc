@@ -48,38 +48,27 @@ constexpr auto kOomEventInterval = 1s;
 // GetPod is a lookup: an answer slower than this means the connection is stuck, not busy.
 constexpr auto kLocateTimeout = 10s;
 
-Result<PodRole> RoleFromSpec(const std::string& id, const std::string& config_json) {
-  Json spec;
-  try {
-    spec = Json::parse(config_json);
-  } catch (const std::exception& e) {
-    return Error::Invalid("config.json of container {} is not valid JSON: {}", id, e.what());
-  }
-  if (!spec.is_object()) return Error::Invalid("config.json of container {} is not an object", id);
+PodRole RoleOf(const std::string& id, const oci::Spec& spec) {
   PodRole role;
   role.pod_id = id;
-  auto ann = spec.value("annotations", Json::object());
-  auto get = [&](const char* key) -> std::string {
-    auto it = ann.find(key);
-    return it != ann.end() && it->is_string() ? it->get<std::string>() : "";
-  };
   // containerd's CRI marks each container: "sandbox" for the pause container, "container" for
   // the others, which name their pod with sandbox-id.
-  std::string type = get("io.kubernetes.cri.container-type");
-  std::string sandbox = get("io.kubernetes.cri.sandbox-id");
+  std::string type = spec.Annotation("io.kubernetes.cri.container-type").value_or("");
+  std::string sandbox = spec.Annotation("io.kubernetes.cri.sandbox-id").value_or("");
   if (type == "sandbox") {
     role.kind = PodRole::kPause;
   } else if (!sandbox.empty() && sandbox != id) {
     role.kind = PodRole::kMember;
     role.pod_id = sandbox;
   }
-  role.hostname = spec.value("hostname", "");
-  if (spec.contains("linux") && spec["linux"].contains("namespaces")) {
-    for (const auto& ns : spec["linux"]["namespaces"]) {
-      if (ns.value("type", "") == "network") role.netns = ns.value("path", "");
-    }
-  }
+  role.hostname = spec.hostname().value_or("");
+  role.netns = spec.NamespacePath(oci::NamespaceType::kNetwork).value_or("");
   return role;
+}
+
+Result<PodRole> RoleFromSpec(const std::string& id, const std::string& config_json) {
+  PP_ASSIGN_OR_RETURN(auto spec, oci::Spec::Parse(config_json, "config.json of container " + id));
+  return RoleOf(id, spec);
 }
 
 namespace {
@@ -400,38 +389,26 @@ struct TaskService::Impl {
   // --- Create: pod, rootfs, volumes, then the container in the guest ---------------------
   struct CreateJob {
     task::CreateTaskRequest req;
-    std::optional<oci::Spec> spec;  // not for a pause container
+    std::optional<oci::Spec> spec;
+    std::vector<size_t> binds;  // indexes in the spec's mounts of the volumes to share
     Done<uint32_t> done;
   };
 
+  // The spec is read and parsed once, here; the role and the volumes come from it.
   void CreateTask(std::shared_ptr<CreateJob> job) {
     auto fail = [job](Error e) { job->done(std::move(e)); };
     const std::string path = opts.bundle + "/config.json";
     auto config = ReadFile(path);
     if (!config.ok()) return fail(std::move(config).error());
-    auto r = RoleFromSpec(opts.id, *config);
-    if (!r.ok()) return fail(std::move(r).error());
-    role = *r;
+    auto spec = oci::Spec::Parse(*config, path);
+    if (!spec.ok()) return fail(std::move(spec).error());
+    job->spec = std::move(*spec);
+    role = RoleOf(opts.id, *job->spec);
     if (auto o = CheckRuntimeOptions(job->req.options()); !o.ok()) return fail(o.error());
-    if (role.kind != PodRole::kPause) {
-      auto spec = oci::Spec::Parse(*config, path);
-      if (!spec.ok()) return fail(std::move(spec).error());
-      job->spec = std::move(*spec);
-    }
-    // The pod: created by us for a pause container (classic CRI) or a plain container; found
-    // for the others (created by the sandbox controller, or by the pause container's shim).
-    if (role.kind == PodRole::kMember) {
-      sb::GetPodRequest g;
-      g.set_pod_id(role.pod_id);
-      return CallSandboxer<sb::PodInfo>("GetPod", g, [this, job](Result<sb::PodInfo> pod) {
-        if (!pod.ok()) {
-          return job->done(std::move(pod).error().Wrap("container " + opts.id + " names pod " +
-                                                       role.pod_id +
-                                                       ", which peapod-sandboxer does not run"));
-        }
-        WithPod(job, *pod);
-      });
-    }
+    // The pod: made by the sandbox controller (containerd 2.x) or by the pause container's
+    // shim (1.6) for a CRI container, which only prepares itself in it; created by us for a
+    // pause container or a plain one.
+    if (role.kind == PodRole::kMember) return Prepare(job);
     sb::CreatePodRequest c;
     c.set_pod_id(role.pod_id);
     c.set_origin(role.kind == PodRole::kPause ? sb::CreatePodRequest::CLASSIC_CRI
@@ -441,34 +418,21 @@ struct TaskService::Impl {
     c.set_namespace_(opts.ns);
     CallSandboxer<sb::PodInfo>("CreatePod", c, [this, job](Result<sb::PodInfo> pod) {
       if (!pod.ok()) return job->done(std::move(pod).error());
-      WithPod(job, *pod);
+      if (role.kind != PodRole::kPause) return Prepare(job);
+      vm_pid = pod->pid();
+      ConnectAgent();
+      job->done(vm_pid);  // the pause process costs nothing
     });
   }
 
-  void WithPod(std::shared_ptr<CreateJob> job, const sb::PodInfo& pod) {
-    vm_pid = pod.pid();
-    ConnectAgent();
-    if (role.kind == PodRole::kPause) return job->done(vm_pid);  // the pause process costs nothing
-    // Rootfs: containerd's snapshot mounts become layer disks.
-    sb::AttachRootfsRequest a;
-    a.set_pod_id(role.pod_id);
-    a.set_container_id(opts.id);
-    *a.mutable_mounts() = job->req.rootfs();
-    CallSandboxer<sb::AttachRootfsResponse>("AttachRootfs", a,
-                                            [this, job](Result<sb::AttachRootfsResponse> rootfs) {
-                                              if (!rootfs.ok())
-                                                return job->done(std::move(rootfs).error());
-                                              ShareVolumes(job, std::move(*rootfs));
-                                            });
-  }
-
-  // Bind mounts of host paths (volumes, the pod's hosts/resolv.conf/hostname/shm) go through
-  // the pod share: their sources become guest paths.
-  void ShareVolumes(std::shared_ptr<CreateJob> job, sb::AttachRootfsResponse rootfs) {
-    std::vector<size_t> binds;
-    sb::ShareVolumesRequest sv;
-    sv.set_pod_id(role.pod_id);
-    sv.set_container_id(opts.id);
+  // One round trip: the sandboxer finds the pod, turns containerd's rootfs mounts into layer
+  // disks and shares the bind mounts of host paths (volumes, the pod's
+  // hosts/resolv.conf/hostname/shm) through the pod share; their sources become guest paths.
+  void Prepare(std::shared_ptr<CreateJob> job) {
+    sb::PrepareContainerRequest req;
+    req.set_pod_id(role.pod_id);
+    req.set_container_id(opts.id);
+    *req.mutable_mounts() = job->req.rootfs();
     const auto& mounts = job->spec->mounts();
     for (size_t i = 0; i < mounts.size(); ++i) {
       const auto& m = mounts[i];
@@ -477,32 +441,47 @@ struct TaskService::Impl {
       };
       bool bind = m.type == "bind" || has("bind") || has("rbind");
       if (!bind || m.source.empty() || m.source[0] != '/' || !fs::exists(m.source)) continue;
-      auto* v = sv.add_volumes();
+      auto* v = req.add_volumes();
       v->set_host_path(m.source);
       v->set_readonly(has("ro") || has("rro"));
       v->set_recursive_readonly(has("rro"));
       v->set_propagate_from_host(has("rslave") || has("rshared") || has("slave") || has("shared"));
-      binds.push_back(i);
+      job->binds.push_back(i);
     }
-    if (binds.empty()) return CreateInGuest(job, rootfs);
-    CallSandboxer<sb::ShareVolumesResponse>(
-        "ShareVolumes", sv, [this, job, binds, rootfs](Result<sb::ShareVolumesResponse> shared) {
-          if (!shared.ok()) return job->done(std::move(shared).error());
-          auto edited = job->spec->Edit([&](oci::Json& d) {
-            std::vector<SharedBind> shared_binds;
-            for (size_t k = 0;
-                 k < binds.size() && k < static_cast<size_t>(shared->guest_paths_size()); ++k) {
-              const int ik = static_cast<int>(k);
-              d["mounts"][binds[k]]["source"] = shared->guest_paths(ik);
-              if (ik < shared->submounts_size()) {
-                shared_binds.push_back({binds[k], shared->submounts(ik)});
-              }
+    CallSandboxer<sb::PrepareContainerResponse>(
+        "PrepareContainer", req, [this, job](Result<sb::PrepareContainerResponse> r) {
+          if (!r.ok()) {
+            if (role.kind == PodRole::kMember && r.error().code() == Code::kNotFound) {
+              return job->done(std::move(r).error().Wrap("container " + opts.id + " names pod " +
+                                                         role.pod_id +
+                                                         ", which peapod-sandboxer does not run"));
             }
-            d["mounts"] = WithSubmounts(d["mounts"], shared_binds);
-          });
-          if (!edited.ok()) return job->done(std::move(edited).error());
-          CreateInGuest(job, rootfs);
+            return job->done(std::move(r).error());
+          }
+          vm_pid = r->pod().pid();
+          ConnectAgent();
+          if (auto edited = UseSharedVolumes(*job, r->volumes()); !edited.ok()) {
+            return ReleaseFromPod([job, e = edited.error()] { job->done(e); });
+          }
+          CreateInGuest(job, r->rootfs());
         });
+  }
+
+  // The shared volumes' guest paths in the spec; each mount the sandboxer found below a volume
+  // follows it as a bind of its own.
+  Result<void> UseSharedVolumes(CreateJob& job, const sb::ShareVolumesResponse& shared) {
+    if (job.binds.empty()) return Ok();
+    return job.spec->Edit([&](oci::Json& d) {
+      std::vector<SharedBind> shared_binds;
+      const auto& binds = job.binds;
+      for (size_t k = 0; k < binds.size() && k < static_cast<size_t>(shared.guest_paths_size());
+           ++k) {
+        const int ik = static_cast<int>(k);
+        d["mounts"][binds[k]]["source"] = shared.guest_paths(ik);
+        if (ik < shared.submounts_size()) shared_binds.push_back({binds[k], shared.submounts(ik)});
+      }
+      d["mounts"] = WithSubmounts(d["mounts"], shared_binds);
+    });
   }
 
   void CreateInGuest(std::shared_ptr<CreateJob> job, const sb::AttachRootfsResponse& rootfs) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/loop/event_loop.h"
+#include "common/oci/spec.h"
 #include "common/ttrpc/client.h"
 #include "common/ttrpc/server.h"
 #include "shim/events.h"
@@ -57,6 +58,8 @@ struct PodRole {
   std::string netns;     // the spec's network namespace path (pause/plain)
   std::string hostname;  // the spec's hostname
 };
+PodRole RoleOf(const std::string& id, const oci::Spec& spec);
+// The same from config.json's text, parsed (and validated) with common/oci.
 Result<PodRole> RoleFromSpec(const std::string& id, const std::string& config_json);
 
 }  // namespace peapod::shim

@@ -130,7 +130,8 @@ TEST(ShimProcessTest, BadBundlesAndOptionsAreClearErrorsAndCreateNothing) {
   // stderr, and stdout still holds nothing but the DeleteResponse (a warning on stdout made
   // containerd report a killed shim's container as exited 255).
   std::ofstream(bundle + "/config.json", std::ios::trunc)
-      << R"({"ociVersion": "1.0.2", "process": {"args": ["sh"], "cwd": "/"}, "root": {"path": "rootfs"}})";
+      << R"({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+             "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}})";
   auto listener = ListenUnix(dir + "/useless-sandboxer.sock");
   ASSERT_TRUE(listener.ok()) << listener.error().ToString();
   auto useless = std::make_unique<ttrpc::Server>(lt.loop());

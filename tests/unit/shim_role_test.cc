@@ -7,7 +7,8 @@ namespace peapod::shim {
 namespace {
 
 TEST(RoleFromSpecTest, PauseMemberAndPlainContainers) {
-  auto pause = RoleFromSpec("sb1", R"({"hostname": "web-0",
+  auto pause = RoleFromSpec("sb1", R"({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+      "hostname": "web-0",
       "annotations": {"io.kubernetes.cri.container-type": "sandbox",
                       "io.kubernetes.cri.sandbox-id": "sb1"},
       "linux": {"namespaces": [{"type": "pid"},
@@ -18,13 +19,15 @@ TEST(RoleFromSpecTest, PauseMemberAndPlainContainers) {
   EXPECT_EQ(pause->netns, "/var/run/netns/cni-1");
   EXPECT_EQ(pause->hostname, "web-0");
 
-  auto member = RoleFromSpec("c1", R"({"annotations": {
+  auto member = RoleFromSpec("c1", R"({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+      "annotations": {
       "io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "sb1"}})");
   ASSERT_TRUE(member.ok());
   EXPECT_EQ(member->kind, PodRole::kMember);
   EXPECT_EQ(member->pod_id, "sb1");
 
-  auto plain = RoleFromSpec("t1", R"({"process": {"args": ["sh"]}})");
+  auto plain = RoleFromSpec("t1", R"({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+      "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}})");
   ASSERT_TRUE(plain.ok());
   EXPECT_EQ(plain->kind, PodRole::kPlain);
   EXPECT_EQ(plain->pod_id, "t1");

@@ -439,6 +439,34 @@ TEST_F(SandboxerTest, ContainersGetTheirRootfsFromCachedLayerDisks) {
   EXPECT_TRUE(fs::is_empty(dir_ + "/state/layers"))
       << "unused images (keep 0 s) or temp files left";
 
+  // PrepareContainer: the pod, rootfs and volumes in one round trip, as the shim asks; a volume
+  // that cannot be shared leaves the container nothing attached.
+  pb::PrepareContainerRequest prep;
+  prep.set_pod_id("pod4");
+  prep.set_container_id("c5");
+  *prep.mutable_mounts() = mounts;
+  prep.add_volumes()->set_host_path(volume);
+  auto prepared = call.operator()<pb::PrepareContainerResponse>("PrepareContainer", prep);
+  ASSERT_TRUE(prepared.ok()) << prepared.error().ToString();
+  EXPECT_TRUE(prepared->pod().ready());
+  EXPECT_EQ(prepared->pod().agent_address(), run_dir_ + "/pods/pod4/agent.sock");
+  EXPECT_EQ(prepared->rootfs().layers_size(), 2);
+  EXPECT_EQ(prepared->volumes().guest_paths_size(), 1);
+  pb::ReleaseContainerRequest rel5;
+  rel5.set_pod_id("pod4");
+  rel5.set_container_id("c5");
+  EXPECT_TRUE(call.operator()<google::protobuf::Empty>("ReleaseContainer", rel5).ok());
+  prep.set_container_id("c6");
+  prep.mutable_volumes(0)->set_host_path(dir_ + "/no-such-volume");
+  auto unshared = call.operator()<pb::PrepareContainerResponse>("PrepareContainer", prep);
+  EXPECT_FALSE(unshared.ok());
+  record = nlohmann::json::parse(std::ifstream(dir_ + "/state/pods/pod4/pod.json"));
+  EXPECT_TRUE(record["disks"].empty() && record["rootfs"].empty())
+      << "a failed prepare left: " << record.dump();
+  prep.set_pod_id("nosuch");
+  EXPECT_EQ(call.operator()<pb::PrepareContainerResponse>("PrepareContainer", prep).error().code(),
+            Code::kNotFound);
+
   // A pod removed with a container still attached leaves no disk image, mount or process.
   ASSERT_TRUE(attach("c4").ok());
   ASSERT_TRUE(call.operator()<pb::ShareVolumesResponse>("ShareVolumes", share).ok());
