@@ -24,6 +24,8 @@ import sys
 import time
 
 MiB = 1 << 20
+# The source tree (bench/..).
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def log(msg):
@@ -315,65 +317,16 @@ class Bench:
         with open("/proc/self/status") as st:
             cap_eff = int(re.search(r"CapEff:\s*([0-9a-f]+)", st.read()).group(1), 16)
         restrict_oom = "false" if cap_eff >> 24 & 1 else "true"
+        # The one containerd config template (scripts/containerd-config.sh).
+        args = [f"{SRC}/scripts/containerd-config.sh", "--containerd", "2" if v2 else "1.6",
+                "--dir", self.dir, "--root", root, "--state", state, "--debug", "debug",
+                "--pause", "registry.local/peapod/pause:test", "--cni-conf", f"{self.dir}/net.d",
+                "--runc", runc, "--streaming-on-loopback", "--restrict-oom", restrict_oom]
+        if v2:
+            args += ["--sandboxer", f"{self.dir}/sandboxer.sock", "--netns-under-state",
+                     "--default-runtime", "runc", "--runc-root", f"{self.rundir}/runc"]
         with open(cfg, "w") as f:
-            if v2:
-                f.write(f"""version = 3
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{self.dir}/containerd.sock"
-[ttrpc]
-  address = "{self.dir}/containerd.sock.ttrpc"
-[debug]
-  level = "debug"
-[proxy_plugins.peapod]
-  type = "sandbox"
-  address = "{self.dir}/sandboxer.sock"
-[plugins.'io.containerd.grpc.v1.cri']
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-[plugins.'io.containerd.cri.v1.images'.pinned_images]
-  sandbox = "registry.local/peapod/pause:test"
-[plugins.'io.containerd.cri.v1.runtime']
-  netns_mounts_under_state_dir = true
-  restrict_oom_score_adj = {restrict_oom}
-[plugins.'io.containerd.cri.v1.runtime'.cni]
-  bin_dirs = ["/usr/lib/cni"]
-  conf_dir = "{self.dir}/net.d"
-[plugins.'io.containerd.cri.v1.runtime'.containerd]
-  default_runtime_name = "runc"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-  BinaryName = "{runc}"
-  Root = "{self.rundir}/runc"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]
-  runtime_type = "io.containerd.peapod.v2"
-  sandboxer = "peapod"
-""")
-            else:
-                f.write(f"""version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{self.dir}/containerd.sock"
-[ttrpc]
-  address = "{self.dir}/containerd.sock.ttrpc"
-[debug]
-  level = "debug"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.local/peapod/pause:test"
-  restrict_oom_score_adj = {restrict_oom}
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{self.dir}/net.d"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.peapod]
-    runtime_type = "io.containerd.peapod.v2"
-""")
+            f.write(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
         path = ":".join(x for x in (shim_path_prefix, self.bin_dir, bin_dir,
                                     os.environ.get("PATH", "/usr/bin:/bin")) if x)
         env = dict(os.environ, PATH=path, PEAPOD_SANDBOXER_SOCKET=f"{self.dir}/shim.sock",

@@ -367,48 +367,15 @@ cat >"$dir/net.d/10-$netname.conflist" <<EOF
   {"type": "portmap", "capabilities": {"portMappings": true}},
   {"type": "loopback"}]}
 EOF
-cat >"$dir/containerd.toml" <<EOF
-version = 3
-root = "$dir/ctd-root"
-state = "$dir/ctd-state"
-[grpc]
-  address = "$dir/containerd.sock"
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-[debug]
-  level = "info"
-[plugins.'io.containerd.grpc.v1.cri']
-  # Streaming (exec, attach, port-forward) on loopback, a port of the kernel's choosing.
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-[plugins.'io.containerd.cri.v1.images'.pinned_images]
-  sandbox = "registry.k8s.io/pause:3.10.1"
-[plugins.'io.containerd.cri.v1.images'.registry]
-  config_path = "$dir/certs.d"
-[plugins.'io.containerd.cri.v1.runtime']
-  # Pod netns bind mounts under the state dir, not /run/netns: torn down with the root.
-  netns_mounts_under_state_dir = true
-  restrict_oom_score_adj = $restrict_oom
-[plugins.'io.containerd.cri.v1.runtime'.cni]
-  bin_dirs = ["/usr/lib/cni"]
-  conf_dir = "$dir/net.d"
-[plugins.'io.containerd.cri.v1.runtime'.containerd]
-  default_runtime_name = "runc"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-  BinaryName = "$(command -v runc || echo runc)"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]
-  runtime_type = "io.containerd.peapod.v2"
-  sandboxer = "peapod"
-EOF
-if want peapod; then
-  cat >>"$dir/containerd.toml" <<EOF
-[proxy_plugins.peapod]
-  type = "sandbox"
-  address = "$dir/sandboxer.sock"
-EOF
-fi
+# The one containerd config template (scripts/containerd-config.sh). Streaming (exec, attach,
+# port-forward) on loopback, a port of the kernel's choosing; pod netns bind mounts under the
+# state dir, not /run/netns: torn down with the root.
+config=(--containerd 2 --dir "$dir" --debug info --streaming-on-loopback
+  --pause registry.k8s.io/pause:3.10.1 --registry-config "$dir/certs.d" --netns-under-state
+  --restrict-oom "$restrict_oom" --cni-conf "$dir/net.d" --default-runtime runc
+  --runc "$(command -v runc || echo runc)")
+if want peapod; then config+=(--sandboxer "$dir/sandboxer.sock"); fi
+"$src/scripts/containerd-config.sh" "${config[@]}" >"$dir/containerd.toml"
 log "starting containerd $("$ctd_bin/containerd" --version | awk '{print $3}')"
 # The peapod shims put their sockets in PEAPOD_SHIM_SOCKET_DIR (default /run/peapod/shims).
 mkdir -p "$rundir/shims"

@@ -53,26 +53,8 @@ for _ in $(seq 600); do [[ -S "$dir/shim.sock" ]] && break; sleep 0.2; done
 [[ -S "$dir/shim.sock" ]] || { cat "$dir/sandboxer.log"; exit 1; }
 
 echo "== starting containerd $("$ctd_bin/containerd" --version | awk '{print $3}') with the peapod sandboxer"
-cat > "$dir/containerd.toml" <<EOF
-version = 3
-root = "$dir/ctd-root"
-state = "$dir/ctd-state"
-[grpc]
-  address = "$dir/containerd.sock"
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-[proxy_plugins.peapod]
-  type = "sandbox"
-  address = "$dir/sandboxer.sock"
-[plugins.'io.containerd.cri.v1.images'.pinned_images]
-  sandbox = "registry.local/peapod/pause:test"
-[plugins.'io.containerd.cri.v1.runtime'.cni]
-  bin_dirs = ["/usr/lib/cni"]
-  conf_dir = "$dir/net.d"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]
-  runtime_type = "io.containerd.peapod.v2"
-  sandboxer = "peapod"
-EOF
+"$src/scripts/containerd-config.sh" --containerd 2 --dir "$dir" --sandboxer "$dir/sandboxer.sock" \
+  --pause registry.local/peapod/pause:test --cni-conf "$dir/net.d" > "$dir/containerd.toml"
 mkdir -p "$dir/net.d" "$dir/logs"
 cat > "$dir/net.d/10-demo.conflist" <<EOF
 {"cniVersion": "1.0.0", "name": "peapod-demo", "plugins": [{"type": "bridge", "bridge": "ppdemo0",

@@ -228,33 +228,18 @@ class CriPathsTest : public ::testing::Test {
       }
     }
     ctr_ = bin + "/ctr --address " + dir_ + "/containerd.sock";
-    std::ofstream cfg(dir_ + "/containerd.toml");
-    cfg << (v2 ? "version = 3\n" : "version = 2\n") << "root = \"" << dir_ << "/ctd-root\"\n"
-        << "state = \"" << dir_ << "/ctd-state\"\n[grpc]\n  address = \"" << dir_
-        << "/containerd.sock\"\n[ttrpc]\n  address = \"" << dir_ << "/containerd.sock.ttrpc\"\n"
-        << "[debug]\n  level = \"debug\"\n";
+    // The one containerd config template; runc's pods get the same exec drain contract (an exec
+    // whose children hold its output open ends after 5 s).
+    std::string cfg = std::string(PEAPOD_SOURCE_DIR) + "/scripts/containerd-config.sh --dir " +
+                      dir_ + " --debug debug --pause registry.local/peapod/pause:test --cni-conf " +
+                      dir_ + "/net.d";
     if (v2) {
-      cfg << "[proxy_plugins.peapod]\n  type = \"sandbox\"\n  address = \"" << dir_
-          << "/sandboxer.sock\"\n"
-          << "[plugins.'io.containerd.cri.v1.images'.pinned_images]\n"
-          << "  sandbox = \"registry.local/peapod/pause:test\"\n"
-          // As runc's pods get it: an exec whose children hold its output open ends after 5 s.
-          << "[plugins.'io.containerd.cri.v1.runtime']\n  drain_exec_sync_io_timeout = \"5s\"\n"
-          << "[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n"
-          << "  conf_dir = \"" << dir_ << "/net.d\"\n"
-          << "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]\n"
-          << "  runtime_type = \"io.containerd.peapod.v2\"\n  sandboxer = \"peapod\"\n";
+      cfg += " --containerd 2 --sandboxer " + dir_ + "/sandboxer.sock --drain-exec-io 5s";
     } else {
-      cfg << "[plugins.\"io.containerd.grpc.v1.cri\"]\n"
-          << "  sandbox_image = \"registry.local/peapod/pause:test\"\n"
-          << "  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"/usr/lib/cni\"\n"
-          << "    conf_dir = \"" << dir_ << "/net.d\"\n"
-          << "  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n"
-          << "    runtime_type = \"io.containerd.runc.v2\"\n"
-          << "  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.peapod]\n"
-          << "    runtime_type = \"io.containerd.peapod.v2\"\n";
+      cfg += " --containerd 1.6 --runc \"$(command -v runc || echo runc)\"";
     }
-    cfg.close();
+    auto written = Sh(cfg + " > " + dir_ + "/containerd.toml");
+    ASSERT_EQ(written.rc, 0) << written.text;
     containerd_bin_ = bin;
     ASSERT_NO_FATAL_FAILURE(SpawnContainerd());
     for (const char* ns : {"k8s.io", "default"}) {
