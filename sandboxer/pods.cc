@@ -488,18 +488,26 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   p->mux.reset();
   p->agent.reset();
   (void)Save(*p);
-  if (vm_started) {
-    // Where an unconfined VM has it; a confined one's goes with its uid's directories, and
-    // only if a retried Start has not taken the name meanwhile.
-    std::string scratch = ids_.enabled() ? "" : store_.PodDir(id) + "/scratch.img";
-    uint32_t uid = ids_.UidOf(domain);
-    workers_.Run([this, domain, tap, has_tap, netns, scratch, uid] {
-      (void)backend_->Destroy(domain);
-      if (has_tap) RemoveTap(tap, netns);
-      DiscardVmFiles(domain, scratch, uid);
+  Error why = std::move(e).Wrap("start sandbox " + id);
+  if (!vm_started) return reply(std::move(why));
+  // The answer waits for the cleanup, and the pod stays busy meanwhile: a Start retried at once
+  // would otherwise make a VM, TAP and scratch disk of the same names for this cleanup to
+  // remove.
+  p->busy = true;
+  // Where an unconfined VM has it; a confined one's goes with its uid's directories.
+  std::string scratch = ids_.enabled() ? "" : store_.PodDir(id) + "/scratch.img";
+  uint32_t uid = ids_.UidOf(domain);
+  std::weak_ptr<bool> alive = alive_;
+  workers_.Run([this, alive, id, domain, tap, has_tap, netns, scratch, uid, why, reply] {
+    (void)backend_->Destroy(domain);
+    if (has_tap) RemoveTap(tap, netns);
+    DiscardVmFiles(domain, scratch, uid);
+    loop_->Post([this, alive, id, why, reply] {
+      if (alive.expired()) return;
+      if (Pod* p = Find(id)) p->busy = false;
+      reply(why);
     });
-  }
-  reply(std::move(e).Wrap("start sandbox " + id));
+  });
 }
 
 void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <thread>
 #include <utility>
 
 #include "common/base/unique_fd.h"
@@ -163,7 +164,15 @@ bool FakeBackend::KillAndReap(const std::string& name) {
 }
 
 Result<void> FakeBackend::Destroy(const std::string& name) {
+  std::chrono::milliseconds delay;
+  {
+    std::lock_guard l(mu_);
+    delay = std::exchange(destroy_delay_, std::chrono::milliseconds(0));
+  }
+  std::this_thread::sleep_for(delay);
   KillAndReap(name);
+  std::lock_guard l(mu_);
+  ++destroy_calls_;
   return Ok();
 }
 
@@ -211,6 +220,16 @@ std::optional<pid_t> FakeBackend::PidOf(const std::string& name) {
   auto it = procs_.find(name);
   if (it == procs_.end()) return std::nullopt;
   return it->second->pidfd.pid();
+}
+
+void FakeBackend::DelayNextDestroy(std::chrono::milliseconds d) {
+  std::lock_guard l(mu_);
+  destroy_delay_ = d;
+}
+
+size_t FakeBackend::destroy_calls() {
+  std::lock_guard l(mu_);
+  return destroy_calls_;
 }
 
 size_t FakeBackend::start_calls() {

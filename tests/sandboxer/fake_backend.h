@@ -57,6 +57,10 @@ class FakeBackend : public VmBackend {
   // The agent's pid, if running.
   std::optional<pid_t> PidOf(const std::string& name);
   size_t start_calls();
+  // The next Destroy waits d first (a slow libvirt).
+  void DelayNextDestroy(std::chrono::milliseconds d);
+  // Destroy calls that have returned.
+  size_t destroy_calls();
   // Where a VM's agent writes its log (the spec's console_log, else <base_dir>/<name>.log).
   std::string LogPath(const std::string& name);
 
@@ -78,6 +82,8 @@ class FakeBackend : public VmBackend {
   bool kill_next_ = false;
   std::vector<std::string> wrap_next_;
   size_t start_calls_ = 0;
+  std::chrono::milliseconds destroy_delay_{0};
+  size_t destroy_calls_ = 0;
 
   std::mutex cb_mu_;  // held while the callback runs
   std::function<void(const std::string&)> on_stopped_;

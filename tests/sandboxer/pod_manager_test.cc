@@ -272,6 +272,23 @@ TEST_F(PodManagerTest, AVmDyingWhileBootingFailsStartAndALaterStartWorks) {
   ASSERT_OK(CheckAgent(again->address));
 }
 
+// A failed Start answers only once its VM (and its TAP and scratch disk) are gone: a Start
+// retried at once must not find its new VM destroyed by the first one's cleanup.
+TEST_F(PodManagerTest, AFailedStartAnswersOnlyOnceItsVmIsGone) {
+  ASSERT_OK(Create("pod1"));
+  backend_->KillAfterNextStart();
+  backend_->DelayNextDestroy(500ms);
+  const size_t destroyed = backend_->destroy_calls();
+  auto r = Start("pod1");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(backend_->destroy_calls(), destroyed + 1) << "Start answered before its cleanup";
+  auto again = Start("pod1");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  std::this_thread::sleep_for(200ms);
+  EXPECT_TRUE(Status("pod1")->ready) << "the retried Start's VM was destroyed";
+  ASSERT_OK(CheckAgent(again->address));
+}
+
 TEST_F(PodManagerTest, AKilledVmMakesThePodNotReadyAndEndsWaitWith255) {
   PodStatus st;
   ASSERT_NO_FATAL_FAILURE(StartPod("pod1", &st));
