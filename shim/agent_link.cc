@@ -1,6 +1,7 @@
 #include "shim/agent_link.h"
 
 #include <algorithm>
+#include <optional>
 
 #include <spdlog/spdlog.h>
 
@@ -24,15 +25,18 @@ struct AgentLink::Retry {
   std::chrono::nanoseconds timeout;
   Done done;
   std::chrono::milliseconds wait;
+  // A call with a timeout is re-sent only until then: its caller has given up by then, and an
+  // agent that answers UNAVAILABLE for ever must not make it live for ever. Long polls (no
+  // timeout) are re-sent as long as the pod lives.
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  bool Expired() const { return deadline && std::chrono::steady_clock::now() >= *deadline; }
 };
 
 std::shared_ptr<AgentLink> AgentLink::Create(EventLoop* loop, Locate locate, Backoff backoff) {
   return std::shared_ptr<AgentLink>(new AgentLink(loop, std::move(locate), backoff));
 }
 
-AgentLink::~AgentLink() {
-  if (client_) client_->Close();
-}
+AgentLink::~AgentLink() { Stop(); }
 
 void AgentLink::Stop() {
   if (stopped_) return;
@@ -83,7 +87,7 @@ void AgentLink::Attempt(std::chrono::milliseconds wait) {
         return self->Fail(where.error());
       }
       last = std::move(where).error();
-    } else if (auto fd = ConnectUnix(*where); !fd.ok()) {
+    } else if (auto fd = ConnectUnixNow(*where); !fd.ok()) {
       last = std::move(fd).error();
     } else if (auto c = ttrpc::Client::Create(self->loop_, std::move(*fd)); !c.ok()) {
       last = std::move(c).error();
@@ -129,46 +133,58 @@ void AgentLink::CallOnce(const std::string& method, std::string payload,
 
 void AgentLink::CallRetrying(const std::string& method, std::string payload,
                              std::chrono::nanoseconds timeout, Done done) {
-  SendRetry(std::make_shared<Retry>(
-      Retry{method, std::move(payload), timeout, std::move(done), backoff_.first}));
+  auto r = std::make_shared<Retry>(
+      Retry{method, std::move(payload), timeout, std::move(done), backoff_.first, std::nullopt});
+  if (timeout.count() > 0) r->deadline = std::chrono::steady_clock::now() + timeout;
+  SendRetry(std::move(r));
 }
 
 void AgentLink::SendRetry(std::shared_ptr<Retry> r) {
-  Live(std::chrono::milliseconds(0),
-       [weak = weak_from_this(), r](Result<std::shared_ptr<ttrpc::Client>> c) {
-         if (!c.ok()) return r->done(std::move(c).error());
-         ttrpc::CallOptions o;
-         o.timeout = r->timeout;
-         auto client = *c;
-         client->Call(kAgent, r->method, r->payload, o, [weak, r, client](Result<std::string> res) {
-           auto self = weak.lock();
-           bool lost = !res.ok() && res.error().code() == Code::kUnavailable;
-           if (!lost || !self || self->stopped_) return r->done(std::move(res));
-           // The connection went (the sandboxer restarts), or the mux has no channel to the guest
-           // just now (it reattaches, or the VM died): go on while the pod lives.
-           const bool closed = client->closed();
-           self->locate_([weak, r, closed](Result<std::string> where) {
-             auto self = weak.lock();
-             if (!self || self->stopped_) return r->done(Stopping());
-             if (!where.ok() && MeansGone(where.error())) {
-               return r->done(std::move(where).error().Wrap(r->method + " cannot be answered"));
-             }
-             if (closed) {  // Live redials with its own backoff
-               r->wait = self->backoff_.first;
-               return self->SendRetry(r);
-             }
-             self->resting_.push_back(r);
-             self->After(r->wait, [weak, r] {
-               auto self = weak.lock();
-               if (!self) return;
-               auto& rest = self->resting_;
-               rest.erase(std::remove(rest.begin(), rest.end(), r), rest.end());
-               r->wait = std::min(r->wait * 2, self->backoff_.max);
-               self->SendRetry(r);
-             });
-           });
-         });
-       });
+  if (r->Expired()) {
+    return r->done(Error::Make(Code::kDeadlineExceeded,
+                               "{}: the pod's agent did not answer in time", r->method));
+  }
+  // A call with a deadline waits for a connection only until then; a long poll for ever.
+  std::chrono::milliseconds patience(0);
+  if (r->deadline) {
+    patience = std::max(std::chrono::milliseconds(1),
+                        std::chrono::duration_cast<std::chrono::milliseconds>(
+                            *r->deadline - std::chrono::steady_clock::now()));
+  }
+  Live(patience, [weak = weak_from_this(), r](Result<std::shared_ptr<ttrpc::Client>> c) {
+    if (!c.ok()) return r->done(std::move(c).error());
+    ttrpc::CallOptions o;
+    o.timeout = r->timeout;
+    auto client = *c;
+    client->Call(kAgent, r->method, r->payload, o, [weak, r, client](Result<std::string> res) {
+      auto self = weak.lock();
+      bool lost = !res.ok() && res.error().code() == Code::kUnavailable;
+      if (!lost || !self || self->stopped_ || r->Expired()) return r->done(std::move(res));
+      // The connection went (the sandboxer restarts), or the mux has no channel to the guest
+      // just now (it reattaches, or the VM died): go on while the pod lives.
+      const bool closed = client->closed();
+      self->locate_([weak, r, closed](Result<std::string> where) {
+        auto self = weak.lock();
+        if (!self || self->stopped_) return r->done(Stopping());
+        if (!where.ok() && MeansGone(where.error())) {
+          return r->done(std::move(where).error().Wrap(r->method + " cannot be answered"));
+        }
+        if (closed) {  // Live redials with its own backoff
+          r->wait = self->backoff_.first;
+          return self->SendRetry(r);
+        }
+        self->resting_.push_back(r);
+        self->After(r->wait, [weak, r] {
+          auto self = weak.lock();
+          if (!self) return;
+          auto& rest = self->resting_;
+          rest.erase(std::remove(rest.begin(), rest.end(), r), rest.end());
+          r->wait = std::min(r->wait * 2, self->backoff_.max);
+          self->SendRetry(r);
+        });
+      });
+    });
+  });
 }
 
 }  // namespace peapod::shim

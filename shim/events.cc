@@ -1,5 +1,7 @@
 #include "shim/events.h"
 
+#include <utility>
+
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
 
@@ -36,8 +38,10 @@ void EventPublisher::Flush(std::function<void()> done) {
   if (queue_.empty() && !sending_) return done();
   flushed_.push_back(done);
   // containerd away: the shim still exits.
-  loop_->AddTimer(10s, [alive = alive_, this] {
+  if (flush_timer_) return;
+  flush_timer_ = loop_->AddTimer(10s, [alive = alive_, this] {
     if (!*alive) return;
+    flush_timer_ = 0;
     auto waiting = std::move(flushed_);
     flushed_.clear();
     for (auto& f : waiting) f();
@@ -47,6 +51,7 @@ void EventPublisher::Flush(std::function<void()> done) {
 void EventPublisher::SendNext() {
   if (queue_.empty()) {
     sending_ = false;
+    if (flush_timer_) loop_->CancelTimer(std::exchange(flush_timer_, 0));
     auto waiting = std::move(flushed_);
     flushed_.clear();
     for (auto& f : waiting) f();
@@ -65,7 +70,7 @@ void EventPublisher::Send(int attempt) {
   if (address_.empty()) return Sent();
   if (!client_ || client_->closed()) {
     client_.reset();
-    if (auto fd = ConnectUnix(address_); fd.ok()) {
+    if (auto fd = ConnectUnixNow(address_); fd.ok()) {
       if (auto c = ttrpc::Client::Create(loop_, std::move(*fd)); c.ok()) client_ = std::move(*c);
     }
   }

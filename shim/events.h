@@ -40,6 +40,7 @@ class EventPublisher {
   std::deque<std::string> queue_;  // serialized ForwardRequests; the front one is being sent
   bool sending_ = false;
   std::vector<std::function<void()>> flushed_;
+  EventLoop::TimerId flush_timer_ = 0;  // the 10 s bound of the Flush waiting
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // for callbacks after we go
 };
 

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 #include <spdlog/spdlog.h>
 
@@ -32,6 +33,7 @@ class OutputPump : public std::enable_shared_from_this<OutputPump> {
   }
 
   void Read() {
+    if (stopped_) return;
     v1::ReadStreamRequest req;
     req.set_container_id(stream_.container_id);
     req.set_exec_id(stream_.exec_id);
@@ -49,6 +51,7 @@ class OutputPump : public std::enable_shared_from_this<OutputPump> {
 
  private:
   void OnAnswer(Result<v1::ReadStreamResponse> r) {
+    if (stopped_) return;
     if (!r.ok()) {
       spdlog::warn("shim: {} {} stream ends: {}", stream_.container_id, err_ ? "stderr" : "stdout",
                    r.error().ToString());
@@ -72,7 +75,7 @@ class OutputPump : public std::enable_shared_from_this<OutputPump> {
         continue;
       } else if (n < 0 && errno == EAGAIN) {
         auto w = loop_->Watch(out_.get(), EPOLLOUT, [self = shared_from_this()](uint32_t) {
-          self->loop_->Unwatch(self->watch_);
+          self->loop_->Unwatch(std::exchange(self->watch_, 0));
           self->Flush();
         });
         if (w.ok()) {
@@ -104,6 +107,19 @@ class OutputPump : public std::enable_shared_from_this<OutputPump> {
     done_ = nullptr;
   }
 
+ public:
+  // containerd deleted the process while its output still flowed (children that hold it, a
+  // FIFO nobody drains): stop, and close our end so containerd's reader sees EOF.
+  void Stop() {
+    if (stopped_) return;
+    stopped_ = true;
+    if (watch_) loop_->Unwatch(std::exchange(watch_, 0));
+    out_.Reset();
+    pending_.clear();
+    Finish();
+  }
+
+ private:
   EventLoop* loop_;
   agentapi::AgentClient agent_;
   StreamOf stream_;
@@ -117,6 +133,7 @@ class OutputPump : public std::enable_shared_from_this<OutputPump> {
   bool empty_ = false;
   EventLoop::WatchId watch_ = 0;
   EmptyAnswerBackoff backoff_;
+  bool stopped_ = false;
 };
 
 class InputPump : public std::enable_shared_from_this<InputPump> {
@@ -125,6 +142,7 @@ class InputPump : public std::enable_shared_from_this<InputPump> {
       : loop_(loop), agent_(std::move(agent)), stream_(std::move(stream)), in_(std::move(in)) {}
 
   void Arm() {
+    if (stopped_) return;
     auto w = loop_->Watch(in_.get(), EPOLLIN,
                           [self = shared_from_this()](uint32_t) { self->OnReadable(); });
     if (!w.ok()) {
@@ -135,11 +153,18 @@ class InputPump : public std::enable_shared_from_this<InputPump> {
     watch_ = *w;
   }
 
+  void Stop() {
+    if (stopped_) return;
+    stopped_ = true;
+    if (watch_) loop_->Unwatch(std::exchange(watch_, 0));
+    in_.Reset();
+  }
+
  private:
   void OnReadable() {
     ssize_t n = ::read(in_.get(), buf_, sizeof buf_);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;  // level-triggered: again later
-    loop_->Unwatch(watch_);
+    loop_->Unwatch(std::exchange(watch_, 0));
     if (n <= 0) return Close();  // EOF: every writer is gone, ours (CloseIO, exit) too
     v1::WriteStreamRequest w;
     w.set_container_id(stream_.container_id);
@@ -147,12 +172,13 @@ class InputPump : public std::enable_shared_from_this<InputPump> {
     w.set_data(buf_, static_cast<size_t>(n));
     w.set_offset(offset_);
     agent_.WriteStdin(w, [self = shared_from_this(), n](Result<v1::WriteStreamResponse> r) {
+      if (self->stopped_) return;
       if (!r.ok()) {
         spdlog::warn("shim: {}: stdin ends: {}", self->stream_.container_id, r.error().ToString());
         return;
       }
       self->offset_ += static_cast<uint64_t>(n);
-      self->Arm();
+      self->Arm();  // (not once stopped)
     });
   }
 
@@ -173,20 +199,28 @@ class InputPump : public std::enable_shared_from_this<InputPump> {
   UniqueFd in_;
   EventLoop::WatchId watch_ = 0;
   uint64_t offset_ = 0;  // a write re-sent after a lost answer is taken once
+  bool stopped_ = false;
   char buf_[32768];
 };
 
 }  // namespace
 
-void PumpOutput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, bool stderr_stream,
-                UniqueFd out, std::function<void()> done) {
-  std::make_shared<OutputPump>(loop, std::move(agent), std::move(stream), stderr_stream,
-                               std::move(out), std::move(done))
-      ->Read();
+StopPump PumpOutput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream,
+                    bool stderr_stream, UniqueFd out, std::function<void()> done) {
+  auto pump = std::make_shared<OutputPump>(loop, std::move(agent), std::move(stream), stderr_stream,
+                                           std::move(out), std::move(done));
+  pump->Read();
+  return [weak = std::weak_ptr<OutputPump>(pump)] {
+    if (auto p = weak.lock()) p->Stop();
+  };
 }
 
-void PumpInput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, UniqueFd in) {
-  std::make_shared<InputPump>(loop, std::move(agent), std::move(stream), std::move(in))->Arm();
+StopPump PumpInput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, UniqueFd in) {
+  auto pump = std::make_shared<InputPump>(loop, std::move(agent), std::move(stream), std::move(in));
+  pump->Arm();
+  return [weak = std::weak_ptr<InputPump>(pump)] {
+    if (auto p = weak.lock()) p->Stop();
+  };
 }
 
 }  // namespace peapod::shim

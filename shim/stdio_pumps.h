@@ -23,13 +23,17 @@ struct StreamOf {
   std::string exec_id;  // empty: the container's init process
 };
 
+// Stops a pump at once: no more reads or writes, its fds closed (an output pump then calls its
+// done). Harmless once the pump has ended. Loop thread.
+using StopPump = std::function<void()>;
+
 // Copies the process's stdout (or stderr) to out until EOF, then calls done once. An invalid
 // out drops the output (it is still read, so the process is never held). Loop thread.
-void PumpOutput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, bool stderr_stream,
-                UniqueFd out, std::function<void()> done);
+StopPump PumpOutput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream,
+                    bool stderr_stream, UniqueFd out, std::function<void()> done);
 
 // Sends what arrives on `in` (containerd's stdin FIFO, opened non-blocking) to the process's
 // stdin until EOF, then closes it in the guest. Loop thread.
-void PumpInput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, UniqueFd in);
+StopPump PumpInput(EventLoop* loop, agentapi::AgentClient agent, StreamOf stream, UniqueFd in);
 
 }  // namespace peapod::shim

@@ -123,7 +123,9 @@ struct TaskService::Process {
   uint32_t exit_status = 0;
   google::protobuf::Timestamp exited_at;
   std::vector<ttrpc::TypedResponder<task::WaitResponse>> waiters;
-  std::string process_json;  // an exec's OCI process, until it starts
+  std::string process_json;       // an exec's OCI process, until it starts
+  bool starting = false;          // the agent's Start/Exec is in flight
+  std::vector<StopPump> stop_io;  // its stdio pumps, stopped when containerd deletes it
   // Our own writer on the stdin FIFO: the pump sees EOF only once containerd's CloseIO (or the
   // exit) drops it, after containerd's writer is gone, so nothing still in the FIFO is lost.
   UniqueFd stdin_keep;
@@ -161,6 +163,7 @@ struct TaskService::Impl {
   uint32_t vm_pid = 0;
   bool created = false;
   bool deleted = false;
+  bool shutting_down = false;  // the link is stopping: a failed wait is no exit
   std::map<std::string, std::shared_ptr<Process>> procs;  // "" is init
 
   // --- the sandboxer --------------------------------------------------------------------
@@ -171,7 +174,7 @@ struct TaskService::Impl {
   void CallSandboxer(const std::string& method, const google::protobuf::Message& req,
                      Done<Resp> done, std::chrono::nanoseconds timeout = 300s) {
     if (!sandboxer || sandboxer->closed()) {  // never dialled, or the sandboxer restarted
-      auto fd = ConnectUnix(opts.sandboxer);
+      auto fd = ConnectUnixNow(opts.sandboxer);
       if (!fd.ok()) {
         return done(std::move(fd).error().Wrap("connect to peapod-sandboxer at " + opts.sandboxer +
                                                " (is it running?)"));
@@ -299,14 +302,18 @@ struct TaskService::Impl {
       if (--x->pumps == 0 && x->exited) report();
     };
     const StreamOf stream{opts.id, p->exec_id};
-    PumpOutput(loop, agent, stream, /*stderr_stream=*/false, std::move(out), pump_done);
-    if (!p->terminal)
-      PumpOutput(loop, agent, stream, /*stderr_stream=*/true, std::move(err), pump_done);
-    if (in) PumpInput(loop, agent, stream, std::move(in));
+    p->stop_io.push_back(
+        PumpOutput(loop, agent, stream, /*stderr_stream=*/false, std::move(out), pump_done));
+    if (!p->terminal) {
+      p->stop_io.push_back(
+          PumpOutput(loop, agent, stream, /*stderr_stream=*/true, std::move(err), pump_done));
+    }
+    if (in) p->stop_io.push_back(PumpInput(loop, agent, stream, std::move(in)));
     av1::WaitProcessRequest w;
     w.set_container_id(opts.id);
     w.set_exec_id(p->exec_id);
     agent.WaitProcess(w, [this, x, report](Result<av1::WaitProcessResponse> r) {
+      if (!r.ok() && shutting_down) return;  // the shim exits; the process runs on
       if (!r.ok()) spdlog::warn("shim: wait for {}: {}", opts.id, r.error().ToString());
       x->status = r.ok() ? r->exit_status() : 255;
       x->at = r.ok() && r->has_exited_at() ? r->exited_at() : Now();
@@ -544,7 +551,7 @@ struct TaskService::Impl {
     auto found = Find(req.exec_id());
     if (!found.ok()) return reply(found.error());
     auto p = *found;
-    if (p->state != P::State::kCreated) {
+    if (p->state != P::State::kCreated || p->starting) {
       return reply(Error::Make(Code::kFailedPrecondition, "{} already started", p->Name(opts.id)));
     }
     if (role.kind == PodRole::kPause) {
@@ -557,7 +564,9 @@ struct TaskService::Impl {
       resp.set_pid(p->pid);
       return reply(resp);
     }
+    p->starting = true;
     auto started = [this, p, reply](Result<uint32_t> pid) {
+      p->starting = false;
       if (!pid.ok()) return reply(std::move(pid).error());
       Started(p, *pid);
       task::StartResponse resp;
@@ -585,13 +594,12 @@ struct TaskService::Impl {
   void Started(const std::shared_ptr<Process>& p, uint32_t pid) {
     p->pid = pid;
     p->state = P::State::kRunning;
-    StartIo(p);
+    // The start event first: the pumps and the exit watch can end at once (the agent gone).
     if (p->exec_id.empty()) {
       ev::TaskStart e;
       e.set_container_id(opts.id);
       e.set_pid(pid);
       events->Publish("/tasks/start", e);
-      WatchOOM(std::make_shared<OomWatch>());
     } else {
       ev::TaskExecStarted e;
       e.set_container_id(opts.id);
@@ -599,6 +607,8 @@ struct TaskService::Impl {
       e.set_pid(pid);
       events->Publish("/tasks/exec-started", e);
     }
+    StartIo(p);
+    if (p->exec_id.empty()) WatchOOM(std::make_shared<OomWatch>());
   }
 
   void Wait(task::WaitRequest req, Reply<task::WaitResponse> reply) {
@@ -668,7 +678,7 @@ struct TaskService::Impl {
     auto found = Find(req.exec_id());
     if (!found.ok()) return reply(found.error());
     auto p = *found;
-    if (p->state != P::State::kStopped && p->state != P::State::kCreated) {
+    if ((p->state != P::State::kStopped && p->state != P::State::kCreated) || p->starting) {
       return reply(Error::Make(Code::kFailedPrecondition, "{} is still running: kill it first",
                                p->Name(opts.id)));
     }
@@ -694,6 +704,19 @@ struct TaskService::Impl {
     resp.set_pid(p->pid);
     resp.set_exit_status(p->exit_status);
     *resp.mutable_exited_at() = p->state == P::State::kStopped ? p->exited_at : Now();
+    // Output that still flows (children that hold it open, a FIFO nobody drains) stops here,
+    // and containerd's reader sees EOF.
+    for (auto& stop : p->stop_io) stop();
+    p->stop_io.clear();
+    p->DropStdinWriter();
+    // Waits on a process deleted before it ran end too (it never will).
+    if (!p->waiters.empty()) {
+      task::WaitResponse w;
+      w.set_exit_status(p->state == P::State::kStopped ? p->exit_status : 255);
+      *w.mutable_exited_at() = resp.exited_at();
+      for (auto& waiter : p->waiters) waiter(w);
+      p->waiters.clear();
+    }
     procs.erase(p->exec_id);
     if (p->exec_id.empty()) {
       deleted = true;
@@ -847,6 +870,7 @@ struct TaskService::Impl {
     reply(Empty());
     // containerd calls Shutdown after the task is deleted; with a live task, only "now".
     if (!req.now() && procs.count("") && !deleted) return;
+    shutting_down = true;
     // The queued events go out first.
     events->Flush([this] {
       if (link) link->Stop();

@@ -102,6 +102,21 @@ Result<UniqueFd> ConnectUnix(const std::string& path) {
   return fd;
 }
 
+Result<UniqueFd> ConnectUnixNow(const std::string& path) {
+  PP_ASSIGN_OR_RETURN(sockaddr_un addr, UnixAddress(path));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) return Error::Errno("socket(AF_UNIX)");
+  int rc;
+  do {
+    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0 && errno == EAGAIN) {
+    return Error::Make(Code::kUnavailable, "connect {}: its listener's backlog is full", path);
+  }
+  if (rc < 0) return Error::Errno(fmt::format("connect {}", path));
+  return fd;
+}
+
 Result<Pidfd> Pidfd::Open(pid_t pid) {
   int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   if (fd < 0) return Error::Errno(fmt::format("pidfd_open({})", pid));

@@ -47,6 +47,9 @@ Result<std::pair<UniqueFd, UniqueFd>> SocketPair();
 Result<UniqueFd> ListenUnix(const std::string& path, int backlog = 64);
 // Connects to a unix stream socket path (blocking connect, fd returned blocking).
 Result<UniqueFd> ConnectUnix(const std::string& path);
+// The same without ever blocking (for an event loop's thread): a listener whose backlog is full
+// is UNAVAILABLE at once instead of a connect that waits for it. The fd is non-blocking.
+Result<UniqueFd> ConnectUnixNow(const std::string& path);
 
 // A child process held by pidfd, so signals and waits can never hit a recycled pid.
 class Pidfd {

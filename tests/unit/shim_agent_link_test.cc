@@ -30,6 +30,7 @@ struct FakeAgent {
         [this, status, hold](const ttrpc::CallContext&, v1::WaitProcessRequest&&,
                              ttrpc::TypedResponder<v1::WaitProcessResponse> reply) {
           ++calls;
+          if (unavailable) return reply(Error(Code::kUnavailable, "no channel to the guest"));
           if (hold) return held.push_back(reply);
           v1::WaitProcessResponse r;
           r.set_exit_status(status);
@@ -42,6 +43,7 @@ struct FakeAgent {
   std::unique_ptr<ttrpc::Server> server;
   std::vector<ttrpc::TypedResponder<v1::WaitProcessResponse>> held;
   int calls = 0;
+  bool unavailable = false;  // answer every call UNAVAILABLE, on a live connection
 };
 
 class AgentLinkTest : public ::testing::Test {
@@ -151,6 +153,25 @@ TEST_F(AgentLinkTest, StopEndsCallsWaitingForTheAgent) {
   lt_.Sync([&] { link_->Stop(); });
   ASSERT_EQ(answer.wait_for(5s), std::future_status::ready);
   EXPECT_EQ(answer.get().error().code(), Code::kUnavailable);
+}
+
+// An agent that answers UNAVAILABLE for ever, on a live connection: a call that may be re-sent
+// but has a deadline ends at its deadline, not never.
+TEST_F(AgentLinkTest, ARetriedCallWithADeadlineEndsThen) {
+  lt_.Sync([&] {
+    a_ = std::make_unique<FakeAgent>(lt_.loop(), dir_ + "/a.sock", 0, /*hold=*/false);
+    a_->unavailable = true;
+    where_ = dir_ + "/a.sock";
+  });
+  MakeLink();
+  auto p = std::make_shared<std::promise<Result<std::string>>>();
+  auto f = p->get_future();
+  lt_.Sync([&] {
+    link_->CallRetrying("WaitProcess", "", 500ms, [p](Result<std::string> r) { p->set_value(r); });
+  });
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready) << "re-sent for ever";
+  EXPECT_FALSE(f.get().ok());
+  EXPECT_GE(lt_.Sync([&] { return a_->calls; }), 2) << "never re-sent";
 }
 
 TEST_F(AgentLinkTest, ACallSentOnceGivesUpAfterItsPatience) {
