@@ -358,6 +358,64 @@ void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<voi
   reply(Ok());
 }
 
+Result<VmInfo> PodManager::LaunchVm(VmLaunch& l) {
+  VmSpec& spec = l.spec;
+  auto at = std::chrono::steady_clock::now();
+  auto step = [&](const char* name) {
+    auto now = std::chrono::steady_clock::now();
+    l.steps.emplace_back(name, std::chrono::duration<double, std::milli>(now - at).count());
+    at = now;
+  };
+  auto discard = [&] {
+    std::string scratch;
+    for (const auto& d : spec.disks) {
+      if (!d.readonly) scratch = d.path;
+    }
+    DiscardVmFiles(spec.name, scratch, spec.uid);
+  };
+  Result<void> files = PrepareVmFiles(spec);
+  step("scratch_disk");
+  if (!files.ok()) {
+    discard();
+    return std::move(files).error();
+  }
+  if (l.tap == VmLaunch::Tap::kPodNetns) {
+    auto n = PrepareTap(l.pod_id, l.netns);
+    if (!n.ok()) {
+      discard();
+      return std::move(n).error().Wrap("pod network");
+    }
+    l.net = std::move(*n);
+    spec.tap = l.net->tap;
+    spec.mac = l.net->mac;
+  } else if (l.tap == VmLaunch::Tap::kHost) {
+    if (auto t = CreateTap(spec.tap); !t.ok()) {
+      discard();
+      return std::move(t).error();
+    }
+  }
+  step("tap_create");
+  auto remove_tap = [&] {
+    if (l.net) RemoveTap(l.net->tap, l.netns);
+    if (l.tap == VmLaunch::Tap::kHost) RemoveTap(spec.tap, "");
+  };
+  Result<VmInfo> vm = backend_->Start(spec);
+  step("vm_define_start");
+  if (vm.ok() && l.net) {
+    if (auto a = AttachTap(*l.net); !a.ok()) {
+      (void)backend_->Destroy(spec.name);
+      vm = std::move(a).error().Wrap("pod network");
+    }
+  }
+  step("tap_attach");
+  if (!vm.ok()) {
+    remove_tap();
+    l.net.reset();
+    discard();
+  }
+  return vm;
+}
+
 void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
   Pod* pod = Find(id);
   if (!pod) return reply(UnknownPod(id));
@@ -404,50 +462,16 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
   pod->start_steps.clear();
   pod->step_at = std::chrono::steady_clock::now();
   workers_.Run([this, alive, spec, id, netns, reply, deadline]() mutable {
-    // The pod network first (the domain opens the TAP), then the VM, then the TAP joins the
-    // CNI interface. Any failure undoes what was done.
-    std::vector<std::pair<std::string, double>> steps;
-    auto at = std::chrono::steady_clock::now();
-    auto step = [&](const char* name) {
-      auto now = std::chrono::steady_clock::now();
-      steps.emplace_back(name, std::chrono::duration<double, std::milli>(now - at).count());
-      at = now;
-    };
-    std::optional<PodNetwork> net;
-    Result<VmInfo> vm = Error(Code::kUnknown, "not started");
-    Result<void> scratch = PrepareVmFiles(spec);
-    step("scratch_disk");
-    if (!scratch.ok()) {
-      vm = std::move(scratch).error();
-    } else if (!netns.empty()) {
-      auto n = PrepareTap(id, netns);
-      if (!n.ok()) {
-        vm = std::move(n).error().Wrap("pod network");
-      } else {
-        net = std::move(*n);
-        spec.tap = net->tap;
-        spec.mac = net->mac;
-      }
+    VmLaunch l;
+    l.spec = std::move(spec);
+    if (!netns.empty()) {
+      l.tap = VmLaunch::Tap::kPodNetns;
+      l.pod_id = id;
+      l.netns = netns;
     }
-    step("tap_create");
-    if (scratch.ok() && (netns.empty() || net)) vm = backend_->Start(spec);
-    step("vm_define_start");
-    if (vm.ok() && net) {
-      if (auto a = AttachTap(*net); !a.ok()) {
-        (void)backend_->Destroy(spec.name);
-        vm = std::move(a).error().Wrap("pod network");
-      }
-    }
-    step("tap_attach");
-    if (!vm.ok() && net) RemoveTap(net->tap, netns);
-    if (!vm.ok()) {
-      // A failed Start leaves no scratch disk and holds no uid.
-      std::string scratch;
-      for (const auto& d : spec.disks) {
-        if (!d.readonly) scratch = d.path;
-      }
-      DiscardVmFiles(spec.name, scratch, spec.uid);
-    }
+    Result<VmInfo> vm = LaunchVm(l);
+    auto net = std::move(l.net);
+    auto steps = std::move(l.steps);
     loop_->Post([this, alive, vm = std::move(vm), net = std::move(net), id, reply, deadline,
                  steps = std::move(steps)]() mutable {
       if (alive.expired()) return;

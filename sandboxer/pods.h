@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/agent_mux.h"
 #include "sandboxer/config.h"
+#include "sandboxer/network.h"
 #include "sandboxer/pod_cgroup.h"
 #include "sandboxer/pod_share.h"
 #include "sandboxer/state.h"
@@ -205,6 +207,20 @@ class PodManager {
   Result<void> PrepareVmFiles(VmSpec& spec);
   // uid (if not 0): only while domain's files are still that uid's.
   void DiscardVmFiles(const std::string& domain, const std::string& scratch, uint32_t uid = 0);
+
+  // The one boot sequence, for a pod's cold start and for a pool VM, on a worker thread:
+  // scratch disk and uid, TAP, define and start, TAP joined to the pod network. Each step is
+  // timed; a failure undoes the steps before it (no scratch disk, TAP or uid is left).
+  struct VmLaunch {
+    VmSpec spec;  // its tap and mac are filled in
+    // A pod's TAP is made in its netns and joined to the CNI interface once QEMU opened it; a
+    // pool VM's is made on the host (spec.tap) and joined when a pod adopts the VM.
+    enum class Tap { kNone, kPodNetns, kHost } tap = Tap::kNone;
+    std::string pod_id, netns;                          // kPodNetns
+    std::optional<PodNetwork> net;                      // out (kPodNetns)
+    std::vector<std::pair<std::string, double>> steps;  // out: ms per step
+  };
+  Result<VmInfo> LaunchVm(VmLaunch& l);
 
   EventLoop* loop_;
   Config cfg_;

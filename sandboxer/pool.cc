@@ -120,9 +120,10 @@ void PodManager::BootPoolVm() {
     } else if (!shared.ok()) {
       vm = std::move(shared).error();
     } else {
-      Result<void> prep = PrepareVmFiles(s);
-      if (prep.ok() && !s.tap.empty()) prep = CreateTap(s.tap);
-      vm = prep.ok() ? backend_->Start(s) : Result<VmInfo>(std::move(prep).error());
+      VmLaunch l;
+      l.spec = s;
+      if (!s.tap.empty()) l.tap = VmLaunch::Tap::kHost;
+      vm = LaunchVm(l);
     }
     if (*closed) {
       // The sandboxer is going away (DestroyPool waits for us): leave nothing behind.
