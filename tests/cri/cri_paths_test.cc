@@ -516,8 +516,9 @@ std::string GapsOrRepeats(const std::string& text, const std::string& prefix, in
 }
 
 // Issue 16: a sandboxer killed with -9 and started again changes nothing: containers stay running,
-// a streaming exec and a container's log lose and repeat no line, stdin stays byte-exact, attach
-// reaches a container's stdin, and everything stops and goes afterwards. Then the same for
+// a container that exits meanwhile is reported exited once with its real status, a streaming
+// exec and a container's log lose and repeat no line, stdin stays byte-exact, attach reaches a
+// container's stdin, and everything stops and goes afterwards. Then the same for
 // containerd killed with -9. Last, a shim killed with -9: containerd reports its container exited
 // and the guest has killed it too, while the rest of the pod runs on.
 TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
@@ -536,14 +537,21 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   WriteContainerConfig("talker", "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done");
   WriteContainerConfig("idle", "sleep 3599");
   WriteContainerConfig("echoer", "while read l; do echo got-$l; done", "{}", R"(, "stdin": true)");
+  // Exits with 7 once the test, on the host, creates trigger/go (a volume): while the sandboxer
+  // is down.
+  fs::create_directories(dir_ + "/trigger");
+  WriteContainerConfig(
+      "quitter", "while [ ! -e /trigger/go ]; do sleep 0.1; done; exit 7", "{}",
+      R"(, "mounts": [{"container_path": "/trigger", "host_path": ")" + dir_ + R"(/trigger"}])");
   std::vector<std::string> ids;
-  for (const char* c : {"talker", "idle", "echoer"}) {
+  for (const char* c : {"talker", "idle", "echoer", "quitter"}) {
     ids.push_back(StartContainer(pod, "rs", c));
     ASSERT_FALSE(ids.back().empty());
   }
   const std::string& talker = ids[0];
   const std::string& idle = ids[1];
   const std::string& echoer = ids[2];
+  const std::string& quitter = ids[3];
   // A line through `crictl attach -i` reaches the echoer's stdin: its answer is in its log.
   // (Without stdin_once the attach does not end with its input: `timeout` ends it.)
   auto attach_reaches = [&](const std::string& word) {
@@ -568,13 +576,23 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   ::kill(sandboxer_, SIGKILL);
   ::waitpid(sandboxer_, nullptr, 0);
   sandboxer_ = -1;
-  std::this_thread::sleep_for(2s);  // the talker goes on writing meanwhile
+  std::ofstream(dir_ + "/trigger/go") << "go\n";  // the quitter exits while nobody listens
+  std::this_thread::sleep_for(2s);                // the talker goes on writing meanwhile
   ASSERT_NO_FATAL_FAILURE(StartSandboxer());
 
   auto exec = streaming.get();
   EXPECT_EQ(exec.rc, 0) << exec.text;
   EXPECT_EQ(GapsOrRepeats(exec.text, "exec-", 150), "") << exec.text;
-  for (const auto& id : ids) EXPECT_TRUE(Running(id)) << Crictl("inspect " + id).text;
+  const std::vector<std::string> live = {talker, idle, echoer};
+  for (const auto& id : live) EXPECT_TRUE(Running(id)) << Crictl("inspect " + id).text;
+  // The exit that happened while the sandboxer was away, with its real status (the shim's wait,
+  // re-sent after the redial, collects what the agent kept).
+  std::string quit;
+  for (int i = 0; i < 100 && quit.find("CONTAINER_EXITED") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(200ms);
+    quit = Crictl("inspect " + quitter).text;
+  }
+  EXPECT_NE(quit.find("\"exitCode\": 7"), std::string::npos) << quit;
   EXPECT_EQ(LastLine(Crictl("exec -s " + talker + " echo alive").text), "alive");
   ExpectStdinExact(idle);
   EXPECT_TRUE(attach_reaches("after-sandboxer"));
@@ -603,7 +621,8 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   containerd_ = -1;
   ASSERT_NO_FATAL_FAILURE(SpawnContainerd());
   ASSERT_NO_FATAL_FAILURE(FindCrictl());
-  for (const auto& id : ids) EXPECT_TRUE(Running(id)) << Crictl("inspect " + id).text;
+  for (const auto& id : live) EXPECT_TRUE(Running(id)) << Crictl("inspect " + id).text;
+  EXPECT_NE(Crictl("inspect " + quitter).text.find("\"exitCode\": 7"), std::string::npos);
   EXPECT_EQ(LastLine(Crictl("exec -s " + talker + " echo alive").text), "alive");
   EXPECT_TRUE(attach_reaches("after-containerd"));
   // What the talker wrote while containerd was away waited in its FIFO: the log has no gap.
@@ -634,6 +653,12 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   EXPECT_TRUE(Running(echoer));
   EXPECT_TRUE(attach_reaches("after-shim"));
 
+  // Its exit was reported once.
+  auto log = ReadAll(dir_ + "/containerd.log");
+  size_t exits = 0;
+  const std::string event = "received container exit event container_id:\\\"" + quitter;
+  for (size_t at = log.find(event); at != std::string::npos; at = log.find(event, at + 1)) ++exits;
+  EXPECT_EQ(exits, 1u) << "exit events for the quitter";
   RemoveAll(pod, ids);
   for (const auto& m : {"/sys/fs/cgroup/memory/", "/sys/fs/cgroup/unified/", "/sys/fs/cgroup/"}) {
     EXPECT_FALSE(fs::exists(m + cgroup_top + "/pod-rs/peapod-" + pod)) << "pod cgroup left";
