@@ -1,7 +1,5 @@
 #include "sandboxer/controller_service.h"
 
-#include <future>
-
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
 
@@ -17,14 +15,38 @@ grpc::Status ToGrpc(const Error& e) {
 
 namespace {
 
-// Runs op(reply) on the loop and blocks this gRPC thread until reply is called.
-template <typename T, typename Op>
-Result<T> OnLoop(EventLoop* loop, Op op) {
-  auto p = std::make_shared<std::promise<Result<T>>>();
-  auto f = p->get_future();
-  loop->Post(
-      [op = std::move(op), p]() mutable { op([p](Result<T> r) { p->set_value(std::move(r)); }); });
-  return f.get();
+// Runs op(done) on the loop and answers the call from there: fill(value) writes the response,
+// or the error is the status. No gRPC thread waits (a Wait lasts the pod's life).
+template <typename T, typename Op, typename Fill>
+grpc::ServerUnaryReactor* OnLoop(grpc::CallbackServerContext* ctx, EventLoop* loop, Op op,
+                                 Fill fill) {
+  auto* reactor = ctx->DefaultReactor();
+  loop->Post([op = std::move(op), fill = std::move(fill), reactor]() mutable {
+    op([fill = std::move(fill), reactor](Result<T> r) mutable {
+      if (!r.ok()) return reactor->Finish(ToGrpc(r.error()));
+      fill(*r);
+      reactor->Finish(grpc::Status::OK);
+    });
+  });
+  return reactor;
+}
+
+// A call answered at once.
+grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* ctx, const grpc::Status& status) {
+  auto* reactor = ctx->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+// For PodManager calls that answer Result<void>.
+template <typename F>
+auto Void(F f) {
+  return [f = std::move(f)](auto done) {
+    f([done](Result<void> r) mutable {
+      if (!r.ok()) return done(std::move(r).error());
+      done(true);
+    });
+  };
 }
 
 void FillStatus(const PodStatus& s, sbv1::ControllerStatusResponse* resp) {
@@ -73,120 +95,116 @@ Result<void> PodOptionsFromCri(const google::protobuf::Any& options, PodOptions*
   return Ok();
 }
 
-grpc::Status ControllerService::Create(grpc::ServerContext*,
-                                       const sbv1::ControllerCreateRequest* req,
-                                       sbv1::ControllerCreateResponse* resp) {
+grpc::ServerUnaryReactor* ControllerService::Create(grpc::CallbackServerContext* ctx,
+                                                    const sbv1::ControllerCreateRequest* req,
+                                                    sbv1::ControllerCreateResponse* resp) {
   spdlog::info("controller: Create {} netns={}", req->sandbox_id(), req->netns_path());
   std::string id = req->sandbox_id();
   PodOptions opts;
   opts.netns = req->netns_path();
-  if (auto r = PodOptionsFromCri(req->options(), &opts); !r.ok()) return ToGrpc(r.error());
-  auto r = OnLoop<bool>(loop_, [this, id, opts](auto done) {
-    pods_->Create(id, opts, [done](Result<void> r) {
-      if (!r.ok()) return done(std::move(r).error());
-      done(true);
-    });
-  });
-  if (!r.ok()) return ToGrpc(r.error());
-  resp->set_sandbox_id(id);
-  return grpc::Status::OK;
+  if (auto r = PodOptionsFromCri(req->options(), &opts); !r.ok()) {
+    return Answer(ctx, ToGrpc(r.error()));
+  }
+  return OnLoop<bool>(
+      ctx, loop_, Void([this, id, opts](auto done) { pods_->Create(id, opts, std::move(done)); }),
+      [resp, id](bool) { resp->set_sandbox_id(id); });
 }
 
-grpc::Status ControllerService::Start(grpc::ServerContext*, const sbv1::ControllerStartRequest* req,
-                                      sbv1::ControllerStartResponse* resp) {
+grpc::ServerUnaryReactor* ControllerService::Start(grpc::CallbackServerContext* ctx,
+                                                   const sbv1::ControllerStartRequest* req,
+                                                   sbv1::ControllerStartResponse* resp) {
   spdlog::info("controller: Start {}", req->sandbox_id());
   std::string id = req->sandbox_id();
-  auto r = OnLoop<PodStatus>(loop_, [this, id](auto done) { pods_->Start(id, done); });
-  if (!r.ok()) return ToGrpc(r.error());
-  resp->set_sandbox_id(id);
-  resp->set_pid(static_cast<uint32_t>(r->pid));
-  *resp->mutable_created_at() = TimeUtil::NanosecondsToTimestamp(r->created_at_ns);
-  // Version 2: containerd starts our shim for each container (and ignores the address, which
-  // must still be non-empty).
-  resp->set_address(r->address);
-  resp->set_version(2);
-  return grpc::Status::OK;
+  return OnLoop<PodStatus>(
+      ctx, loop_, [this, id](auto done) { pods_->Start(id, std::move(done)); },
+      [resp, id](const PodStatus& s) {
+        resp->set_sandbox_id(id);
+        resp->set_pid(static_cast<uint32_t>(s.pid));
+        *resp->mutable_created_at() = TimeUtil::NanosecondsToTimestamp(s.created_at_ns);
+        // Version 2: containerd starts our shim for each container (and ignores the address,
+        // which must still be non-empty).
+        resp->set_address(s.address);
+        resp->set_version(2);
+      });
 }
 
-grpc::Status ControllerService::Platform(grpc::ServerContext*,
-                                         const sbv1::ControllerPlatformRequest*,
-                                         sbv1::ControllerPlatformResponse* resp) {
+grpc::ServerUnaryReactor* ControllerService::Platform(grpc::CallbackServerContext* ctx,
+                                                      const sbv1::ControllerPlatformRequest*,
+                                                      sbv1::ControllerPlatformResponse* resp) {
   resp->mutable_platform()->set_os("linux");
   resp->mutable_platform()->set_architecture("amd64");
-  return grpc::Status::OK;
+  return Answer(ctx, grpc::Status::OK);
 }
 
-grpc::Status ControllerService::Stop(grpc::ServerContext*, const sbv1::ControllerStopRequest* req,
-                                     sbv1::ControllerStopResponse*) {
+grpc::ServerUnaryReactor* ControllerService::Stop(grpc::CallbackServerContext* ctx,
+                                                  const sbv1::ControllerStopRequest* req,
+                                                  sbv1::ControllerStopResponse*) {
   spdlog::info("controller: Stop {} timeout={}s", req->sandbox_id(), req->timeout_secs());
   std::string id = req->sandbox_id();
   uint32_t t = req->timeout_secs();
-  auto r = OnLoop<bool>(loop_, [this, id, t](auto done) {
-    pods_->Stop(id, t, [done](Result<void> r) {
-      if (!r.ok()) return done(std::move(r).error());
-      done(true);
-    });
-  });
-  return r.ok() ? grpc::Status::OK : ToGrpc(r.error());
+  return OnLoop<bool>(ctx, loop_,
+                      Void([this, id, t](auto done) { pods_->Stop(id, t, std::move(done)); }),
+                      [](bool) {});
 }
 
-grpc::Status ControllerService::Wait(grpc::ServerContext*, const sbv1::ControllerWaitRequest* req,
-                                     sbv1::ControllerWaitResponse* resp) {
+grpc::ServerUnaryReactor* ControllerService::Wait(grpc::CallbackServerContext* ctx,
+                                                  const sbv1::ControllerWaitRequest* req,
+                                                  sbv1::ControllerWaitResponse* resp) {
   std::string id = req->sandbox_id();
-  auto r = OnLoop<PodExit>(loop_, [this, id](auto done) { pods_->Wait(id, done); });
-  if (!r.ok()) return ToGrpc(r.error());
-  resp->set_exit_status(r->exit_status);
-  *resp->mutable_exited_at() = TimeUtil::NanosecondsToTimestamp(r->exited_at_ns);
-  return grpc::Status::OK;
+  return OnLoop<PodExit>(
+      ctx, loop_, [this, id](auto done) { pods_->Wait(id, std::move(done)); },
+      [resp](const PodExit& e) {
+        resp->set_exit_status(e.exit_status);
+        *resp->mutable_exited_at() = TimeUtil::NanosecondsToTimestamp(e.exited_at_ns);
+      });
 }
 
-grpc::Status ControllerService::Status(grpc::ServerContext*,
-                                       const sbv1::ControllerStatusRequest* req,
-                                       sbv1::ControllerStatusResponse* resp) {
+grpc::ServerUnaryReactor* ControllerService::Status(grpc::CallbackServerContext* ctx,
+                                                    const sbv1::ControllerStatusRequest* req,
+                                                    sbv1::ControllerStatusResponse* resp) {
   std::string id = req->sandbox_id();
-  auto r = OnLoop<PodStatus>(loop_, [this, id](auto done) { done(pods_->Status(id)); });
-  if (!r.ok()) return ToGrpc(r.error());
-  FillStatus(*r, resp);
-  if (req->verbose()) (*resp->mutable_info())["phase"] = r->phase;
-  return grpc::Status::OK;
+  bool verbose = req->verbose();
+  return OnLoop<PodStatus>(
+      ctx, loop_, [this, id](auto done) { done(pods_->Status(id)); },
+      [resp, verbose](const PodStatus& s) {
+        FillStatus(s, resp);
+        if (verbose) (*resp->mutable_info())["phase"] = s.phase;
+      });
 }
 
-grpc::Status ControllerService::Shutdown(grpc::ServerContext*,
-                                         const sbv1::ControllerShutdownRequest* req,
-                                         sbv1::ControllerShutdownResponse*) {
+grpc::ServerUnaryReactor* ControllerService::Shutdown(grpc::CallbackServerContext* ctx,
+                                                      const sbv1::ControllerShutdownRequest* req,
+                                                      sbv1::ControllerShutdownResponse*) {
   spdlog::info("controller: Shutdown {}", req->sandbox_id());
   std::string id = req->sandbox_id();
-  auto r = OnLoop<bool>(loop_, [this, id](auto done) {
-    pods_->Shutdown(id, [done](Result<void> r) {
-      if (!r.ok()) return done(std::move(r).error());
-      done(true);
-    });
-  });
-  return r.ok() ? grpc::Status::OK : ToGrpc(r.error());
+  return OnLoop<bool>(ctx, loop_,
+                      Void([this, id](auto done) { pods_->Shutdown(id, std::move(done)); }),
+                      [](bool) {});
 }
 
-grpc::Status ControllerService::Metrics(grpc::ServerContext*,
-                                        const sbv1::ControllerMetricsRequest* req,
-                                        sbv1::ControllerMetricsResponse* resp) {
+grpc::ServerUnaryReactor* ControllerService::Metrics(grpc::CallbackServerContext* ctx,
+                                                     const sbv1::ControllerMetricsRequest* req,
+                                                     sbv1::ControllerMetricsResponse* resp) {
   std::string id = req->sandbox_id();
-  auto r = OnLoop<std::string>(loop_, [this, id](auto done) { pods_->Metrics(id, done); });
-  if (!r.ok()) return ToGrpc(r.error());
-  auto* m = resp->mutable_metrics();
-  *m->mutable_timestamp() = TimeUtil::GetCurrentTime();
-  m->set_id(id);
-  // cgroups v2 statistics of the whole pod, as a task's Stats carries them.
-  m->mutable_data()->set_type_url("type.googleapis.com/io.containerd.cgroups.v2.Metrics");
-  m->mutable_data()->set_value(std::move(*r));
-  return grpc::Status::OK;
+  return OnLoop<std::string>(
+      ctx, loop_, [this, id](auto done) { pods_->Metrics(id, std::move(done)); },
+      [resp, id](std::string& data) {
+        auto* m = resp->mutable_metrics();
+        *m->mutable_timestamp() = TimeUtil::GetCurrentTime();
+        m->set_id(id);
+        // cgroups v2 statistics of the whole pod, as a task's Stats carries them.
+        m->mutable_data()->set_type_url("type.googleapis.com/io.containerd.cgroups.v2.Metrics");
+        m->mutable_data()->set_value(std::move(data));
+      });
 }
 
-grpc::Status ControllerService::Update(grpc::ServerContext*,
-                                       const sbv1::ControllerUpdateRequest* req,
-                                       sbv1::ControllerUpdateResponse*) {
+grpc::ServerUnaryReactor* ControllerService::Update(grpc::CallbackServerContext* ctx,
+                                                    const sbv1::ControllerUpdateRequest* req,
+                                                    sbv1::ControllerUpdateResponse*) {
   // Labels and extensions live in containerd's own store; nothing of ours depends on them.
   std::string id = req->sandbox_id();
-  auto r = OnLoop<PodStatus>(loop_, [this, id](auto done) { done(pods_->Status(id)); });
-  return r.ok() ? grpc::Status::OK : ToGrpc(r.error());
+  return OnLoop<PodStatus>(
+      ctx, loop_, [this, id](auto done) { done(pods_->Status(id)); }, [](const PodStatus&) {});
 }
 
 }  // namespace peapod::sandboxer

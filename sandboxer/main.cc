@@ -123,9 +123,6 @@ int main(int argc, char** argv) {
   std::filesystem::remove(cfg->listen, ec);
   sandboxer::ControllerService service(loop, &pods);
   grpc::ServerBuilder builder;
-  grpc::ResourceQuota quota("peapod-sandboxer");
-  quota.SetMaxThreads(256);  // every pod holds one in Wait
-  builder.SetResourceQuota(quota);
   builder.AddListeningPort("unix://" + cfg->listen, grpc::InsecureServerCredentials());
   builder.RegisterService(&service);
   auto server = builder.BuildAndStart();
