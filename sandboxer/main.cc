@@ -8,11 +8,11 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/resource_quota.h>
 #include <spdlog/spdlog.h>
 
 #include "common/log/log.h"
@@ -41,21 +41,22 @@ void Usage(FILE* out) {
                kDefaultConfig);
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  using namespace peapod;
-  using namespace std::chrono_literals;
+struct Flags {
   std::string config_path = kDefaultConfig;
   bool config_given = false;
   std::string level;
+};
+
+// The command line into flags; an exit code when the program is done (--version, --help, a
+// mistake).
+std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--config" && i + 1 < argc) {
-      config_path = argv[++i];
-      config_given = true;
+      f.config_path = argv[++i];
+      f.config_given = true;
     } else if (a == "--log-level" && i + 1 < argc) {
-      level = argv[++i];
+      f.level = argv[++i];
     } else if (a == "--version") {
       std::printf("peapod-sandboxer %s\n", PEAPOD_VERSION);
       return 0;
@@ -68,12 +69,57 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  auto cfg = sandboxer::Config::Load(config_path, config_given);
+  return std::nullopt;
+}
+
+void StartKsmIfAsked(const peapod::sandboxer::Config& cfg) {
+  if (!cfg.ksm) return;
+  auto started = peapod::sandboxer::StartKsm();
+  if (!started.ok()) {
+    spdlog::warn("sandboxer: ksm: {}", started.error().ToString());
+  } else {
+    spdlog::info("sandboxer: ksm {}", *started ? "started" : "already running");
+  }
+}
+
+// containerd's sandbox Controller over gRPC on cfg.listen (0600); null if it cannot serve.
+std::unique_ptr<grpc::Server> ServeController(const peapod::sandboxer::Config& cfg,
+                                              peapod::sandboxer::ControllerService* service) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(cfg.listen).parent_path(), ec);
+  std::filesystem::remove(cfg.listen, ec);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("unix://" + cfg.listen, grpc::InsecureServerCredentials());
+  builder.RegisterService(service);
+  auto server = builder.BuildAndStart();
+  if (server) ::chmod(cfg.listen.c_str(), 0600);
+  return server;
+}
+
+// The shims' API, on the control loop itself, on cfg.shim_listen (0600).
+peapod::Result<void> ServeShimApi(const peapod::sandboxer::Config& cfg, peapod::ttrpc::Server& s,
+                                  peapod::sandboxer::PodManager* pods) {
+  peapod::sandboxer::RegisterShimService(s, pods);
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(cfg.shim_listen).parent_path(), ec);
+  PP_TRY(s.Listen(cfg.shim_listen));
+  ::chmod(cfg.shim_listen.c_str(), 0600);
+  return peapod::Ok();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace peapod;
+  using namespace std::chrono_literals;
+  Flags flags;
+  if (auto code = ParseFlags(argc, argv, flags)) return *code;
+  auto cfg = sandboxer::Config::Load(flags.config_path, flags.config_given);
   if (!cfg.ok()) {
     std::fprintf(stderr, "peapod-sandboxer: %s\n", cfg.error().ToString().c_str());
     return 2;
   }
-  if (!level.empty()) cfg->log_level = level;
+  if (!flags.level.empty()) cfg->log_level = flags.level;
   if (auto r = log::Init({.program = "peapod-sandboxer", .level = cfg->log_level, .file = ""});
       !r.ok()) {
     std::fprintf(stderr, "peapod-sandboxer: %s\n", r.error().ToString().c_str());
@@ -108,40 +154,21 @@ int main(int argc, char** argv) {
                      r.error().ToString());
     return 1;
   }
-  if (cfg->ksm) {
-    auto started = sandboxer::StartKsm();
-    if (!started.ok()) {
-      spdlog::warn("sandboxer: ksm: {}", started.error().ToString());
-    } else {
-      spdlog::info("sandboxer: ksm {}", *started ? "started" : "already running");
-    }
-  }
+  StartKsmIfAsked(*cfg);
   pods.FillPool();  // pool_size pre-booted VMs (none by default)
 
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(cfg->listen).parent_path(), ec);
-  std::filesystem::remove(cfg->listen, ec);
   sandboxer::ControllerService service(loop, &pods);
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort("unix://" + cfg->listen, grpc::InsecureServerCredentials());
-  builder.RegisterService(&service);
-  auto server = builder.BuildAndStart();
+  auto server = ServeController(*cfg, &service);
   if (!server) {
     spdlog::critical("sandboxer: cannot serve gRPC on {}", cfg->listen);
     return 1;
   }
-  ::chmod(cfg->listen.c_str(), 0600);
-
-  // The shims' API, on the control loop itself.
   ttrpc::Server shim_server(loop);
-  sandboxer::RegisterShimService(shim_server, &pods);
-  std::filesystem::create_directories(std::filesystem::path(cfg->shim_listen).parent_path(), ec);
-  if (auto r = shim_server.Listen(cfg->shim_listen); !r.ok()) {
+  if (auto r = ServeShimApi(*cfg, shim_server, &pods); !r.ok()) {
     spdlog::critical("sandboxer: cannot serve the shim API on {}: {}", cfg->shim_listen,
                      r.error().ToString());
     return 1;
   }
-  ::chmod(cfg->shim_listen.c_str(), 0600);
   // Unused layer images go once they have been unused for layer_cache_keep_seconds.
   std::function<void()> collect = [&] {
     pods.layer_cache().Collect();

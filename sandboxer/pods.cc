@@ -178,18 +178,7 @@ Result<void> PodManager::PreparePodFiles(const PodRecord& rec) {
 
 Result<void> PodManager::Recover() {
   PP_TRY(store_.Init());
-  {
-    // Root's alone: the pods' sockets and shares (docs/security.md).
-    std::error_code ec;
-    fs::create_directories(cfg_.run_dir + "/pods", ec);
-    if (ec) return Error::Errno("mkdir " + cfg_.run_dir + "/pods", ec.value());
-    for (const auto& d : {cfg_.run_dir, cfg_.run_dir + "/pods"}) {
-      if (::chmod(d.c_str(), 0700) < 0) return Error::Errno("chmod " + d);
-    }
-    // The pods' shares and volume binds stay in this namespace and never reach the host's
-    // mounts (docs/security.md).
-    PP_TRY(MakePrivateMount(cfg_.run_dir + "/pods"));
-  }
+  PP_TRY(PrepareRunDir());
   PP_TRY(cache_.Init());
   // Confined QEMUs pass through state_dir and run_dir to their own files and read the cached
   // layer images (vm_identity.h).
@@ -200,55 +189,79 @@ Result<void> PodManager::Recover() {
   for (auto& vm : running) live[vm.name] = vm;
   std::set<std::string> known;
   for (auto& rec : records) {
-    auto pod = std::make_unique<Pod>();
-    pod->rec = rec;
     known.insert(rec.domain);
-    bool alive = live.count(rec.domain) > 0;
-    if (rec.phase == Phase::kRunning && alive) {
-      if (live[rec.domain].pid) pod->rec.pid = live[rec.domain].pid;
-      if (auto r = AttachChannel(*pod); !r.ok()) {
-        // A VM nobody can reach is no pod: stop it rather than report it ready.
-        spdlog::error("pod {}: cannot reattach its agent channel ({}); stopping its VM", rec.id,
-                      r.error().ToString());
-        alive = false;
-      } else {
-        spdlog::info("pod {}: re-adopted running VM {} (pid {})", rec.id, rec.domain, pod->rec.pid);
-        (void)Save(*pod);
-        StartPortForwarder(*pod);
-      }
-    }
-    if ((rec.phase == Phase::kRunning && !alive) || rec.phase == Phase::kStarting) {
-      // It died (or never finished starting, or cannot be reached) while we were away.
-      if (live.count(rec.domain)) (void)backend_->Destroy(rec.domain);
-      pod->rec.phase = rec.phase == Phase::kStarting ? Phase::kCreated : Phase::kStopped;
-      if (pod->rec.phase == Phase::kStopped) {
-        pod->rec.exited_at_ns = NowNs();
-        pod->rec.exit_status = 255;
-      }
-      (void)Save(*pod);
-      spdlog::warn("pod {}: its VM is gone; now {}", rec.id, PhaseName(pod->rec.phase));
-    }
-    if (pod->rec.phase != Phase::kRunning) UnplaceVm(*pod);  // a crash before it went
-    // A stopped VM holds no disk and no TAP any more: give them back now rather than at
-    // Shutdown, which may never come if containerd forgot the pod. (RemoveTap looks in our
-    // netns too, where a Start interrupted between creating and moving the TAP left it.)
-    if (pod->rec.phase == Phase::kRunning) {
-      for (const auto& d : pod->rec.disks) {
-        if (d.cached && !cache_.Adopt(d.path)) {
-          spdlog::warn("pod {}: layer image {} is gone", rec.id, d.path);
-        }
-      }
-    } else {
-      pod->rec.disks.clear();
-      pod->rec.rootfs.clear();
-      if (HasTap(pod->rec)) RemoveTap(TapOf(pod->rec), pod->rec.netns);
-      pod->rec.tap.clear();
-      // A pool VM it was adopting is gone: its next Start boots (or adopts) afresh.
-      if (pod->rec.phase == Phase::kCreated) pod->rec.domain = "peapod-" + rec.id;
-      (void)Save(*pod);
-    }
-    pods_[rec.id] = std::move(pod);
+    RecoverPod(rec, live);
   }
+  SweepLeftovers(known, live);
+  return Ok();
+}
+
+Result<void> PodManager::PrepareRunDir() {
+  // Root's alone: the pods' sockets and shares (docs/security.md).
+  std::error_code ec;
+  fs::create_directories(cfg_.run_dir + "/pods", ec);
+  if (ec) return Error::Errno("mkdir " + cfg_.run_dir + "/pods", ec.value());
+  for (const auto& d : {cfg_.run_dir, cfg_.run_dir + "/pods"}) {
+    if (::chmod(d.c_str(), 0700) < 0) return Error::Errno("chmod " + d);
+  }
+  // The pods' shares and volume binds stay in this namespace and never reach the host's
+  // mounts (docs/security.md).
+  return MakePrivateMount(cfg_.run_dir + "/pods");
+}
+
+void PodManager::RecoverPod(const PodRecord& rec, const std::map<std::string, VmInfo>& live) {
+  auto pod = std::make_unique<Pod>();
+  pod->rec = rec;
+  auto vm = live.find(rec.domain);
+  bool alive = vm != live.end();
+  if (rec.phase == Phase::kRunning && alive) {
+    if (vm->second.pid) pod->rec.pid = vm->second.pid;
+    if (auto r = AttachChannel(*pod); !r.ok()) {
+      // A VM nobody can reach is no pod: stop it rather than report it ready.
+      spdlog::error("pod {}: cannot reattach its agent channel ({}); stopping its VM", rec.id,
+                    r.error().ToString());
+      alive = false;
+    } else {
+      spdlog::info("pod {}: re-adopted running VM {} (pid {})", rec.id, rec.domain, pod->rec.pid);
+      (void)Save(*pod);
+      StartPortForwarder(*pod);
+    }
+  }
+  if ((rec.phase == Phase::kRunning && !alive) || rec.phase == Phase::kStarting) {
+    // It died (or never finished starting, or cannot be reached) while we were away.
+    if (vm != live.end()) (void)backend_->Destroy(rec.domain);
+    pod->rec.phase = rec.phase == Phase::kStarting ? Phase::kCreated : Phase::kStopped;
+    if (pod->rec.phase == Phase::kStopped) {
+      pod->rec.exited_at_ns = NowNs();
+      pod->rec.exit_status = 255;
+    }
+    (void)Save(*pod);
+    spdlog::warn("pod {}: its VM is gone; now {}", rec.id, PhaseName(pod->rec.phase));
+  }
+  if (pod->rec.phase != Phase::kRunning) UnplaceVm(*pod);  // a crash before it went
+  // A stopped VM holds no disk and no TAP any more: give them back now rather than at
+  // Shutdown, which may never come if containerd forgot the pod. (RemoveTap looks in our
+  // netns too, where a Start interrupted between creating and moving the TAP left it.)
+  if (pod->rec.phase == Phase::kRunning) {
+    for (const auto& d : pod->rec.disks) {
+      if (d.cached && !cache_.Adopt(d.path)) {
+        spdlog::warn("pod {}: layer image {} is gone", rec.id, d.path);
+      }
+    }
+  } else {
+    pod->rec.disks.clear();
+    pod->rec.rootfs.clear();
+    if (HasTap(pod->rec)) RemoveTap(TapOf(pod->rec), pod->rec.netns);
+    pod->rec.tap.clear();
+    // A pool VM it was adopting is gone: its next Start boots (or adopts) afresh.
+    if (pod->rec.phase == Phase::kCreated) pod->rec.domain = "peapod-" + rec.id;
+    (void)Save(*pod);
+  }
+  pods_[rec.id] = std::move(pod);
+}
+
+void PodManager::SweepLeftovers(const std::set<std::string>& known,
+                                const std::map<std::string, VmInfo>& live) {
   // Run dirs (share mounts, sockets) of pods that have no record: a crash between removing the
   // record and the dir, or a record deleted by hand.
   std::error_code ec;
@@ -268,13 +281,12 @@ Result<void> PodManager::Recover() {
     if (pod->rec.phase == Phase::kRunning) running_domains.insert(pod->rec.domain);
   }
   ids_.Sweep(running_domains);
-  for (auto& [name, vm] : live) {
+  for (const auto& [name, vm] : live) {
     if (!known.count(name)) {
       spdlog::warn("recover: destroying VM {} that has no pod record", name);
       (void)backend_->Destroy(name);
     }
   }
-  return Ok();
 }
 
 Result<PodManager::Channel> PodManager::ConnectAgent(const std::string& dir) {

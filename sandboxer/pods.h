@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -207,6 +208,14 @@ class PodManager {
   Result<void> PrepareVmFiles(VmSpec& spec);
   // uid (if not 0): only while domain's files are still that uid's.
   void DiscardVmFiles(const std::string& domain, const std::string& scratch, uint32_t uid = 0);
+
+  // Recover's parts: the run dir made root's alone and private; one record's pod rebuilt
+  // (re-adopted, or marked stopped/created with what it held given back); what no record
+  // names removed (run dirs, VM files, VMs).
+  Result<void> PrepareRunDir();
+  void RecoverPod(const PodRecord& rec, const std::map<std::string, VmInfo>& live);
+  void SweepLeftovers(const std::set<std::string>& known,
+                      const std::map<std::string, VmInfo>& live);
 
   // The one boot sequence, for a pod's cold start and for a pool VM, on a worker thread:
   // scratch disk and uid, TAP, define and start, TAP joined to the pod network. Each step is
