@@ -103,20 +103,10 @@ Result<std::string> DiskXml(const DiskSpec& disk) {
   return w.Finish();
 }
 
-Result<std::string> DomainXml(const VmSpec& s) {
-  if (s.name.empty() || s.kernel.empty() || s.initrd.empty() || s.agent_socket.empty()) {
-    return Error::Invalid("VM spec needs a name, kernel, initrd and agent socket");
-  }
-  bool proxy = !s.share_dir.empty() && s.uid != 0;
-  if (proxy && s.share_socket.empty()) {
-    return Error::Invalid("VM {}: a confined VM's share needs the 9p server's socket", s.name);
-  }
-  Writer w;
-  w.Open("domain").Attr("type", s.kvm ? "kvm" : "qemu");
-  if (proxy) w.Attr("xmlns:qemu", "http://libvirt.org/schemas/domain/qemu/1.0");
-  w.Element("name", s.name);
-  w.Open("memory").Attr("unit", "MiB").Text(std::to_string(s.memory_mib)).Close();
-  w.Element("vcpu", std::to_string(s.vcpus));
+namespace {
+
+// <os>, the power events and <features>: direct kernel boot on q35.
+void WriteBoot(Writer& w, const VmSpec& s) {
   w.Open("os");
   w.Open("type").Attr("arch", "x86_64").Attr("machine", "q35").Text("hvm").Close();
   w.Element("kernel", s.kernel);
@@ -136,6 +126,11 @@ Result<std::string> DomainXml(const VmSpec& s) {
   if (s.kvm) {
     w.Open("cpu").Attr("mode", "host-passthrough").Close();
   }
+}
+
+// <devices>: console, agent channel, SCSI with the disks, NIC, and the share when QEMU serves
+// it itself.
+Result<void> WriteDevices(Writer& w, const VmSpec& s, bool proxy) {
   w.Open("devices");
   if (!s.emulator.empty()) w.Element("emulator", s.emulator);
   // Nothing by default that the pod does not need: no USB, graphics, sound or balloon.
@@ -172,6 +167,43 @@ Result<std::string> DomainXml(const VmSpec& s) {
     w.Close();
   }
   w.Close();  // devices
+  return Ok();
+}
+
+// libvirt has no element for QEMU's 9p proxy backend: its arguments go through the QEMU
+// namespace. The device sits at a fixed slot of the root bus that libvirt's own address
+// assignment (root ports from slot 1 up) does not reach; QEMU option values double commas.
+void WriteShareProxy(Writer& w, const VmSpec& s) {
+  std::string sock;
+  for (char c : s.share_socket) sock += c == ',' ? std::string(",,") : std::string(1, c);
+  w.Open("qemu:commandline");
+  for (const std::string& arg :
+       {std::string("-fsdev"), "proxy,id=fsdev-share,socket=" + sock, std::string("-device"),
+        std::string("virtio-9p-pci,fsdev=fsdev-share,mount_tag=peapod-share,bus=pcie.0,"
+                    "addr=0x1d")}) {
+    w.Open("qemu:arg").Attr("value", arg).Close();
+  }
+  w.Close();
+}
+
+}  // namespace
+
+Result<std::string> DomainXml(const VmSpec& s) {
+  if (s.name.empty() || s.kernel.empty() || s.initrd.empty() || s.agent_socket.empty()) {
+    return Error::Invalid("VM spec needs a name, kernel, initrd and agent socket");
+  }
+  bool proxy = !s.share_dir.empty() && s.uid != 0;
+  if (proxy && s.share_socket.empty()) {
+    return Error::Invalid("VM {}: a confined VM's share needs the 9p server's socket", s.name);
+  }
+  Writer w;
+  w.Open("domain").Attr("type", s.kvm ? "kvm" : "qemu");
+  if (proxy) w.Attr("xmlns:qemu", "http://libvirt.org/schemas/domain/qemu/1.0");
+  w.Element("name", s.name);
+  w.Open("memory").Attr("unit", "MiB").Text(std::to_string(s.memory_mib)).Close();
+  w.Element("vcpu", std::to_string(s.vcpus));
+  WriteBoot(w, s);
+  PP_TRY(WriteDevices(w, s, proxy));
   if (s.uid != 0) {
     // QEMU runs as this uid/gid with no capabilities. relabel: libvirt gives it its own
     // runtime files (monitor socket, domain dir); dynamic ownership is off in qemu.conf, so it
@@ -180,21 +212,7 @@ Result<std::string> DomainXml(const VmSpec& s) {
     w.Element("label", fmt::format("+{}:+{}", s.uid, s.gid));
     w.Close();
   }
-  if (proxy) {
-    // libvirt has no element for QEMU's 9p proxy backend: its arguments go through the QEMU
-    // namespace. The device sits at a fixed slot of the root bus that libvirt's own address
-    // assignment (root ports from slot 1 up) does not reach; QEMU option values double commas.
-    std::string sock;
-    for (char c : s.share_socket) sock += c == ',' ? std::string(",,") : std::string(1, c);
-    w.Open("qemu:commandline");
-    for (const std::string& arg :
-         {std::string("-fsdev"), "proxy,id=fsdev-share,socket=" + sock, std::string("-device"),
-          std::string("virtio-9p-pci,fsdev=fsdev-share,mount_tag=peapod-share,bus=pcie.0,"
-                      "addr=0x1d")}) {
-      w.Open("qemu:arg").Attr("value", arg).Close();
-    }
-    w.Close();
-  }
+  if (proxy) WriteShareProxy(w, s);
   w.Close();  // domain
   return w.Finish();
 }

@@ -107,6 +107,35 @@ peapod::Result<void> ServeShimApi(const peapod::sandboxer::Config& cfg, peapod::
   return peapod::Ok();
 }
 
+// Signals are taken by a signalfd on the loop: blocked before any thread starts.
+sigset_t BlockSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  return set;
+}
+
+// SIGTERM/SIGINT: answer the pending Waits, remove the pool, stop the loop; pods keep running.
+peapod::Result<peapod::UniqueFd> OnExitSignals(peapod::EventLoop* loop, const sigset_t& set,
+                                               peapod::sandboxer::PodManager* pods) {
+  peapod::UniqueFd sfd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!sfd) return peapod::Error::Errno("signalfd");
+  int fd = sfd.get();
+  PP_TRY(loop->Watch(fd, EPOLLIN, [fd, loop, pods](uint32_t) {
+    signalfd_siginfo info;
+    while (::read(fd, &info, sizeof(info)) == sizeof(info)) {
+      spdlog::info("sandboxer: signal {}: exiting; pods keep running", info.ssi_signo);
+      pods->CancelWaiters();
+      pods->DestroyPool();
+      loop->Stop();
+    }
+  }));
+  return sfd;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -126,13 +155,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  // Signals are taken by a signalfd on the loop; block them before any thread starts.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  ::signal(SIGPIPE, SIG_IGN);
+  const sigset_t signals = BlockSignals();
 
   auto backend = sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri,
                                                   .embed_root = cfg->libvirt_root,
@@ -180,20 +203,11 @@ int main(int argc, char** argv) {
   spdlog::info("sandboxer: serving {} and {} (state {}, libvirt {})", cfg->listen, cfg->shim_listen,
                cfg->state_dir, (*backend)->uri());
 
-  UniqueFd sfd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
-  if (!sfd) {
-    spdlog::critical("sandboxer: signalfd: {}", std::strerror(errno));
+  auto sfd = OnExitSignals(loop, signals, &pods);
+  if (!sfd.ok()) {
+    spdlog::critical("sandboxer: {}", sfd.error().ToString());
     return 1;
   }
-  (void)loop->Watch(sfd.get(), EPOLLIN, [&](uint32_t) {
-    signalfd_siginfo info;
-    while (::read(sfd.get(), &info, sizeof(info)) == sizeof(info)) {
-      spdlog::info("sandboxer: signal {}: exiting; pods keep running", info.ssi_signo);
-      pods.CancelWaiters();
-      pods.DestroyPool();
-      loop->Stop();
-    }
-  });
   loop->Run();
   // Pending Waits were answered above. A call still inside the loop's work (a Start halfway)
   // can no longer finish; its state is on disk and the next sandboxer recovers it, so do not

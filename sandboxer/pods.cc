@@ -579,53 +579,60 @@ void PodManager::WaitForAgent(const std::string& id, EventLoop::Clock::time_poin
                              [](const auto& st) { return st.first == "boot_to_agent"; })) {
               pod->Step("boot_to_agent");  // the first answer: kernel, initrd, agent start
             }
-            v1::CreateSandboxRequest sb;
-            sb.set_sandbox_id(id);
-            sb.set_hostname(pod->rec.hostname.empty() ? id.substr(0, 63) : pod->rec.hostname);
-            for (const auto& d : pod->rec.dns_servers) sb.add_dns_servers(d);
-            for (const auto& d : pod->rec.dns_searches) sb.add_dns_searches(d);
-            for (const auto& d : pod->rec.dns_options) sb.add_dns_options(d);
-            for (const auto& [k, v] : pod->rec.sysctls) (*sb.mutable_sysctls())[k] = v;
-            AddPodStorages(sb, pod->rec.scratch);
-            auto agent = agentapi::AgentClient::Over(pod->agent);
-            if (pod->net) {
-              // Addresses and routes first: containers must find the pod network up.
-              v1::ConfigureNetworkRequest net = pod->net->guest;
-              pod->net.reset();
-              agent.ConfigureNetwork(
-                  net,
-                  [this, alive, id, deadline, reply, fail](Result<Empty> r) {
-                    if (alive.expired()) return;
-                    if (!r.ok()) {
-                      return fail(std::move(r).error().Wrap("configure guest network"));
-                    }
-                    if (Pod* p = Find(id)) p->Step("guest_network");
-                    WaitForAgent(id, deadline, reply);  // Check again, then set up
-                  },
-                  30s);
-              return;
-            }
-            agent.CreateSandbox(
-                sb,
-                [this, alive, id, reply, fail](Result<Empty> r) {
-                  if (alive.expired()) return;
-                  Pod* pod = Find(id);
-                  if (!pod) return reply(UnknownPod(id));
-                  if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
-                  pod->busy = false;
-                  pod->rec.phase = Phase::kRunning;
-                  PlaceVm(*pod);
-                  (void)Save(*pod);
-                  pod->Step("guest_setup");
-                  StartPortForwarder(*pod);
-                  pod->Step("port_forwarder");
-                  LogStartSteps(*pod);
-                  spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
-                  reply(StatusOf(*pod));
-                },
-                30s);
+            SetUpGuest(id, deadline, reply);
           },
           1s);
+}
+
+void PodManager::SetUpGuest(const std::string& id, EventLoop::Clock::time_point deadline,
+                            Reply<PodStatus> reply) {
+  Pod* pod = Find(id);
+  if (!pod || !pod->agent) return reply(UnknownPod(id));
+  auto fail = [this, id, reply](Error e) { FailStart(id, std::move(e), true, reply); };
+  std::weak_ptr<bool> alive = alive_;
+  auto agent = agentapi::AgentClient::Over(pod->agent);
+  if (pod->net) {
+    // Addresses and routes first: containers must find the pod network up.
+    v1::ConfigureNetworkRequest net = pod->net->guest;
+    pod->net.reset();
+    agent.ConfigureNetwork(
+        net,
+        [this, alive, id, deadline, reply, fail](Result<Empty> r) {
+          if (alive.expired()) return;
+          if (!r.ok()) return fail(std::move(r).error().Wrap("configure guest network"));
+          if (Pod* p = Find(id)) p->Step("guest_network");
+          WaitForAgent(id, deadline, reply);  // Check again, then set up
+        },
+        30s);
+    return;
+  }
+  v1::CreateSandboxRequest sb;
+  sb.set_sandbox_id(id);
+  sb.set_hostname(pod->rec.hostname.empty() ? id.substr(0, 63) : pod->rec.hostname);
+  for (const auto& d : pod->rec.dns_servers) sb.add_dns_servers(d);
+  for (const auto& d : pod->rec.dns_searches) sb.add_dns_searches(d);
+  for (const auto& d : pod->rec.dns_options) sb.add_dns_options(d);
+  for (const auto& [k, v] : pod->rec.sysctls) (*sb.mutable_sysctls())[k] = v;
+  AddPodStorages(sb, pod->rec.scratch);
+  agent.CreateSandbox(
+      sb,
+      [this, alive, id, reply, fail](Result<Empty> r) {
+        if (alive.expired()) return;
+        Pod* pod = Find(id);
+        if (!pod) return reply(UnknownPod(id));
+        if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
+        pod->busy = false;
+        pod->rec.phase = Phase::kRunning;
+        PlaceVm(*pod);
+        (void)Save(*pod);
+        pod->Step("guest_setup");
+        StartPortForwarder(*pod);
+        pod->Step("port_forwarder");
+        LogStartSteps(*pod);
+        spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
+        reply(StatusOf(*pod));
+      },
+      30s);
 }
 
 void AddPodStorages(v1::CreateSandboxRequest& sb, bool scratch) {

@@ -195,6 +195,10 @@ class PodManager {
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
   void WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,
                     Reply<PodStatus> reply);
+  // Once the agent answers: the pod network into the guest (then Check again), or the pod's
+  // hostname, DNS, sysctls and mounts, after which the pod is running.
+  void SetUpGuest(const std::string& id, EventLoop::Clock::time_point deadline,
+                  Reply<PodStatus> reply);
   void MarkStopped(Pod& pod, uint32_t status);
   // The pod's QEMU into the pod's cgroup once it runs; the cgroup removed once it stopped
   // (pod_cgroup.h).
