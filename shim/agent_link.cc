@@ -5,6 +5,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "shim/dial.h"
+
 namespace peapod::shim {
 
 namespace {
@@ -87,9 +89,7 @@ void AgentLink::Attempt(std::chrono::milliseconds wait) {
         return self->Fail(where.error());
       }
       last = std::move(where).error();
-    } else if (auto fd = ConnectUnixNow(*where); !fd.ok()) {
-      last = std::move(fd).error();
-    } else if (auto c = ttrpc::Client::Create(self->loop_, std::move(*fd)); !c.ok()) {
+    } else if (auto c = DialNow(self->loop_, *where); !c.ok()) {
       last = std::move(c).error();
     } else {
       if (self->ever_connected_) spdlog::info("shim: reconnected to the pod's agent at {}", *where);

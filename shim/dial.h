@@ -1,5 +1,4 @@
-// Connecting a ttrpc client from a worker thread: the client must be created on the loop
-// thread that will serve it.
+// Connecting a ttrpc client: it must be created on the loop thread that will serve it.
 #pragma once
 
 #include <future>
@@ -10,6 +9,13 @@
 #include "common/ttrpc/client.h"
 
 namespace peapod::shim {
+
+// On the loop's own thread: connects without blocking (a full backlog is UNAVAILABLE) and
+// creates the client there.
+inline Result<std::shared_ptr<ttrpc::Client>> DialNow(EventLoop* loop, const std::string& path) {
+  PP_ASSIGN_OR_RETURN(auto fd, ConnectUnixNow(path));
+  return ttrpc::Client::Create(loop, std::move(fd));
+}
 
 // Connects to the unix socket path and creates the client on loop (call from any other thread).
 inline Result<std::shared_ptr<ttrpc::Client>> Dial(EventLoop* loop, const std::string& path) {

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "containerd/services/ttrpc/events/v1/events.pb.h"
+#include "shim/dial.h"
 
 namespace peapod::shim {
 
@@ -70,9 +71,7 @@ void EventPublisher::Send(int attempt) {
   if (address_.empty()) return Sent();
   if (!client_ || client_->closed()) {
     client_.reset();
-    if (auto fd = ConnectUnixNow(address_); fd.ok()) {
-      if (auto c = ttrpc::Client::Create(loop_, std::move(*fd)); c.ok()) client_ = std::move(*c);
-    }
+    if (auto c = DialNow(loop_, address_); c.ok()) client_ = std::move(*c);
   }
   if (!client_) {
     spdlog::warn("shim: cannot reach containerd's event service at {}", address_);

@@ -174,13 +174,11 @@ struct TaskService::Impl {
   void CallSandboxer(const std::string& method, const google::protobuf::Message& req,
                      Done<Resp> done, std::chrono::nanoseconds timeout = 300s) {
     if (!sandboxer || sandboxer->closed()) {  // never dialled, or the sandboxer restarted
-      auto fd = ConnectUnixNow(opts.sandboxer);
-      if (!fd.ok()) {
-        return done(std::move(fd).error().Wrap("connect to peapod-sandboxer at " + opts.sandboxer +
-                                               " (is it running?)"));
+      auto c = DialNow(loop, opts.sandboxer);
+      if (!c.ok()) {
+        return done(std::move(c).error().Wrap("connect to peapod-sandboxer at " + opts.sandboxer +
+                                              " (is it running?)"));
       }
-      auto c = ttrpc::Client::Create(loop, std::move(*fd));
-      if (!c.ok()) return done(std::move(c).error());
       if (sandboxer) sandboxer->Close();
       sandboxer = std::move(*c);
     }
@@ -386,11 +384,16 @@ struct TaskService::Impl {
     e.set_exit_status(status);
     *e.mutable_exited_at() = at;
     events->Publish("/tasks/exit", e);
+    AnswerWaiters(*p, status, at);
+  }
+
+  // containerd's Waits on p end with this status.
+  static void AnswerWaiters(Process& p, uint32_t status, const google::protobuf::Timestamp& at) {
     task::WaitResponse w;
     w.set_exit_status(status);
     *w.mutable_exited_at() = at;
-    for (auto& reply : p->waiters) reply(w);
-    p->waiters.clear();
+    for (auto& reply : p.waiters) reply(w);
+    p.waiters.clear();
   }
 
   // --- Create: pod, rootfs, volumes, then the container in the guest ---------------------
@@ -710,13 +713,7 @@ struct TaskService::Impl {
     p->stop_io.clear();
     p->DropStdinWriter();
     // Waits on a process deleted before it ran end too (it never will).
-    if (!p->waiters.empty()) {
-      task::WaitResponse w;
-      w.set_exit_status(p->state == P::State::kStopped ? p->exit_status : 255);
-      *w.mutable_exited_at() = resp.exited_at();
-      for (auto& waiter : p->waiters) waiter(w);
-      p->waiters.clear();
-    }
+    AnswerWaiters(*p, p->state == P::State::kStopped ? p->exit_status : 255, resp.exited_at());
     procs.erase(p->exec_id);
     if (p->exec_id.empty()) {
       deleted = true;

@@ -493,6 +493,13 @@ TEST_F(CriPathsTest, B_Containerd16ClassicCriRunsAPodOfContainersInOneVm) {
   PodScenario();
 }
 
+// How many times needle occurs in text.
+size_t Occurrences(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
 // Numbers the lines "<prefix><n>" of text must hold, in order, each once: an empty string, or
 // what is wrong.
 std::string GapsOrRepeats(const std::string& text, const std::string& prefix, int at_least) {
@@ -608,14 +615,7 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
       << statsp.text;
 
   // containerd killed and started again: the shims are still there, and it finds them.
-  auto log_lines = [](const std::string& text) {
-    size_t n = 0;
-    for (size_t at = text.find("line-"); at != std::string::npos; at = text.find("line-", at + 1)) {
-      ++n;
-    }
-    return n;
-  };
-  const size_t lines_before = log_lines(Crictl("logs " + talker).text);
+  const size_t lines_before = Occurrences(Crictl("logs " + talker).text, "line-");
   ::kill(containerd_, SIGKILL);
   ::waitpid(containerd_, nullptr, 0);
   containerd_ = -1;
@@ -629,7 +629,7 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   std::this_thread::sleep_for(2s);
   auto logs_after = Crictl("logs " + talker);
   EXPECT_EQ(GapsOrRepeats(logs_after.text, "line-", 80), "") << logs_after.text;
-  EXPECT_GE(log_lines(logs_after.text), lines_before + 20)
+  EXPECT_GE(Occurrences(logs_after.text, "line-"), lines_before + 20)
       << "the log stopped at the containerd restart";
 
   // The idle container's shim killed with -9: containerd cleans up after it (`shim delete`) and
@@ -654,11 +654,10 @@ TEST_F(CriPathsTest, D_ASandboxerRestartChangesNoContainer) {
   EXPECT_TRUE(attach_reaches("after-shim"));
 
   // Its exit was reported once.
-  auto log = ReadAll(dir_ + "/containerd.log");
-  size_t exits = 0;
-  const std::string event = "received container exit event container_id:\\\"" + quitter;
-  for (size_t at = log.find(event); at != std::string::npos; at = log.find(event, at + 1)) ++exits;
-  EXPECT_EQ(exits, 1u) << "exit events for the quitter";
+  EXPECT_EQ(Occurrences(ReadAll(dir_ + "/containerd.log"),
+                        "received container exit event container_id:\\\"" + quitter),
+            1u)
+      << "exit events for the quitter";
   RemoveAll(pod, ids);
   for (const auto& m : {"/sys/fs/cgroup/memory/", "/sys/fs/cgroup/unified/", "/sys/fs/cgroup/"}) {
     EXPECT_FALSE(fs::exists(m + cgroup_top + "/pod-rs/peapod-" + pod)) << "pod cgroup left";
