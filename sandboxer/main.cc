@@ -129,8 +129,7 @@ peapod::Result<peapod::UniqueFd> OnExitSignals(peapod::EventLoop* loop, const si
     while (::read(fd, &info, sizeof(info)) == sizeof(info)) {
       spdlog::info("sandboxer: signal {}: exiting; pods keep running", info.ssi_signo);
       pods->CancelWaiters();
-      pods->DestroyPool();
-      loop->Stop();
+      pods->DestroyPool([loop] { loop->Stop(); });
     }
   }));
   return sfd;

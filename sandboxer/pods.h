@@ -1,6 +1,13 @@
 // The sandboxer's pods: one control loop owns every pod's state, VM handle, agent channel mux
 // and waiters. Callers (gRPC threads) post requests and get answers through callbacks, which
-// run on the loop thread. Slow work (libvirt calls) runs on worker threads and posts back.
+// run on the loop thread. Nothing slow runs on the loop: libvirt calls and boots go to the VM
+// workers, mounts, removals and cgroups to the filesystem workers, layer builds to their own,
+// and records are written (fsync) in order by one writer; each posts back when done.
+//
+// Where things are: pods.cc, the state machine (Create, Start, Stop, Shutdown, Wait);
+// vm_launcher.*, the one boot sequence; pod_storage.cc, layers, volumes and the per-pod
+// storage queue; recovery.cc, a restarted sandboxer's Recover; pool.cc, the warm pool.
+// The host is reached through seams.h (network, storage, clock), which tests fake.
 //
 // Lifecycle: Create (record + pod files) -> Start (VM boots, agent answers, pod READY) ->
 // Stop (agent powers off, VM destroyed; Wait returns) -> Shutdown (everything removed).
@@ -29,10 +36,12 @@
 #include "sandboxer/network.h"
 #include "sandboxer/pod_cgroup.h"
 #include "sandboxer/pod_share.h"
+#include "sandboxer/seams.h"
 #include "sandboxer/state.h"
 #include "sandboxer/storage.h"
 #include "sandboxer/vm_backend.h"
 #include "sandboxer/vm_identity.h"
+#include "sandboxer/vm_launcher.h"
 #include "sandboxer/worker_pool.h"
 
 namespace peapod::sandboxer {
@@ -84,7 +93,8 @@ class PodManager {
   template <typename T>
   using Reply = std::function<void(Result<T>)>;
 
-  PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend);
+  // seams: the host as tests see it (null members: the real host).
+  PodManager(EventLoop* loop, const Config& cfg, VmBackend* backend, Seams seams = {});
   ~PodManager();
 
   // Loads records, re-adopts running VMs, cleans leftovers. Loop thread, before serving.
@@ -123,9 +133,10 @@ class PodManager {
   void FillPool();
   // Pool VMs ready to be adopted.
   size_t pool_ready() const;
-  // Stops and removes every pool VM, waiting for boots in flight (the sandboxer is exiting; a
-  // pool VM belongs to no pod). Loop thread. The pool stays empty afterwards.
-  void DestroyPool();
+  // Stops and removes every pool VM, waiting (on a worker, at most a minute) for boots in
+  // flight, then runs done on the loop (the sandboxer is exiting; a pool VM belongs to no
+  // pod). Loop thread. The pool stays empty afterwards.
+  void DestroyPool(std::function<void()> done);
 
   // <run_dir>/pods/<id>: the pod's sockets and share.
   std::string RunDir(const std::string& id) const;
@@ -134,20 +145,35 @@ class PodManager {
  private:
   struct Pod;
   Pod* Find(const std::string& id);
-  Result<void> Save(Pod& pod);
+  // Records go to the one writer thread, in order; SaveThen's done runs on the loop once the
+  // record is durable, SaveLater's failure is only logged.
+  void SaveThen(Pod& pod, std::function<void(Result<void>)> done);
+  void SaveLater(Pod& pod);
+  // Runs work on a worker pool, then `then` on the loop with its result (unless the manager
+  // is gone by then).
+  void Off(WorkerPool& pool, std::function<Result<void>()> work,
+           std::function<void(Result<void>)> then);
+  // The pod files in its share (and for containerd's CRI); blocking: workers.
   Result<void> PreparePodFiles(const PodRecord& rec);
   // Runs op after the pod's earlier storage ops; op calls its argument when done. Ops still
   // queued when the pod goes away run anyway (and find it gone).
   void Enqueue(const std::string& id, std::function<void(std::function<void()>)> op);
   RootfsInfo RootfsOf(const Pod& pod, const std::string& container) const;
+  // ReleaseContainer's second half: container's records dropped, and the layer disks no
+  // other container stacks detached.
+  void DetachUnused(Pod& pod, const std::string& container,
+                    std::function<void(Result<void>)> finish);
   void AttachImages(const std::string& id, const std::string& container,
                     std::vector<std::pair<std::string, bool>> images, Reply<RootfsInfo> reply);
-  // Removes what a pod leaves on the host once it is gone: cache references, share mounts
-  // and the run dir, the TAP.
-  void ReleaseHostResources(Pod& pod);
   // <cri_root>/sandboxes/<id>: where containerd's CRI looks for the pod files.
   std::string CriSandboxDir(const std::string& id) const;
   void RemoveCriFiles(const PodRecord& rec);
+  // Create's second half, once the pod files and record are written (or not).
+  void Created(const std::string& id, Result<void> r, Reply<void> reply);
+  // Start once its record says "starting": a VM of its own booted on a worker.
+  void LaunchOwnVm(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
+  // Shutdown once the pod is stopped: host resources, then the record, then the pod.
+  void RemovePod(const std::string& id, Reply<void> reply);
   // A VM's agent channel: connects to <dir>/vm-agent.sock, serves <dir>/agent.sock.
   struct Channel {
     std::unique_ptr<AgentMux> mux;
@@ -170,22 +196,21 @@ class PodManager {
   std::string PoolStateDir(const std::string& name) const;
   PoolVm* FindPoolVm(const std::string& name);
   // Destroys pool VM name's domain ("peapod-<name>") and removes its TAP and directories.
-  // Blocking (libvirt): a worker, or the loop at exit.
+  // Blocking (libvirt): a worker, or the destructor.
   void RemovePoolVmNow(const std::string& name, const std::string& tap);
-  // The VM all pods and pool VMs share: image, accel, and the sockets, share, console log and
-  // scratch disk under run_dir / state_dir.
-  VmSpec BaseSpec(const std::string& domain, const std::string& run_dir,
-                  const std::string& state_dir, unsigned vcpus, uint64_t memory_mib) const;
   void BootPoolVm();
-  void PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline);
+  void PoolVmUp(const std::string& name, Clock::TimePoint deadline);
   void PoolVmMounted(const std::string& name, Result<google::protobuf::Empty> r);
   void DropPoolVm(const std::string& name, const std::string& why);
   // Stops a pool VM that is out of pool_ and removes its TAP and directories.
   void DestroyPoolVm(std::unique_ptr<PoolVm> vm);
   // Takes a ready pool VM for pod if one fits it (the default VM size); else null.
   std::unique_ptr<PoolVm> TakePoolVm(const Pod& pod);
-  void AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm,
-                   EventLoop::Clock::time_point deadline, Reply<PodStatus> reply);
+  void AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm, Clock::TimePoint deadline,
+                   Reply<PodStatus> reply);
+  // Adoption's host side (a worker): the TAP joined to the pod network, the pool VM's run dir,
+  // console log and scratch disk renamed to the pod's, the pod files written.
+  Result<void> AdoptOnHost(const PodRecord& rec, const PoolVm& vm, std::optional<PodNetwork>& net);
   // Destroys pool VMs a previous sandboxer left (they have no pod record) and their TAPs.
   void CleanPoolLeftovers();
   // Serves CRI PortForward for a ready pod with a netns (a warning if it cannot).
@@ -193,12 +218,10 @@ class PodManager {
   void LogStartSteps(const Pod& pod);
   // Undoes a Start that failed (destroying the VM and TAP if they exist) and answers reply.
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
-  void WaitForAgent(const std::string& id, EventLoop::Clock::time_point deadline,
-                    Reply<PodStatus> reply);
+  void WaitForAgent(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
   // Once the agent answers: the pod network into the guest (then Check again), or the pod's
   // hostname, DNS, sysctls and mounts, after which the pod is running.
-  void SetUpGuest(const std::string& id, EventLoop::Clock::time_point deadline,
-                  Reply<PodStatus> reply);
+  void SetUpGuest(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
   void MarkStopped(Pod& pod, uint32_t status);
   // The pod's QEMU into the pod's cgroup once it runs; the cgroup removed once it stopped
   // (pod_cgroup.h).
@@ -206,51 +229,43 @@ class PodManager {
   void UnplaceVm(Pod& pod);
   PodStatus StatusOf(const Pod& pod) const;
   VmSpec SpecFor(const Pod& pod) const;
-  bool UseKvm() const;
-  // Worker side of a boot: the VM's uid and directories (if confined) and its scratch disk,
-  // given to it. DiscardVmFiles undoes it (a failed boot, a destroyed VM).
-  Result<void> PrepareVmFiles(VmSpec& spec);
-  // uid (if not 0): only while domain's files are still that uid's.
-  void DiscardVmFiles(const std::string& domain, const std::string& scratch, uint32_t uid = 0);
 
-  // Recover's parts: the run dir made root's alone and private; one record's pod rebuilt
-  // (re-adopted, or marked stopped/created with what it held given back); what no record
-  // names removed (run dirs, VM files, VMs).
-  Result<void> PrepareRunDir();
+  // Recover's parts: one record's pod rebuilt (re-adopted, or marked stopped/created with what
+  // it held given back); what no record names removed (run dirs, VM files, VMs).
   void RecoverPod(const PodRecord& rec, const std::map<std::string, VmInfo>& live);
   void SweepLeftovers(const std::set<std::string>& known,
                       const std::map<std::string, VmInfo>& live);
 
-  // The one boot sequence, for a pod's cold start and for a pool VM, on a worker thread:
-  // scratch disk and uid, TAP, define and start, TAP joined to the pod network. Each step is
-  // timed; a failure undoes the steps before it (no scratch disk, TAP or uid is left).
-  struct VmLaunch {
-    VmSpec spec;  // its tap and mac are filled in
-    // A pod's TAP is made in its netns and joined to the CNI interface once QEMU opened it; a
-    // pool VM's is made on the host (spec.tap) and joined when a pod adopts the VM.
-    enum class Tap { kNone, kPodNetns, kHost } tap = Tap::kNone;
-    std::string pod_id, netns;                          // kPodNetns
-    std::optional<PodNetwork> net;                      // out (kPodNetns)
-    std::vector<std::pair<std::string, double>> steps;  // out: ms per step
-  };
-  Result<VmInfo> LaunchVm(VmLaunch& l);
-
   EventLoop* loop_;
   Config cfg_;
   VmBackend* backend_;
-  StateStore store_;
+  // The seams: ours unless the caller gave its own.
+  std::unique_ptr<Network> own_network_;
+  std::unique_ptr<Storage> own_storage_;
+  std::unique_ptr<Clock> own_clock_;
+  Network* net_;
+  Storage* storage_;
+  Clock* clock_;
   // Expires when the manager goes: callbacks posted from workers check it. Declared before
   // cache_, which is built with it.
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
-  WorkerPool workers_{2};
-  LayerCache cache_;
   VmIdentities ids_;
+  VmLauncher launcher_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
   std::vector<std::unique_ptr<PoolVm>> pool_;                        // booting and ready
   std::vector<std::string> cgroup_roots_ = AccountingHierarchies();  // where pods' VMs go
   // Shared with boot workers, which outlive nothing but may finish after DestroyPool began.
   std::shared_ptr<std::atomic<int>> pool_booting_ = std::make_shared<std::atomic<int>>(0);
   std::shared_ptr<std::atomic<bool>> pool_closed_ = std::make_shared<std::atomic<bool>>(false);
+  // The workers, by kind, so that one kind of slow work never waits behind another (a
+  // tenant's big layer build behind nobody's Start): libvirt and boots; mounts, removals and
+  // cgroups; layer builds; and the one record writer, whose order is the records' order.
+  // Declared last: destroyed first, finishing their jobs while what those use still exists.
+  WorkerPool vm_workers_{2};
+  WorkerPool fs_workers_{2};
+  WorkerPool build_workers_{2};
+  WorkerPool records_{1};
+  LayerCache cache_;
 };
 
 }  // namespace peapod::sandboxer

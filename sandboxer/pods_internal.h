@@ -18,7 +18,7 @@ namespace peapod::sandboxer {
 
 struct PodManager::Pod {
   PodRecord rec;
-  bool busy = false;      // Start or Stop in progress
+  bool busy = false;      // Create, Start or Shutdown in progress
   bool stopping = false;  // we asked for the stop (clean exit status)
   std::unique_ptr<AgentMux> mux;
   std::shared_ptr<ttrpc::Client> agent;      // the sandboxer's own client, through the mux
@@ -40,6 +40,10 @@ struct PodManager::Pod {
 
 // The share and (if the VM has one) the scratch disk, as CreateSandbox mounts them.
 void AddPodStorages(peapod::agent::v1::CreateSandboxRequest& sb, bool scratch);
+
+// The pod's TAP: a pool VM's own name, else the one named for the pod (if it has a netns).
+inline std::string TapOf(const PodRecord& r) { return r.tap.empty() ? TapName(r.id) : r.tap; }
+inline bool HasTap(const PodRecord& r) { return !r.tap.empty() || !r.netns.empty(); }
 
 inline Error UnknownPod(const std::string& id) {
   return Error::NotFound("sandbox {} not found (never created here, or already shut down)", id);

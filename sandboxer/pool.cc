@@ -61,13 +61,11 @@ PodManager::PoolVm* PodManager::FindPoolVm(const std::string& name) {
 
 void PodManager::RemovePoolVmNow(const std::string& name, const std::string& tap) {
   (void)backend_->Destroy("peapod-" + name);
-  if (!tap.empty()) RemoveTap(tap, "");
-  if (auto r = RemoveTreeSafely(RunDir(name)); !r.ok()) {
-    spdlog::warn("pool: {}", r.error().ToString());
+  if (!tap.empty()) net_->RemoveTap(tap, "");
+  for (const auto& dir : {RunDir(name), PoolStateDir(name)}) {
+    if (auto r = storage_->RemoveTree(dir); !r.ok()) spdlog::warn("pool: {}", r.error().ToString());
   }
-  std::error_code ec;
-  fs::remove_all(PoolStateDir(name), ec);
-  DiscardVmFiles("peapod-" + name, "");
+  launcher_.DiscardVmFiles("peapod-" + name, "");
 }
 
 size_t PodManager::pool_ready() const {
@@ -80,16 +78,28 @@ void PodManager::FillPool() {
   while (pool_.size() < cfg_.pool_size) BootPoolVm();
 }
 
-void PodManager::DestroyPool() {
+void PodManager::DestroyPool(std::function<void()> done) {
   *pool_closed_ = true;
-  // A boot in flight sees the pool closed and removes its own VM; wait for those to finish.
-  for (int i = 0; i < 1200 && *pool_booting_ > 0; ++i) std::this_thread::sleep_for(50ms);
+  std::vector<std::pair<std::string, std::string>> vms;  // name, TAP
   for (auto& vm : pool_) {
     vm->channel = {};
-    RemovePoolVmNow(vm->name, vm->tap);
-    spdlog::info("pool: removed {}", vm->name);
+    vms.emplace_back(vm->name, vm->tap);
   }
   pool_.clear();
+  Off(
+      vm_workers_,
+      [this, vms, booting = pool_booting_] {
+        // A boot in flight sees the pool closed and removes its own VM; wait (at most a
+        // minute) for those to finish.
+        for (int i = 0; i < 1200 && *booting > 0; ++i) std::this_thread::sleep_for(50ms);
+        if (*booting > 0) spdlog::warn("pool: {} boot(s) still in flight", booting->load());
+        for (const auto& [name, tap] : vms) {
+          RemovePoolVmNow(name, tap);
+          spdlog::info("pool: removed {}", name);
+        }
+        return Ok();
+      },
+      [done = std::move(done)](Result<void>) { done(); });
 }
 
 void PodManager::BootPoolVm() {
@@ -98,32 +108,29 @@ void PodManager::BootPoolVm() {
   vm->domain = "peapod-" + vm->name;
   // A locally administered unicast MAC; the agent gives the NIC the pod's MAC at adoption.
   vm->mac = "02:" + RandomBytesHex(5, ":");
-  if (backend_->SupportsNetwork()) vm->tap = TapName(vm->name);
+  vm->tap = TapName(vm->name);
   std::string dir = RunDir(vm->name), sdir = PoolStateDir(vm->name);
-  VmSpec s = BaseSpec(vm->domain, dir, sdir, cfg_.vcpus, cfg_.memory_mib);
+  VmSpec s = launcher_.BaseSpec(vm->domain, dir, sdir, cfg_.vcpus, cfg_.memory_mib);
   s.tap = vm->tap;
-  if (!vm->tap.empty()) s.mac = vm->mac;
+  s.mac = vm->mac;
   std::string name = vm->name;
   spdlog::info("pool: booting {}", name);
   pool_.push_back(std::move(vm));
   std::weak_ptr<bool> alive = alive_;
-  auto deadline = EventLoop::Clock::now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
+  auto deadline = clock_->Now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
   ++*pool_booting_;
-  workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
-                closed = pool_closed_, tap = s.tap]() mutable {
+  vm_workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
+                   closed = pool_closed_, tap = s.tap]() mutable {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
-    std::error_code ec;
-    fs::create_directories(sdir, ec);
-    auto shared = PrepareShare(dir);
-    if (ec) {
-      vm = Error::Errno("mkdir " + sdir, ec.value());
-    } else if (!shared.ok()) {
-      vm = std::move(shared).error();
+    auto made = storage_->MakeDirs(sdir);
+    if (made.ok()) made = storage_->PrepareShare(dir);
+    if (!made.ok()) {
+      vm = std::move(made).error();
     } else {
-      VmLaunch l;
+      VmLauncher::Launch l;
       l.spec = s;
-      if (!s.tap.empty()) l.tap = VmLaunch::Tap::kHost;
-      vm = LaunchVm(l);
+      l.tap = VmLauncher::Launch::Tap::kHost;
+      vm = launcher_.Run(l);
     }
     if (*closed) {
       // The sandboxer is going away (DestroyPool waits for us): leave nothing behind.
@@ -146,10 +153,10 @@ void PodManager::BootPoolVm() {
   });
 }
 
-void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point deadline) {
+void PodManager::PoolVmUp(const std::string& name, Clock::TimePoint deadline) {
   PoolVm* pv = FindPoolVm(name);
   if (!pv || !pv->channel.agent) return;
-  if (EventLoop::Clock::now() >= deadline) {
+  if (clock_->Now() >= deadline) {
     return DropPoolVm(
         name, "its agent did not answer in time (see " + PoolStateDir(name) + "/console.log)");
   }
@@ -162,7 +169,7 @@ void PodManager::PoolVmUp(const std::string& name, EventLoop::Clock::time_point 
         PoolVm* pv = FindPoolVm(name);
         if (!pv) return;
         if (!r.ok()) {
-          loop_->AddTimer(200ms, [this, alive, name, deadline] {
+          clock_->After(200ms, [this, alive, name, deadline] {
             if (!alive.expired()) PoolVmUp(name, deadline);
           });
           return;
@@ -200,14 +207,14 @@ void PodManager::DropPoolVm(const std::string& name, const std::string& why) {
   DestroyPoolVm(std::move(vm));
   // Not at once: a VM that cannot boot would otherwise be retried in a tight loop.
   std::weak_ptr<bool> alive = alive_;
-  loop_->AddTimer(kRetryAfter, [this, alive] {
+  clock_->After(kRetryAfter, [this, alive] {
     if (!alive.expired()) FillPool();
   });
 }
 
 void PodManager::DestroyPoolVm(std::unique_ptr<PoolVm> vm) {
   vm->channel = {};
-  workers_.Run([this, name = vm->name, tap = vm->tap] { RemovePoolVmNow(name, tap); });
+  vm_workers_.Run([this, name = vm->name, tap = vm->tap] { RemovePoolVmNow(name, tap); });
 }
 
 std::unique_ptr<PodManager::PoolVm> PodManager::TakePoolVm(const Pod& pod) {
@@ -224,7 +231,7 @@ std::unique_ptr<PodManager::PoolVm> PodManager::TakePoolVm(const Pod& pod) {
 }
 
 void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_in,
-                             EventLoop::Clock::time_point deadline, Reply<PodStatus> reply) {
+                             Clock::TimePoint deadline, Reply<PodStatus> reply) {
   Pod* pod = Find(id);
   if (!pod) {
     DestroyPoolVm(std::move(vm_in));
@@ -232,81 +239,66 @@ void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_i
   }
   spdlog::info("pod {}: adopting pool VM {} (QEMU pid {})", id, vm_in->name, vm_in->pid);
   std::shared_ptr<PoolVm> vm(std::move(vm_in));
-  std::weak_ptr<bool> alive = alive_;
-  std::string netns = pod->rec.netns;
-  std::string pod_state = store_.PodDir(id);
-  workers_.Run([this, alive, id, vm, netns, pod_state, deadline, reply] {
-    std::optional<PodNetwork> net;
-    Result<void> done = Ok();
-    // The pod network: the pool VM's TAP joins the CNI interface in the pod netns.
-    if (!netns.empty()) {
-      auto n = ReadPodNetwork(netns);
-      if (!n.ok()) {
-        done = std::move(n).error().Wrap("pod network");
-      } else if (vm->tap.empty()) {
-        done = Error::Make(Code::kFailedPrecondition, "pool VM {} has no NIC", vm->name);
-      } else {
-        n->tap = vm->tap;
-        n->guest.mutable_interfaces(0)->set_current_mac(vm->mac);
-        done = AttachTap(*n);
-        if (done.ok()) net = std::move(*n);
-      }
-    }
-    // Its files become the pod's: the run dir (sockets, the share QEMU exports, which keeps
-    // exporting the same directory under its new name), the console log and scratch disk.
-    if (done.ok()) done = RemoveTreeSafely(RunDir(id));
-    if (done.ok() && ::rename(RunDir(vm->name).c_str(), RunDir(id).c_str()) < 0) {
-      done = Error::Errno("rename " + RunDir(vm->name) + " to " + RunDir(id));
-    }
-    if (done.ok()) {
-      for (const char* f : {"console.log", "console.log.1", "scratch.img"}) {
-        std::string from = PoolStateDir(vm->name) + "/" + f;
-        if (::access(from.c_str(), F_OK) == 0 &&
-            ::rename(from.c_str(), (pod_state + "/" + f).c_str()) < 0) {
-          done = Error::Errno("rename " + from);
-          break;
+  PodRecord rec = pod->rec;
+  auto net = std::make_shared<std::optional<PodNetwork>>();
+  Off(
+      vm_workers_, [this, rec, vm, net] { return AdoptOnHost(rec, *vm, *net); },
+      [this, id, vm, net, deadline, reply](Result<void> done) mutable {
+        Pod* pod = Find(id);
+        if (!pod) {
+          DestroyPoolVm(std::make_unique<PoolVm>(std::move(*vm)));
+          return reply(UnknownPod(id));
         }
-      }
-      std::error_code ec;
-      fs::remove_all(PoolStateDir(vm->name), ec);
-    }
-    loop_->Post([this, alive, id, vm, net = std::move(net), done = std::move(done), deadline,
-                 reply]() mutable {
-      if (alive.expired()) return;
-      Pod* pod = Find(id);
-      if (!pod) {
-        DestroyPoolVm(std::make_unique<PoolVm>(std::move(*vm)));
-        return reply(UnknownPod(id));
-      }
-      // FailStart destroys the VM (the record names it) and the TAP wherever it went.
-      if (!done.ok()) return FailStart(id, done.error().Wrap("adopt pool VM"), true, reply);
-      pod->rec.pid = vm->pid;
-      pod->rec.scratch = backend_->SupportsDisks();
-      pod->mux = std::move(vm->channel.mux);
-      pod->agent = std::move(vm->channel.agent);
-      pod->net = std::move(net);
-      if (auto r = PreparePodFiles(pod->rec); !r.ok()) return FailStart(id, r.error(), true, reply);
-      if (auto r = Save(*pod); !r.ok()) return FailStart(id, r.error(), true, reply);
-      pod->Step("adopt_pool_vm");
-      // Then as for a VM of its own: network, hostname and storage, and ready.
-      WaitForAgent(id, deadline, reply);
-    });
-  });
+        // FailStart destroys the VM (the record names it) and the TAP wherever it went.
+        if (!done.ok()) return FailStart(id, done.error().Wrap("adopt pool VM"), true, reply);
+        pod->rec.pid = vm->pid;
+        pod->rec.scratch = backend_->SupportsDisks();
+        pod->mux = std::move(vm->channel.mux);
+        pod->agent = std::move(vm->channel.agent);
+        pod->net = std::move(*net);
+        SaveThen(*pod, [this, id, deadline, reply](Result<void> r) {
+          if (!r.ok()) return FailStart(id, std::move(r).error(), true, reply);
+          if (Pod* pod = Find(id)) pod->Step("adopt_pool_vm");
+          // Then as for a VM of its own: network, hostname and storage, and ready.
+          WaitForAgent(id, deadline, reply);
+        });
+      });
+}
+
+Result<void> PodManager::AdoptOnHost(const PodRecord& rec, const PoolVm& vm,
+                                     std::optional<PodNetwork>& net) {
+  // The pod network: the pool VM's TAP joins the CNI interface in the pod netns.
+  if (!rec.netns.empty()) {
+    auto n = net_->ReadPodNetwork(rec.netns);
+    if (!n.ok()) return std::move(n).error().Wrap("pod network");
+    n->tap = vm.tap;
+    n->guest.mutable_interfaces(0)->set_current_mac(vm.mac);
+    PP_TRY_CTX(net_->AttachTap(*n), "pod network");
+    net = std::move(*n);
+  }
+  // Its files become the pod's: the run dir (sockets, the share QEMU exports, which keeps
+  // exporting the same directory under its new name), the console log and scratch disk.
+  PP_TRY(storage_->RemoveTree(RunDir(rec.id)));
+  PP_TRY(storage_->Rename(RunDir(vm.name), RunDir(rec.id)));
+  for (const char* f : {"console.log", "console.log.1", "scratch.img"}) {
+    PP_TRY(storage_->Rename(PoolStateDir(vm.name) + "/" + f, storage_->RecordDir(rec.id) + "/" + f,
+                            /*missing_ok=*/true));
+  }
+  (void)storage_->RemoveTree(PoolStateDir(vm.name));
+  // The pod's own files in the share it now exports.
+  return PreparePodFiles(rec);
 }
 
 void PodManager::CleanPoolLeftovers() {
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(cfg_.state_dir + "/pool", ec)) {
-    std::string name = e.path().filename().string();
+  for (const auto& name : storage_->List(cfg_.state_dir + "/pool")) {
     std::string domain = "peapod-" + name;
     bool owned = std::any_of(pods_.begin(), pods_.end(),
                              [&](const auto& p) { return p.second->rec.domain == domain; });
     if (!owned) {
       spdlog::warn("recover: destroying pool VM {} left by a previous sandboxer", name);
-      RemovePoolVmNow(name, backend_->SupportsNetwork() ? TapName(name) : "");
+      RemovePoolVmNow(name, TapName(name));
     } else {
-      std::error_code ec2;
-      fs::remove_all(e.path(), ec2);
+      (void)storage_->RemoveTree(PoolStateDir(name));
     }
   }
 }

@@ -74,8 +74,6 @@ class VmBackend {
   // False for a backend whose guests cannot see disks (the local-process fake): the pod then
   // has no scratch disk and containers write into the agent's own directory.
   virtual bool SupportsDisks() const { return true; }
-  // False for a backend whose guests have no NIC (the fake): pool VMs then get no TAP.
-  virtual bool SupportsNetwork() const { return true; }
   // True if the backend runs a VM as the uid its spec names (VmSpec::uid); the fake runs the
   // agent as root whatever the spec says.
   virtual bool ConfinesVms() const { return false; }

@@ -38,7 +38,6 @@ class FakeBackend : public VmBackend {
   Result<void> AttachDisk(const std::string& name, const DiskSpec& disk) override;
   Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) override;
   bool SupportsDisks() const override { return false; }
-  bool SupportsNetwork() const override { return false; }
   Result<std::vector<VmInfo>> List() override;
   // Replaces the callback; once this returns the previous one is no longer running nor called.
   void SetOnStopped(std::function<void(const std::string& name)> cb) override;
