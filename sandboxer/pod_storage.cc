@@ -324,10 +324,13 @@ void PodManager::DetachUnused(Pod& pod, const std::string& container,
                       disks.end());
           if (unused[i].cached) cache_.Release(unused[i].path);
         }
-        if (pod) SaveLater(*pod);
         cache_.Collect();
-        if (failed) return finish(std::move(*failed).Wrap("detach layer disk"));
-        finish(Ok());
+        auto answer = [failed, finish](Result<void>) {
+          if (failed) return finish(Error(*failed).Wrap("detach layer disk"));
+          finish(Ok());
+        };
+        if (!pod) return answer(Ok());
+        SaveThen(*pod, answer);  // answered once recorded
       });
 }
 

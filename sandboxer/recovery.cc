@@ -60,6 +60,11 @@ void PodManager::RecoverPod(const PodRecord& rec, const std::map<std::string, Vm
     }
     (void)storage_->SaveRecord(pod->rec);
     spdlog::warn("pod {}: its VM is gone; now {}", rec.id, PhaseName(pod->rec.phase));
+  } else if (rec.phase != Phase::kRunning && vm != live.end()) {
+    // A VM under a pod that is not running: a failed Start's (or a Stop's) cleanup the crash
+    // interrupted, after the record was written back.
+    spdlog::warn("pod {}: destroying VM {} of a {} pod", rec.id, rec.domain, PhaseName(rec.phase));
+    (void)backend_->Destroy(rec.domain);
   }
   if (pod->rec.phase != Phase::kRunning) UnplaceVm(*pod);  // a crash before it went
   // A stopped VM holds no disk and no TAP any more: give them back now rather than at
