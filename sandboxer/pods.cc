@@ -532,6 +532,12 @@ void PodManager::MarkStopped(Pod& pod, uint32_t status) {
   auto waiters = std::move(pod.waiters);
   pod.waiters.clear();
   for (auto& w : waiters) w(PodExit{pod.rec.exit_status, pod.rec.exited_at_ns});
+  auto metrics = std::move(pod.metric_replies);
+  pod.metric_replies.clear();
+  for (auto& [n, reply] : metrics) {
+    reply(Error::Make(Code::kUnavailable, "sandbox {} stopped", pod.rec.id));
+  }
+  AnswerStops(pod, Ok());
 }
 
 void PodManager::PlaceVm(Pod& pod) {
@@ -576,9 +582,12 @@ void PodManager::CancelWaiters() {
   for (auto& [id, pod] : pods_) {
     auto waiters = std::move(pod->waiters);
     pod->waiters.clear();
-    for (auto& w : waiters) {
-      w(Error(Code::kUnavailable, "peapod-sandboxer is restarting; the pod keeps running"));
-    }
+    Error restarting(Code::kUnavailable, "peapod-sandboxer is restarting; the pod keeps running");
+    for (auto& w : waiters) w(restarting);
+    auto metrics = std::move(pod->metric_replies);
+    pod->metric_replies.clear();
+    for (auto& [n, reply] : metrics) reply(restarting);
+    AnswerStops(*pod, restarting);
   }
 }
 
@@ -611,16 +620,22 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
     }
     return reply(Ok());
   }
+  // One stop at a time; it answers every Stop that came meanwhile. Whatever ends it answers
+  // them: the VM destroyed (MarkStopped), the VM stopping by itself (VmStopped, which may come
+  // before the agent's answer and drop it with the agent's client), or a failed destroy.
+  pod->stop_replies.push_back(std::move(reply));
+  if (pod->stop_replies.size() > 1) return;
   pod->stopping = true;
   std::string domain = pod->rec.domain;
-  auto destroy = [this, id, domain, reply](const std::string& why) {
+  auto destroy = [this, id, domain](const std::string& why) {
     if (!why.empty()) spdlog::warn("pod {}: clean power-off failed ({}); destroying", id, why);
     Off(
         vm_workers_, [this, domain] { return backend_->Destroy(domain); },
-        [this, id, reply](Result<void> r) {
-          if (!r.ok()) return reply(std::move(r).error().Wrap("stop sandbox " + id));
-          if (Pod* p = Find(id)) MarkStopped(*p, 0);
-          reply(Ok());
+        [this, id](Result<void> r) {
+          Pod* p = Find(id);
+          if (!p) return;
+          if (!r.ok()) return AnswerStops(*p, std::move(r).error().Wrap("stop sandbox " + id));
+          MarkStopped(*p, 0);
         });
   };
   if (!pod->agent) return destroy("no agent channel");
@@ -635,6 +650,12 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
             destroy(r.ok() ? "" : r.error().ToString());
           },
           std::chrono::seconds(grace + 5));
+}
+
+void PodManager::AnswerStops(Pod& pod, Result<void> r) {
+  auto replies = std::move(pod.stop_replies);
+  pod.stop_replies.clear();
+  for (auto& reply : replies) reply(r);
 }
 
 void PodManager::Wait(const std::string& id, Reply<PodExit> reply) {
@@ -653,11 +674,21 @@ void PodManager::Metrics(const std::string& id, Reply<std::string> reply) {
     return reply(Error::Make(Code::kFailedPrecondition, "sandbox {} is {}: no metrics", id,
                              PhaseName(pod->rec.phase)));
   }
+  // Kept on the pod until answered: a VM that stops meanwhile drops the call with its agent
+  // client, and MarkStopped answers instead.
+  uint64_t n = ++pod->metric_calls;
+  pod->metric_replies[n] = std::move(reply);
   v1::ContainerRequest req;  // no container: the pod
   agentapi::AgentClient::Over(pod->agent)
       .StatsContainer(
           req,
-          [reply, id](Result<v1::StatsContainerResponse> r) {
+          [this, id, n](Result<v1::StatsContainerResponse> r) {
+            Pod* pod = Find(id);
+            if (!pod) return;
+            auto it = pod->metric_replies.find(n);
+            if (it == pod->metric_replies.end()) return;
+            auto reply = std::move(it->second);
+            pod->metric_replies.erase(it);
             if (!r.ok()) return reply(std::move(r).error().Wrap("metrics of " + id));
             reply(r->metrics().SerializeAsString());
           },

@@ -222,7 +222,9 @@ class PodManager {
   // Once the agent answers: the pod network into the guest (then Check again), or the pod's
   // hostname, DNS, sysctls and mounts, after which the pod is running.
   void SetUpGuest(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
+  // The pod stopped: records, waiters, Stops and Metrics in flight answered.
   void MarkStopped(Pod& pod, uint32_t status);
+  void AnswerStops(Pod& pod, Result<void> r);
   // The pod's QEMU into the pod's cgroup once it runs; the cgroup removed once it stopped
   // (pod_cgroup.h).
   void PlaceVm(Pod& pod);

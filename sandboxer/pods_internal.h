@@ -4,6 +4,7 @@
 #include <chrono>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,6 +25,9 @@ struct PodManager::Pod {
   std::shared_ptr<ttrpc::Client> agent;      // the sandboxer's own client, through the mux
   std::unique_ptr<PortForwarder> forwarder;  // CRI PortForward into the guest; needs agent
   std::vector<Reply<PodExit>> waiters;
+  std::vector<Reply<void>> stop_replies;                  // the Stops the stop in flight answers
+  std::map<uint64_t, Reply<std::string>> metric_replies;  // Metrics calls in flight
+  uint64_t metric_calls = 0;
   std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
   std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
   bool op_running = false;

@@ -415,8 +415,9 @@ void FakeVms::Serve(const std::shared_ptr<Vm>& vm) {
         done(agentapi::Empty());
       });
   RegisterTyped<v1::ContainerRequest, v1::StatsContainerResponse>(
-      s, svc, "StatsContainer", [](const ttrpc::CallContext&, v1::ContainerRequest&&, auto done) {
-        done(v1::StatsContainerResponse());
+      s, svc, "StatsContainer",
+      [this](const ttrpc::CallContext&, v1::ContainerRequest&&, auto done) {
+        if (!hold_stats_) done(v1::StatsContainerResponse());
       });
   RegisterTyped<v1::DestroySandboxRequest, agentapi::Empty>(
       s, svc, "DestroySandbox",

@@ -161,6 +161,8 @@ class FakeVms : public VmBackend, public Faults {
   // Test controls.
   // The next VM started never answers its agent's Check (a guest that does not boot).
   void HangNextBoot();
+  // StatsContainer calls go unanswered from now on (a guest that hangs on them).
+  void HoldStats() { hold_stats_ = true; }
   // The VM dies (the stop callback fires); false if it was not running.
   bool Kill(const std::string& name);
   std::set<std::string> running();
@@ -185,6 +187,7 @@ class FakeVms : public VmBackend, public Faults {
   std::map<std::string, std::set<unsigned>> disks_;
   std::map<std::string, VmSpec> specs_;
   bool hang_next_ = false;
+  std::atomic<bool> hold_stats_{false};
   size_t start_calls_ = 0;
   int next_pid_ = 100000;
   std::mutex cb_mu_;

@@ -279,6 +279,22 @@ TEST_F(PodStatesTest, AVmThatDiesMakesThePodStoppedWith255AndShutdownCleansUp) {
   ExpectNoVmLeft("after a dead VM's Shutdown");
 }
 
+TEST_F(PodStatesTest, CallsInFlightWhenTheVmDiesAreAnswered) {
+  StartPod("p1");
+  auto metrics = [&] {
+    return Async<std::string>([](PodManager* pm, auto done) { pm->Metrics("p1", done); });
+  };
+  ASSERT_TRUE(Get(metrics()).ok());
+  vms_->HoldStats();
+  auto held = metrics();
+  EXPECT_EQ(held.wait_for(100ms), std::future_status::timeout);
+  ASSERT_TRUE(vms_->Kill("peapod-p1"));
+  auto r = Get(std::move(held));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kUnavailable) << r.error().ToString();
+  EXPECT_EQ(Get(metrics()).error().code(), Code::kFailedPrecondition);
+}
+
 TEST_F(PodStatesTest, BadCreatesChangeNothing) {
   ASSERT_OK(Create("p1"));
   EXPECT_EQ(Create("p1").error().code(), Code::kAlreadyExists);
