@@ -128,8 +128,7 @@ peapod::Result<peapod::UniqueFd> OnExitSignals(peapod::EventLoop* loop, const si
     signalfd_siginfo info;
     while (::read(fd, &info, sizeof(info)) == sizeof(info)) {
       spdlog::info("sandboxer: signal {}: exiting; pods keep running", info.ssi_signo);
-      pods->CancelWaiters();
-      pods->DestroyPool([loop] { loop->Stop(); });
+      pods->Quit([loop] { loop->Stop(); });
     }
   }));
   return sfd;

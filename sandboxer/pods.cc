@@ -96,9 +96,15 @@ void PodManager::Off(WorkerPool& pool, std::function<Result<void>()> work,
 }
 
 void PodManager::SaveThen(Pod& pod, std::function<void(Result<void>)> done) {
+  // A pod whose record is being removed (Shutdown) is never written back.
+  if (pod.removing) return done(Ok());
+  SaveRecordThen(pod.rec, std::move(done));
+}
+
+void PodManager::SaveRecordThen(const PodRecord& rec, std::function<void(Result<void>)> done) {
   Off(
-      records_, [this, rec = pod.rec] { return storage_->SaveRecord(rec); },
-      [id = pod.rec.id, done = std::move(done)](Result<void> r) {
+      records_, [this, rec] { return storage_->SaveRecord(rec); },
+      [id = rec.id, done = std::move(done)](Result<void> r) {
         if (!r.ok()) spdlog::error("pod {}: {}", id, r.error().ToString());
         done(std::move(r));
       });
@@ -164,7 +170,14 @@ Result<void> PodManager::AttachChannel(Pod& pod) {
   return Ok();
 }
 
+namespace {
+Error Quitting() {
+  return Error(Code::kUnavailable, "peapod-sandboxer is exiting; retry once it is back");
+}
+}  // namespace
+
 void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<void> reply) {
+  if (quitting_) return reply(Quitting());
   const std::string& netns = opts.netns;
   if (!IsValidId(id)) {
     return reply(Error::Invalid("sandbox id '{}' is invalid: use {}", id, kIdRule));
@@ -230,11 +243,9 @@ void PodManager::Created(const std::string& id, Result<void> r, Reply<void> repl
     spdlog::info("pod {}: created", id);
     return reply(Ok());
   }
-  // Nothing of it stays: its files, its record (if one was written), the pod.
+  // Nothing of it stays: its files, its record (if one was written), the pod. It stays
+  // (busy) until then, so a Create retried at once waits rather than racing this cleanup.
   PodRecord rec = pod->rec;
-  auto waiters = std::move(pod->waiters);
-  pods_.erase(id);
-  for (auto& w : waiters) w(UnknownPod(id));
   Error why = std::move(r).error().Wrap("create sandbox " + id);
   Off(
       fs_workers_,
@@ -246,11 +257,19 @@ void PodManager::Created(const std::string& id, Result<void> r, Reply<void> repl
       [this, id, why, reply](Result<void>) {
         Off(
             records_, [this, id] { return storage_->RemoveRecord(id); },
-            [why, reply](Result<void>) { reply(why); });
+            [this, id, why, reply](Result<void>) {
+              if (Pod* pod = Find(id)) {
+                auto waiters = std::move(pod->waiters);
+                pods_.erase(id);
+                for (auto& w : waiters) w(UnknownPod(id));
+              }
+              reply(why);
+            });
       });
 }
 
 void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
+  if (quitting_) return reply(Quitting());
   Pod* pod = Find(id);
   if (!pod) return reply(UnknownPod(id));
   if (pod->rec.phase == Phase::kRunning) return reply(StatusOf(*pod));  // idempotent
@@ -449,14 +468,20 @@ void PodManager::SetUpGuest(const std::string& id, Clock::TimePoint deadline,
         Pod* pod = Find(id);
         if (!pod) return reply(UnknownPod(id));
         if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
-        pod->rec.phase = Phase::kRunning;
         PlaceVm(*pod);
         pod->Step("guest_setup");
-        // Ready once the record says so: a restart then re-adopts what containerd was told runs.
-        SaveThen(*pod, [this, id, reply](Result<void> r) {
+        // Running (in memory, to Status, Start and Stop) once the record says so: a restart
+        // then re-adopts what containerd was told runs.
+        PodRecord running = pod->rec;
+        running.phase = Phase::kRunning;
+        SaveRecordThen(running, [this, id, reply](Result<void> r) {
           Pod* pod = Find(id);
           if (!pod) return reply(UnknownPod(id));
-          if (!r.ok()) return FailStart(id, std::move(r).error(), /*vm_started=*/true, reply);
+          if (!r.ok()) {
+            UnplaceVm(*pod);
+            return FailStart(id, std::move(r).error(), /*vm_started=*/true, reply);
+          }
+          pod->rec.phase = Phase::kRunning;
           pod->busy = false;
           pod->Step("record");
           StartPortForwarder(*pod);
@@ -527,17 +552,22 @@ void PodManager::MarkStopped(Pod& pod, uint32_t status) {
   pod.mux.reset();
   ::unlink(AgentSocket(pod.rec.id).c_str());
   UnplaceVm(pod);
-  SaveLater(pod);
   spdlog::info("pod {}: stopped (status {})", pod.rec.id, status);
-  auto waiters = std::move(pod.waiters);
-  pod.waiters.clear();
-  for (auto& w : waiters) w(PodExit{pod.rec.exit_status, pod.rec.exited_at_ns});
   auto metrics = std::move(pod.metric_replies);
   pod.metric_replies.clear();
   for (auto& [n, reply] : metrics) {
     reply(Error::Make(Code::kUnavailable, "sandbox {} stopped", pod.rec.id));
   }
-  AnswerStops(pod, Ok());
+  // Waits and Stops learn the exit once it is on record: a restart reports the same one.
+  auto waiters = std::move(pod.waiters);
+  pod.waiters.clear();
+  auto stops = std::move(pod.stop_replies);
+  pod.stop_replies.clear();
+  PodExit exit{pod.rec.exit_status, pod.rec.exited_at_ns};
+  SaveThen(pod, [waiters = std::move(waiters), stops = std::move(stops), exit](Result<void>) {
+    for (auto& w : waiters) w(exit);
+    for (auto& reply : stops) reply(Ok());
+  });
 }
 
 void PodManager::PlaceVm(Pod& pod) {
@@ -557,21 +587,22 @@ void PodManager::PlaceVm(Pod& pod) {
 
 void PodManager::UnplaceVm(Pod& pod) {
   if (pod.rec.cgroup_leaf.empty()) return;
-  PodCgroup cg{pod.rec.cgroup_leaf, pod.rec.cgroup_made};
+  RemoveCgroup(pod.rec.id, PodCgroup{pod.rec.cgroup_leaf, pod.rec.cgroup_made}, 0);
+}
+
+void PodManager::RemoveCgroup(const std::string& id, const PodCgroup& cg, int attempt) {
   Off(
-      fs_workers_,
-      [id = pod.rec.id, cg, roots = cgroup_roots_] {
-        Result<void> r = Ok();
-        for (int i = 0; i < 50; ++i) {  // QEMU may still be exiting (up to 5 s)
-          if ((r = RemovePodCgroup(cg, roots)).ok()) break;
-          std::this_thread::sleep_for(100ms);
+      fs_workers_, [cg, roots = cgroup_roots_] { return RemovePodCgroup(cg, roots); },
+      [this, id, cg, attempt](Result<void> r) {
+        if (!r.ok() && attempt < 50) {
+          // QEMU may still be exiting (up to 5 s): again later, holding no worker meanwhile.
+          return clock_->After(100ms, [this, alive = std::weak_ptr<bool>(alive_), id, cg, attempt] {
+            if (!alive.expired()) RemoveCgroup(id, cg, attempt + 1);
+          });
         }
-        if (!r.ok()) spdlog::warn("pod {}: {}", id, r.error().ToString());
-        return r;
-      },
-      [this, id = pod.rec.id, leaf = cg.leaf](Result<void> r) {
+        if (!r.ok()) return spdlog::warn("pod {}: {}", id, r.error().ToString());
         Pod* p = Find(id);
-        if (!r.ok() || !p || p->rec.cgroup_leaf != leaf) return;
+        if (!p || p->rec.cgroup_leaf != cg.leaf) return;
         p->rec.cgroup_leaf.clear();
         p->rec.cgroup_made.clear();
         SaveLater(*p);
@@ -614,9 +645,9 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
     return reply(Ok());
   }
   if (pod->rec.phase != Phase::kRunning) {
-    if (pod->busy) {
-      return reply(Error::Make(Code::kFailedPrecondition, "sandbox {} is {}; retry", id,
-                               PhaseName(pod->rec.phase)));
+    // Starting: the VM may be up in a moment; anything else has no VM to stop.
+    if (pod->rec.phase == Phase::kStarting) {
+      return reply(Error::Make(Code::kFailedPrecondition, "sandbox {} is starting; retry", id));
     }
     return reply(Ok());
   }
@@ -652,6 +683,16 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
           std::chrono::seconds(grace + 5));
 }
 
+void PodManager::Quit(std::function<void()> done) {
+  quitting_ = true;
+  CancelWaiters();
+  DestroyPool([this, done = std::move(done)] {
+    // The writer's queue is in order: once this no-op ran, every record before it is on disk.
+    Off(
+        records_, [] { return Ok(); }, [done](Result<void>) { done(); });
+  });
+}
+
 void PodManager::AnswerStops(Pod& pod, Result<void> r) {
   auto replies = std::move(pod.stop_replies);
   pod.stop_replies.clear();
@@ -664,6 +705,7 @@ void PodManager::Wait(const std::string& id, Reply<PodExit> reply) {
   if (pod->rec.phase == Phase::kStopped) {
     return reply(PodExit{pod->rec.exit_status, pod->rec.exited_at_ns});
   }
+  if (quitting_) return reply(Quitting());
   pod->waiters.push_back(std::move(reply));
 }
 
@@ -773,6 +815,7 @@ void PodManager::RemovePod(const std::string& id, Reply<void> reply) {
         pod->rec.disks.clear();
         pod->rec.rootfs.clear();
         pod->rec.volumes.clear();
+        pod->removing = true;  // no record of it is written from here on
         Off(
             records_, [this, id] { return storage_->RemoveRecord(id); },
             [this, id, reply](Result<void> s) {
@@ -780,6 +823,7 @@ void PodManager::RemovePod(const std::string& id, Reply<void> reply) {
               if (!pod) return reply(Ok());
               if (!s.ok()) {
                 pod->busy = false;
+                pod->removing = false;
                 return reply(std::move(s).error().Wrap("shutdown sandbox " + id));
               }
               auto ops = std::move(pod->ops);

@@ -109,8 +109,12 @@ class PodManager {
   void Shutdown(const std::string& id, Reply<void> reply);
   // The pod's cgroup v2 statistics, read by the agent (all its containers together).
   void Metrics(const std::string& id, Reply<std::string> reply);
-  // Answers every pending Wait with UNAVAILABLE (the sandboxer is going away; pods are not).
+  // Answers every pending Wait (and Stop, Metrics) with UNAVAILABLE (the sandboxer is going
+  // away; pods are not).
   void CancelWaiters();
+  // The sandboxer is exiting: new Creates, Starts and Waits are refused, pending calls
+  // answered, the pool removed and every record written, then done runs (on the loop).
+  void Quit(std::function<void()> done);
   // Called (any thread) by the backend when a VM stops.
   void VmStopped(const std::string& domain);
 
@@ -149,6 +153,7 @@ class PodManager {
   // record is durable, SaveLater's failure is only logged.
   void SaveThen(Pod& pod, std::function<void(Result<void>)> done);
   void SaveLater(Pod& pod);
+  void SaveRecordThen(const PodRecord& rec, std::function<void(Result<void>)> done);
   // Runs work on a worker pool, then `then` on the loop with its result (unless the manager
   // is gone by then).
   void Off(WorkerPool& pool, std::function<Result<void>()> work,
@@ -210,7 +215,8 @@ class PodManager {
                    Reply<PodStatus> reply);
   // Adoption's host side (a worker): the TAP joined to the pod network, the pool VM's run dir,
   // console log and scratch disk renamed to the pod's, the pod files written.
-  Result<void> AdoptOnHost(const PodRecord& rec, const PoolVm& vm, std::optional<PodNetwork>& net);
+  Result<void> AdoptOnHost(const PodRecord& rec, const std::string& name, const std::string& tap,
+                           const std::string& mac, std::optional<PodNetwork>& net);
   // Destroys pool VMs a previous sandboxer left (they have no pod record) and their TAPs.
   void CleanPoolLeftovers();
   // Serves CRI PortForward for a ready pod with a netns (a warning if it cannot).
@@ -229,6 +235,8 @@ class PodManager {
   // (pod_cgroup.h).
   void PlaceVm(Pod& pod);
   void UnplaceVm(Pod& pod);
+  // Removes the cgroup, again every 100 ms while QEMU is still exiting (50 attempts).
+  void RemoveCgroup(const std::string& id, const PodCgroup& cg, int attempt);
   PodStatus StatusOf(const Pod& pod) const;
   VmSpec SpecFor(const Pod& pod) const;
 
@@ -254,6 +262,7 @@ class PodManager {
   VmIdentities ids_;
   VmLauncher launcher_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
+  bool quitting_ = false;
   std::vector<std::unique_ptr<PoolVm>> pool_;                        // booting and ready
   std::vector<std::string> cgroup_roots_ = AccountingHierarchies();  // where pods' VMs go
   // Shared with boot workers, which outlive nothing but may finish after DestroyPool began.
@@ -262,7 +271,8 @@ class PodManager {
   // The workers, by kind, so that one kind of slow work never waits behind another (a
   // tenant's big layer build behind nobody's Start): libvirt and boots; mounts, removals and
   // cgroups; layer builds; and the one record writer, whose order is the records' order.
-  // Declared last: destroyed first, finishing their jobs while what those use still exists.
+  // Destroyed before everything above (their jobs use it, and only copies otherwise); cache_
+  // goes first, its builds holding only copies.
   WorkerPool vm_workers_{2};
   WorkerPool fs_workers_{2};
   WorkerPool build_workers_{2};

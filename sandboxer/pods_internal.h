@@ -21,6 +21,7 @@ struct PodManager::Pod {
   PodRecord rec;
   bool busy = false;      // Create, Start or Shutdown in progress
   bool stopping = false;  // we asked for the stop (clean exit status)
+  bool removing = false;  // Shutdown is removing its record: none is written any more
   std::unique_ptr<AgentMux> mux;
   std::shared_ptr<ttrpc::Client> agent;      // the sandboxer's own client, through the mux
   std::unique_ptr<PortForwarder> forwarder;  // CRI PortForward into the guest; needs agent

@@ -241,8 +241,12 @@ void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_i
   std::shared_ptr<PoolVm> vm(std::move(vm_in));
   PodRecord rec = pod->rec;
   auto net = std::make_shared<std::optional<PodNetwork>>();
+  // The worker gets names, never the PoolVm: its channel is the loop's to destroy.
   Off(
-      vm_workers_, [this, rec, vm, net] { return AdoptOnHost(rec, *vm, *net); },
+      vm_workers_,
+      [this, rec, name = vm->name, tap = vm->tap, mac = vm->mac, net] {
+        return AdoptOnHost(rec, name, tap, mac, *net);
+      },
       [this, id, vm, net, deadline, reply](Result<void> done) mutable {
         Pod* pod = Find(id);
         if (!pod) {
@@ -265,26 +269,27 @@ void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_i
       });
 }
 
-Result<void> PodManager::AdoptOnHost(const PodRecord& rec, const PoolVm& vm,
+Result<void> PodManager::AdoptOnHost(const PodRecord& rec, const std::string& name,
+                                     const std::string& tap, const std::string& mac,
                                      std::optional<PodNetwork>& net) {
   // The pod network: the pool VM's TAP joins the CNI interface in the pod netns.
   if (!rec.netns.empty()) {
     auto n = net_->ReadPodNetwork(rec.netns);
     if (!n.ok()) return std::move(n).error().Wrap("pod network");
-    n->tap = vm.tap;
-    n->guest.mutable_interfaces(0)->set_current_mac(vm.mac);
+    n->tap = tap;
+    n->guest.mutable_interfaces(0)->set_current_mac(mac);
     PP_TRY_CTX(net_->AttachTap(*n), "pod network");
     net = std::move(*n);
   }
   // Its files become the pod's: the run dir (sockets, the share QEMU exports, which keeps
   // exporting the same directory under its new name), the console log and scratch disk.
   PP_TRY(storage_->RemoveTree(RunDir(rec.id)));
-  PP_TRY(storage_->Rename(RunDir(vm.name), RunDir(rec.id)));
+  PP_TRY(storage_->Rename(RunDir(name), RunDir(rec.id)));
   for (const char* f : {"console.log", "console.log.1", "scratch.img"}) {
-    PP_TRY(storage_->Rename(PoolStateDir(vm.name) + "/" + f, storage_->RecordDir(rec.id) + "/" + f,
+    PP_TRY(storage_->Rename(PoolStateDir(name) + "/" + f, storage_->RecordDir(rec.id) + "/" + f,
                             /*missing_ok=*/true));
   }
-  (void)storage_->RemoveTree(PoolStateDir(vm.name));
+  (void)storage_->RemoveTree(PoolStateDir(name));
   // The pod's own files in the share it now exports.
   return PreparePodFiles(rec);
 }

@@ -150,7 +150,23 @@ void FakeStorage::ReleaseShares() {
   shares_cv_.notify_all();
 }
 
+void FakeStorage::HoldSaves(PodRecord::Phase phase) {
+  std::lock_guard lock(mu_);
+  hold_saves_ = phase;
+}
+void FakeStorage::ReleaseSaves() {
+  {
+    std::lock_guard lock(mu_);
+    hold_saves_.reset();
+  }
+  shares_cv_.notify_all();
+}
+
 Result<void> FakeStorage::SaveRecord(const PodRecord& rec) {
+  {
+    std::unique_lock lock(mu_);
+    shares_cv_.wait(lock, [&] { return hold_saves_ != rec.phase; });
+  }
   PP_FAKE_FAULT("SaveRecord");
   std::lock_guard lock(mu_);
   records_[rec.id] = rec;

@@ -83,6 +83,9 @@ class FakeStorage : public Storage, public Faults {
   std::vector<PodRecord> history();
   // Writes a record as if a previous sandboxer had (for recovery tests).
   void PutRecord(const PodRecord& rec);
+  // Blocks the saves of records in phase `phase` until ReleaseSaves (a slow disk at that step).
+  void HoldSaves(PodRecord::Phase phase);
+  void ReleaseSaves();
   // Blocks every ShareVolumes until Release (a slow mount).
   void HoldShares();
   void ReleaseShares();
@@ -115,6 +118,7 @@ class FakeStorage : public Storage, public Faults {
   std::mutex mu_;
   std::condition_variable shares_cv_;
   bool hold_shares_ = false;
+  std::optional<PodRecord::Phase> hold_saves_;
   std::map<std::string, PodRecord> records_;
   std::vector<PodRecord> history_;
   std::set<std::string> scratch_, binds_, dirs_;

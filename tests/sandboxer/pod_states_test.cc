@@ -520,6 +520,25 @@ TEST_F(PodStatesTest, StartStopAndShutdownRacingAStartAreRefusedUntilItEnds) {
   ASSERT_OK(CheckAgent("p1"));
 }
 
+TEST_F(PodStatesTest, APodIsRunningOnlyOnceItsRecordSaysSo) {
+  ASSERT_OK(Create("p1", WithNetns()));
+  storage_->HoldSaves(PodRecord::Phase::kRunning);  // the "running" record is slow to land
+  auto start = StartAsync("p1");
+  ASSERT_TRUE(Eventually([&] { return vms_->SandboxOf("peapod-p1").has_value(); }));
+  // The guest is set up; until the record lands, nobody is told the pod runs.
+  EXPECT_EQ(Status("p1")->phase, "starting");
+  EXPECT_FALSE(Status("p1")->ready);
+  EXPECT_EQ(Start("p1").error().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(Stop("p1").error().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(Phase("p1"), "starting");
+  EXPECT_EQ(start.wait_for(0s), std::future_status::timeout);
+  storage_->ReleaseSaves();
+  auto s = Get(std::move(start));
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  EXPECT_TRUE(s->ready);
+  EXPECT_EQ(Phase("p1"), "running");
+}
+
 TEST_F(PodStatesTest, RequestsRacingACreateAreRefusedAndCreateStillWorks) {
   auto create = CreateAsync("p1");
   auto create2 = CreateAsync("p1");
@@ -679,6 +698,24 @@ TEST_F(PodStatesTest, ALargeImageBuildingForOnePodHoldsUpNoOtherPodsStartOrStop)
   ASSERT_TRUE(r.ok()) << r.error().ToString();
   EXPECT_EQ(r->layers.size(), 1u);
   ASSERT_TRUE(Get(std::move(building2)).ok());
+}
+
+TEST_F(PodStatesTest, QuittingAnswersEveryoneRefusesNewPodsAndLeavesPodsRunning) {
+  StartPod("p1");
+  ASSERT_OK(Create("p2"));
+  auto wait = WaitAsync("p1");
+  std::promise<void> quit;
+  lt_->Sync([&] { pm_->Quit([&] { quit.set_value(); }); });
+  ASSERT_EQ(quit.get_future().wait_for(10s), std::future_status::ready);
+  auto w = Get(std::move(wait));
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.error().code(), Code::kUnavailable);
+  EXPECT_EQ(Create("p3").error().code(), Code::kUnavailable);
+  EXPECT_EQ(Start("p2").error().code(), Code::kUnavailable);
+  EXPECT_EQ(Get(WaitAsync("p1")).error().code(), Code::kUnavailable);
+  EXPECT_EQ(vms_->running(), std::set<std::string>{"peapod-p1"}) << "pods keep running";
+  EXPECT_EQ(Phase("p1"), "running");
+  EXPECT_EQ(Phase("p2"), "created");
 }
 
 // ---- the warm pool
