@@ -1,10 +1,12 @@
 # Thin wrapper over scripts/, CMake and CTest. The two commands a new user needs:
 #   make demo   install, build, run the furthest real piece end to end
 #   make test   install, build, run the test suite (what CI runs)
-.PHONY: all deps build test demo fuzz format check-format clean
+#   make install, make uninstall   peapod as a node component (PREFIX, DESTDIR; docs/install.md)
+.PHONY: all deps build test demo fuzz format check-format clean install uninstall
 
 BUILD ?= build
 CMAKE_FLAGS ?=
+PREFIX ?= /usr/local
 
 all: build
 
@@ -20,6 +22,17 @@ build: deps $(BUILD)/build.ninja
 
 test: deps
 	scripts/test.sh
+
+# Binaries, the guest image, the systemd unit and its supervisor, configs and the RuntimeClass;
+# what was installed is listed in $(BUILD)/install_manifest.txt, which uninstall removes.
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX) --strip
+
+uninstall:
+	@test -f $(BUILD)/install_manifest.txt || { echo "uninstall: no $(BUILD)/install_manifest.txt (nothing installed from this build)"; exit 1; }
+	xargs -d '\n' rm -fv < $(BUILD)/install_manifest.txt
+	-rmdir $(DESTDIR)$(PREFIX)/share/peapod $(DESTDIR)$(PREFIX)/share/doc/peapod $(DESTDIR)/etc/peapod 2>/dev/null
+	rm -f $(BUILD)/install_manifest.txt
 
 demo: build
 	scripts/demo.sh $(BUILD)

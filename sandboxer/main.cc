@@ -22,6 +22,7 @@
 #include "sandboxer/controller_service.h"
 #include "sandboxer/ksm.h"
 #include "sandboxer/libvirt_backend.h"
+#include "sandboxer/node_check.h"
 #include "sandboxer/pods.h"
 #include "sandboxer/shim_service.h"
 
@@ -32,12 +33,16 @@ constexpr char kDefaultConfig[] = "/etc/peapod/sandboxer.json";
 void Usage(FILE* out) {
   std::fprintf(out,
                "usage: peapod-sandboxer [--config FILE] [--log-level LEVEL]\n"
+               "       peapod-sandboxer [--config FILE] --check\n"
                "       peapod-sandboxer --version | --help\n"
                "\n"
                "Serves containerd.services.sandbox.v1.Controller on a unix socket for\n"
                "containerd 2.x ([proxy_plugins.peapod] type = \"sandbox\") and runs one VM per\n"
                "pod through libvirt. Config: JSON, default %s (optional; see\n"
-               "docs/sandboxer.md for every key and its default).\n",
+               "docs/sandboxer.md for every key and its default). --check says, in plain\n"
+               "words, whether this node can run peapod pods (KVM or TCG, libvirt, QEMU, the\n"
+               "guest image, tun/vhost, cgroups, tools, containerd and its config) and exits 1\n"
+               "if it cannot.\n",
                kDefaultConfig);
 }
 
@@ -45,6 +50,7 @@ struct Flags {
   std::string config_path = kDefaultConfig;
   bool config_given = false;
   std::string level;
+  bool check = false;
 };
 
 // The command line into flags; an exit code when the program is done (--version, --help, a
@@ -57,6 +63,8 @@ std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
       f.config_given = true;
     } else if (a == "--log-level" && i + 1 < argc) {
       f.level = argv[++i];
+    } else if (a == "--check") {
+      f.check = true;
     } else if (a == "--version") {
       std::printf("peapod-sandboxer %s\n", PEAPOD_VERSION);
       return 0;
@@ -153,6 +161,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  if (flags.check) return sandboxer::CheckNode(*cfg, stdout);
   const sigset_t signals = BlockSignals();
 
   auto backend = sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri,

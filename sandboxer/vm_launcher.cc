@@ -5,15 +5,15 @@
 
 #include <chrono>
 
-#include "common/base/unique_fd.h"
+#include "sandboxer/node_check.h"
 
 namespace peapod::sandboxer {
 
 bool VmLauncher::UseKvm() const {
   if (cfg_.accel == "kvm") return true;
   if (cfg_.accel == "tcg") return false;
-  UniqueFd fd(::open("/dev/kvm", O_RDWR | O_CLOEXEC));
-  return fd.valid();
+  static const bool works = KvmWorks();  // auto: asked once
+  return works;
 }
 
 VmSpec VmLauncher::BaseSpec(const std::string& domain, const std::string& run_dir,

@@ -21,12 +21,14 @@
 #                             CAP_SYS_RESOURCE)
 #   --registry-config DIR     2.x: hosts.toml directory for registries
 #   --drain-exec-io DURATION  2.x: drain_exec_sync_io_timeout (runc's pods get the same)
+#   --imports GLOB            2.x: read drop-ins (`make install` puts peapod's in
+#                             /etc/containerd/conf.d); the peapod runtime then comes from there
 set -euo pipefail
 
 die() { echo "containerd-config: $*" >&2; exit 2; }
 
 version="" dir="" root="" state="" sandboxer="" pause="" cni="" runc="" runc_root="" default_runtime=""
-debug="" loopback=0 netns_state=0 restrict_oom="" registry="" drain=""
+debug="" loopback=0 netns_state=0 restrict_oom="" registry="" drain="" imports=""
 while (($#)); do
   case $1 in
   --containerd) version=${2:?} && shift ;;
@@ -45,6 +47,7 @@ while (($#)); do
   --restrict-oom) restrict_oom=${2:?} && shift ;;
   --registry-config) registry=${2:?} && shift ;;
   --drain-exec-io) drain=${2:?} && shift ;;
+  --imports) imports=${2:?} && shift ;;
   -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
   *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -57,7 +60,7 @@ state=${state:-$dir/ctd-state}
 [[ -z $restrict_oom || $restrict_oom == true || $restrict_oom == false ]] ||
   die "--restrict-oom must be true or false"
 if [[ $version == 1.6 ]]; then
-  for opt in sandboxer runc_root default_runtime registry drain; do
+  for opt in sandboxer runc_root default_runtime registry drain imports; do
     [[ -z ${!opt} ]] || die "--${opt//_/-} is for containerd 2.x only"
   done
   ((netns_state == 0)) || die "--netns-under-state is for containerd 2.x only"
@@ -75,8 +78,10 @@ EOF
   if [[ -n $debug ]]; then printf '[debug]\n  level = "%s"\n' "$debug"; fi
 }
 
+[[ -z $imports || -z $sandboxer ]] || die "--imports and --sandboxer: the drop-in names the sandboxer"
 if [[ $version == 2 ]]; then
   echo "version = 3"
+  if [[ -n $imports ]]; then printf 'imports = ["%s"]\n' "$imports"; fi
   common
   if [[ -n $sandboxer ]]; then
     printf '[proxy_plugins.peapod]\n  type = "sandbox"\n  address = "%s"\n' "$sandboxer"
@@ -112,9 +117,11 @@ if [[ $version == 2 ]]; then
     printf '  BinaryName = "%s"\n' "$runc"
     if [[ -n $runc_root ]]; then printf '  Root = "%s"\n' "$runc_root"; fi
   fi
-  printf "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]\n"
-  printf '  runtime_type = "io.containerd.peapod.v2"\n'
-  if [[ -n $sandboxer ]]; then printf '  sandboxer = "peapod"\n'; fi
+  if [[ -z $imports ]]; then
+    printf "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.peapod]\n"
+    printf '  runtime_type = "io.containerd.peapod.v2"\n'
+    if [[ -n $sandboxer ]]; then printf '  sandboxer = "peapod"\n'; fi
+  fi
 else
   echo "version = 2"
   common

@@ -331,6 +331,8 @@ struct StartFault {
   std::function<void(PodStatesTest*)> during = nullptr;
 };
 
+void PrintTo(const StartFault& f, std::ostream* os) { *os << f.name; }
+
 class StartFaultTest : public PodStatesTest, public ::testing::WithParamInterface<StartFault> {};
 
 TEST_P(StartFaultTest, FailsCleanlyLeavesThePodCreatedAndARetryWorks) {
