@@ -39,6 +39,10 @@ done
 log() { echo "node.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 node=peapod-node
+# The node's address: kubelet refuses a loopback node IP, so the node gets one of its own on a
+# device of its own (reachable from this host and its pods only; no route leads to it from
+# outside).
+node_link=ppk8s-node node_ip=10.99.99.1
 kubectl_() { "$kbin/kubectl" --kubeconfig "$dir/admin.kubeconfig" "$@"; }
 
 # ---------------------------------------------------------------- down
@@ -62,8 +66,9 @@ down() {
     peapod-supervise watchdog; do
     kill_by_pidfile "$c"
   done
+  ip link del "$node_link" 2>/dev/null || true
   # Mounts kubelet and containerd left below the dir, then the dir.
-  grep -o " $dir/[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do
+  { grep -o " $dir/[^ ]*" /proc/self/mountinfo || true; } | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
   rm -rf "$dir"
@@ -160,6 +165,12 @@ up() {
   (sleep "$stop_after" && "$0" down --dir "$dir") >/dev/null 2>&1 &
   echo $! >"$dir/watchdog.pid"
 
+  ip link del "$node_link" 2>/dev/null || true
+  # (a veth pair: the kernel may have no dummy driver; the other end stays unused)
+  ip link add "$node_link" type veth peer name "${node_link}p"
+  ip addr add "$node_ip/32" dev "$node_link"
+  ip link set "${node_link}p" up
+  ip link set "$node_link" up
   pki
   kubeconfig admin admin
   kubeconfig kubelet kubelet
@@ -198,10 +209,11 @@ NET
   start kube-apiserver "$kbin/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
     --bind-address=127.0.0.1 --secure-port=6443 --advertise-address=127.0.0.1 \
     --endpoint-reconciler-type=none --service-cluster-ip-range=10.96.0.0/24 \
+    --kubelet-preferred-address-types=InternalIP \
     --client-ca-file="$dir/pki/ca.crt" --tls-cert-file="$dir/pki/apiserver.crt" \
     --tls-private-key-file="$dir/pki/apiserver.key" \
     --kubelet-client-certificate="$dir/pki/admin.crt" --kubelet-client-key="$dir/pki/admin.key" \
-    --kubelet-certificate-authority="" --service-account-key-file="$dir/pki/sa.pub" \
+    --service-account-key-file="$dir/pki/sa.pub" \
     --service-account-signing-key-file="$dir/pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --authorization-mode=Node,RBAC --allow-privileged=true
@@ -218,7 +230,7 @@ NET
   cat >"$dir/kubelet.yaml" <<KL
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
+address: $node_ip
 readOnlyPort: 0
 authentication:
   anonymous: {enabled: false}
@@ -238,7 +250,7 @@ serializeImagePulls: false
 podPidsLimit: 4096
 KL
   start kubelet "$kbin/kubelet" --config="$dir/kubelet.yaml" --kubeconfig="$dir/kubelet.kubeconfig" \
-    --root-dir="$dir/kubelet" --hostname-override="$node" --node-ip=127.0.0.1 --v=2
+    --root-dir="$dir/kubelet" --hostname-override="$node" --node-ip="$node_ip" --v=2
   wait_for "node $node" 180 bash -c "'$kbin/kubectl' --kubeconfig '$dir/admin.kubeconfig' get node $node -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   kubectl_ apply -f "$(dirname "$(command -v peapod-sandboxer)")/../share/peapod/runtimeclass.yaml" >/dev/null
   wait_for "the default service account" 120 kubectl_ get serviceaccount default

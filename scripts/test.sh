@@ -3,7 +3,8 @@
 #   format  clang-format check of every tracked C++ file
 #   unit    the regular build: CTest labels unit, interop (Go reference ttrpc), root (the agent
 #           in local mode with real crun, the sandboxer's state machine), vm (the guest image
-#           and the sandboxer in QEMU under TCG) and cri (containerd 2.x, 1.6 and ctr)
+#           and the sandboxer in QEMU under TCG), cri (containerd 2.x, 1.6 and ctr) and k8s
+#           (kubectl workloads on a one-node Kubernetes: k8s/test.sh)
 #   asan    unit, interop and root built with AddressSanitizer + UndefinedBehaviorSanitizer
 #   fuzz    libFuzzer targets (clang), PEAPOD_FUZZ_SECONDS each (default 60)
 # Tests that need what this host lacks (root, a VM, containerd) print why they skip.
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 only=""
 if [[ "${1:-}" == "--only" ]]; then only="${2:?--only needs a suite name}"; fi
 fuzz_seconds="${PEAPOD_FUZZ_SECONDS:-60}"
-labels='unit|interop|root|vm|cri'
+labels='unit|interop|root|vm|cri|k8s'
 asan_labels='unit|interop|root'
 
 passed=0 failed=0 skipped=0
