@@ -6,6 +6,7 @@
 #
 #   k8s/node.sh up [--dir DIR] [--default-runtime peapod|runc] [--stop-after SECONDS]
 #   k8s/node.sh down [--dir DIR]
+#   k8s/node.sh restart-kubelet [--dir DIR]
 #
 #   up      starts everything, waits for the node to be Ready, prints `export KUBECONFIG=...`
 #   down    deletes the pods, stops everything it started and removes DIR
@@ -147,6 +148,23 @@ current-context: c
 KC
 }
 
+start_kubelet() {
+  start kubelet "$kbin/kubelet" --config="$dir/kubelet.yaml" --kubeconfig="$dir/kubelet.kubeconfig" \
+    --root-dir="$dir/kubelet" --hostname-override="$node" --node-ip="$node_ip" --v=2
+}
+
+# kubelet killed (-9) and started again, as a node's service restart would.
+restart_kubelet() {
+  kbin=$(cat "$dir/kbin")
+  local pid
+  pid=$(cat "$dir/kubelet.pid")
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  mv "$dir/kubelet.log" "$dir/kubelet.log.1"
+  start_kubelet
+  log "kubelet restarted"
+}
+
 # ---------------------------------------------------------------- up
 
 up() {
@@ -247,10 +265,11 @@ evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.availa
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+# ConfigMap and Secret updates reach running pods within ~10 s (the default is a minute).
+syncFrequency: 10s
 podPidsLimit: 4096
 KL
-  start kubelet "$kbin/kubelet" --config="$dir/kubelet.yaml" --kubeconfig="$dir/kubelet.kubeconfig" \
-    --root-dir="$dir/kubelet" --hostname-override="$node" --node-ip="$node_ip" --v=2
+  start_kubelet
   wait_for "node $node" 180 bash -c "'$kbin/kubectl' --kubeconfig '$dir/admin.kubeconfig' get node $node -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   kubectl_ apply -f "$(dirname "$(command -v peapod-sandboxer)")/../share/peapod/runtimeclass.yaml" >/dev/null
   wait_for "the default service account" 120 kubectl_ get serviceaccount default
@@ -262,5 +281,6 @@ KL
 case $cmd in
 up) up ;;
 down) down ;;
+restart-kubelet) restart_kubelet ;;
 *) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2 && exit 2 ;;
 esac

@@ -12,7 +12,8 @@ trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
 mkdir -p "$root"/{bin,etc,proc,sys,dev,tmp,run}
 cp /bin/busybox "$root/bin/"
-for a in sh echo cat sleep ls hostname head uname ps ip wc true dd mkdir httpd nc wget sha256sum tee; do ln -s busybox "$root/bin/$a"; done
+for a in sh echo cat sleep ls hostname head uname ps ip wc true dd mkdir httpd nc wget sha256sum tee \
+  tr sed rm touch nproc grep; do ln -s busybox "$root/bin/$a"; done
 tar --sort=name --owner=0 --group=0 --mtime=@0 -C "$root" -cf "$work/layer.tar" .
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
