@@ -138,7 +138,7 @@ rundir=$(mktemp -d /run/pp-crit.XXXXXX)
 tag=${dir##*-}                        # the run's random suffix: names its bridge and network
 bridge=ppcrit${tag:0:6}               # IFNAMSIZ: at most 15 characters
 netname=pp-crit-$tag
-subnet=10.98.$((RANDOM % 250)).0/24
+subnet=10.93.$((RANDOM % 250)).0/24
 mkdir -p "$dir/logs" "$dir/tmp" "$dir/results"
 touch "$dir/started"
 pids=()          # daemons we started, stopped in reverse order

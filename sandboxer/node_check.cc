@@ -64,8 +64,9 @@ void CheckAccel(const Config& cfg, Report& r) {
   }
   if (cfg.accel == "kvm") {
     return r.Line(Level::kFail, "accel",
-                  why + ", and the config asks for kvm: load kvm_intel or kvm_amd, enable "
-                        "virtualization in the firmware, or set \"accel\": \"auto\"");
+                  why +
+                      ", and the config asks for kvm: load kvm_intel or kvm_amd, enable "
+                      "virtualization in the firmware, or set \"accel\": \"auto\"");
   }
   r.Line(Level::kNote, "accel",
          why + ": pods run under TCG (software emulation), several times slower to boot");
@@ -74,11 +75,12 @@ void CheckAccel(const Config& cfg, Report& r) {
 void CheckLibvirtAndQemu(Report& r) {
   unsigned long lib = 0, qemu = 0;
   if (virGetVersion(&lib, "QEMU", &qemu) < 0) {
-    r.Line(Level::kFail, "libvirt", "libvirt has no QEMU driver: apt install libvirt-daemon-driver-qemu");
+    r.Line(Level::kFail, "libvirt",
+           "libvirt has no QEMU driver: apt install libvirt-daemon-driver-qemu");
   } else {
     r.Line(Level::kOk, "libvirt",
-           fmt::format("{}.{}.{} with its QEMU driver (embedded: no daemon needed)",
-                       lib / 1000000, lib / 1000 % 1000, lib % 1000));
+           fmt::format("{}.{}.{} with its QEMU driver (embedded: no daemon needed)", lib / 1000000,
+                       lib / 1000 % 1000, lib % 1000));
   }
   std::string q = Which("qemu-system-x86_64");
   std::string v = q.empty() ? "" : FirstLine({q, "--version"});
@@ -104,12 +106,14 @@ void CheckDevices(Report& r) {
   if (::access("/dev/net/tun", R_OK | W_OK) == 0) {
     r.Line(Level::kOk, "tun", "/dev/net/tun: pod NICs can be made");
   } else {
-    r.Line(Level::kFail, "tun", "/dev/net/tun is missing: modprobe tun (pods need it for their NIC)");
+    r.Line(Level::kFail, "tun",
+           "/dev/net/tun is missing: modprobe tun (pods need it for their NIC)");
   }
   if (::access("/dev/vhost-net", R_OK | W_OK) == 0) {
     r.Line(Level::kOk, "vhost-net", "/dev/vhost-net: the pod NIC's data path stays in the kernel");
   } else {
-    r.Line(Level::kNote, "vhost-net", "no /dev/vhost-net (modprobe vhost_net): pod networking is slower");
+    r.Line(Level::kNote, "vhost-net",
+           "no /dev/vhost-net (modprobe vhost_net): pod networking is slower");
   }
   if (::access("/dev/vhost-vsock", R_OK | W_OK) == 0) {
     r.Line(Level::kOk, "vsock", "/dev/vhost-vsock is there");
@@ -153,7 +157,8 @@ void CheckContainerd(const Config& cfg, Report& r) {
   r.Line(Level::kOk, "containerd", v);
   auto dump = RunProgram({bin, "config", "dump"});
   if (!dump.ok() || dump->exit_code != 0) {
-    return r.Line(Level::kNote, "containerd", "its config could not be read (`containerd config dump`)");
+    return r.Line(Level::kNote, "containerd",
+                  "its config could not be read (`containerd config dump`)");
   }
   const std::string& c = dump->output;
   bool runtime = c.find("io.containerd.peapod.v2") != std::string::npos;
@@ -166,12 +171,13 @@ void CheckContainerd(const Config& cfg, Report& r) {
                 "/etc/containerd/conf.d/*.toml (where `make install` put peapod.toml)"
               : "its config has no peapod runtime: add share/peapod/containerd-1.6-peapod.toml");
   } else if (v2 && !proxy) {
-    r.Line(Level::kFail, "containerd",
-           "the peapod runtime is there but [proxy_plugins.peapod] does not point at " +
-               cfg.listen);
+    r.Line(
+        Level::kFail, "containerd",
+        "the peapod runtime is there but [proxy_plugins.peapod] does not point at " + cfg.listen);
   } else {
-    r.Line(Level::kOk, "containerd", v2 ? "runs peapod pods through the sandbox API at " + cfg.listen
-                                        : "runs peapod pods (classic CRI)");
+    r.Line(Level::kOk, "containerd",
+           v2 ? "runs peapod pods through the sandbox API at " + cfg.listen
+              : "runs peapod pods (classic CRI)");
   }
 }
 

@@ -195,7 +195,10 @@ class PodNetns {
 
 TEST_F(SandboxerTest, TheGuestAnswersAsThePodOnTheCniNetwork) {
   if (std::system("command -v ip >/dev/null") != 0) GTEST_SKIP() << "iproute2 is not installed";
-  PodNetns ns("pp-test-" + std::to_string(::getpid() % 100000));
+  // A /24 of its own: a CNI bridge another suite left with a 10.98.0.x gateway would otherwise
+  // take the host's route to the pod (CI saw it).
+  std::string net = "10.98." + std::to_string(100 + ::getpid() % 150);
+  PodNetns ns("pp-test-" + std::to_string(::getpid() % 100000), net);
   ASSERT_TRUE(ns.ok());
   ASSERT_TRUE(Create("pod3", ns.path()).ok());
   sbv1::ControllerStartResponse started;
@@ -206,7 +209,8 @@ TEST_F(SandboxerTest, TheGuestAnswersAsThePodOnTheCniNetwork) {
   // address is removed first (the guest took it at Start).
   std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
   ASSERT_EQ(std::system(flush.c_str()), 0);
-  int ping = std::system("ping -c 3 -W 5 -i 0.3 10.98.0.2 >/dev/null");
+  std::string ping_cmd = "ping -c 3 -W 5 -i 0.3 " + net + ".2 >/dev/null";
+  int ping = std::system(ping_cmd.c_str());
   if (ping != 0) {
     std::string ns_name = ns.path().substr(15);
     std::string diag = "ip netns exec " + ns_name +
