@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes binaries of one pinned release from its Go module, for the one-node
 # Kubernetes peapod is tested on (k8s/node.sh): kubelet, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, e2e_node.test (the node conformance suite, `go test -c`) and etcd (a
-# small main over etcd's embed package, k8s/etcd/main.go, built against the etcd release that
-# Kubernetes release pins).
+# kube-scheduler, kubectl, e2e_node.test (the node conformance suite, `go test -c`), agnhost
+# (the e2e tests' own test image program) and etcd (a small main over etcd's embed package,
+# k8s/etcd/main.go, built against the etcd release that Kubernetes release pins).
 #
 #   k8s/build.sh [--print-dir]      build what is missing; --print-dir: print the bin dir
 #
@@ -23,7 +23,7 @@ staging_version="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
 cache=${PEAPOD_K8S_CACHE:-/var/cache/peapod/k8s-$version}
 bin=$cache/bin
 # Bump when the recipe changes, so a cache built by the old one is rebuilt.
-recipe=1
+recipe=2
 stamp=$cache/.stamp-$recipe
 
 log() { echo "k8s/build.sh: $*" >&2; }
@@ -75,6 +75,7 @@ go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$
 mv "$work/bin/peapod-etcd" "$work/bin/etcd"
 log "building e2e_node.test"
 go test -c -trimpath -o "$work/bin/e2e_node.test" ./test/e2e_node
+CGO_ENABLED=0 go build -trimpath -o "$work/bin/" ./test/images/agnhost
 rm -rf "$bin"
 mv "$work/bin" "$bin"
 touch "$stamp"

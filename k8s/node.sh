@@ -68,6 +68,9 @@ down() {
     kill_by_pidfile "$c"
   done
   ip link del "$node_link" 2>/dev/null || true
+  # The CNI bridge keeps the pod network's gateway address; left behind, it would route
+  # 10.94.0.0/24 for the next user of the host.
+  ip link del ppk8s0 2>/dev/null || true
   # Mounts kubelet and containerd left below the dir, then the dir.
   { grep -o " $dir/[^ ]*" /proc/self/mountinfo || true; } | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
@@ -128,6 +131,8 @@ pki() {
   cert admin "/O=system:masters/CN=peapod-admin"
   cert kubelet "/O=system:nodes/CN=system:node:$node"
   openssl genrsa -out "$p/sa.key" 2048 2>/dev/null
+  # A bearer token for the node conformance suite (it authenticates no other way).
+  echo "$(openssl rand -hex 16),peapod-e2e,peapod-e2e,\"system:masters\"" >"$p/tokens.csv"
   openssl rsa -in "$p/sa.key" -pubout -out "$p/sa.pub" 2>/dev/null
 }
 
@@ -203,17 +208,23 @@ up() {
   cat >"$dir/net.d/10-ppk8s.conflist" <<NET
 {"cniVersion": "1.0.0", "name": "ppk8s", "plugins": [
   {"type": "bridge", "bridge": "ppk8s0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.98.0.0/24"}]],
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.94.0.0/24"}]],
             "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 NET
+  # Without CAP_SYS_RESOURCE (sandboxed CI hosts drop it) no process may lower its OOM score,
+  # and runc fails every pause container (oom_score_adj -998): keep scores >= containerd's.
+  local restrict_oom=false
+  if (((0x$(awk '/^CapEff/ {print $2}' /proc/self/status) >> 24 & 1) == 0)); then
+    restrict_oom=true
+  fi
   # containerd's own root and state, as on a node: peapod writes the pod files where its CRI
   # looks for them (the sandboxer's cri_root default).
   "$repo/scripts/containerd-config.sh" --containerd 2 --dir "$dir" --root /var/lib/containerd \
     --state /run/containerd \
     --imports "/etc/containerd/conf.d/*.toml" --pause registry.local/peapod/pause:test \
     --cni-conf "$dir/net.d" --runc /usr/sbin/runc --default-runtime "$default_runtime" \
-    --streaming-on-loopback >"$dir/containerd.toml"
+    --streaming-on-loopback --restrict-oom "$restrict_oom" >"$dir/containerd.toml"
   start containerd env PATH="$ctd:$PATH" "$ctd/containerd" --config "$dir/containerd.toml"
   wait_for containerd 60 "$ctd/ctr" -a "$dir/containerd.sock" version
   "$repo/tests/cri/make-images.sh" "$dir/images" >/dev/null
@@ -234,7 +245,7 @@ NET
     --service-account-key-file="$dir/pki/sa.pub" \
     --service-account-signing-key-file="$dir/pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --authorization-mode=Node,RBAC --allow-privileged=true
+    --authorization-mode=Node,RBAC --allow-privileged=true --token-auth-file="$dir/pki/tokens.csv"
   wait_for kube-apiserver 120 kubectl_ get --raw /readyz
   start kube-controller-manager "$kbin/kube-controller-manager" \
     --kubeconfig="$dir/admin.kubeconfig" --bind-address=127.0.0.1 --leader-elect=false \
