@@ -4,7 +4,12 @@
 # handler runc and once with peapod, side by side in docs/k8s-conformance.md. Long (hours under
 # TCG): not part of `make test`.
 #
-#   k8s/conformance.sh [--focus REGEX] [--skip REGEX] [--handlers "runc peapod"] [--out FILE]
+#   k8s/conformance.sh [--focus REGEX] [--skip REGEX] [--handlers "runc peapod"] [--procs N]
+#                      [--out FILE]
+#
+# Specs run in N ginkgo processes at once (default 3; the focus leaves out [Serial] ones, as
+# Kubernetes' own node e2e jobs do when they run in parallel). The ginkgo CLI of the release's
+# pinned version is built once next to the Kubernetes binaries.
 #
 # Images: the suite's test images are made here without a registry or network: busybox from
 # Debian's busybox (cri-tests/make-images.sh), agnhost built from the release's own source
@@ -17,6 +22,7 @@ repo=$(cd "$here/.." && pwd)
 focus='\[NodeConformance\]'
 skip='\[Serial\]|\[Slow\]|\[Flaky\]|\[Disruptive\]|\[Feature:|\[Alpha\]|\[LinuxOnly\].*Windows'
 handlers="runc peapod"
+procs=3
 out=$repo/docs/k8s-conformance.md
 while (($#)); do
   case $1 in
@@ -24,6 +30,7 @@ while (($#)); do
   --skip) skip=${2:?} && shift ;;
   --handlers) handlers=${2:?} && shift ;;
   --out) out=${2:?} && shift ;;
+  --procs) procs=${2:?} && shift ;;
   -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
   *) echo "conformance.sh: unknown argument '$1'" >&2 && exit 2 ;;
   esac
@@ -32,6 +39,15 @@ done
 log() { echo "conformance.sh: $*" >&2; }
 kbin=$("$here/build.sh" --print-dir)
 ctd=$("$repo/scripts/go-tools.sh" --print-path containerd)
+# The ginkgo CLI runs specs in parallel processes; its version must be the suite's.
+ginkgo_version=$({ grep -a -o -m1 'onsi/ginkgo/v2@v[0-9.]*[0-9]' "$kbin/e2e_node.test" || true; } | sed -n 1p)
+ginkgo_version=${ginkgo_version#*@}
+[[ -n $ginkgo_version ]] || { log "cannot tell e2e_node.test's ginkgo version"; exit 1; }
+ginkgo_dir=$(dirname "$kbin")/ginkgo-$ginkgo_version
+if ! [[ -x $ginkgo_dir/ginkgo ]]; then
+  log "building the ginkgo CLI $ginkgo_version"
+  GOTOOLCHAIN=local GOBIN=$ginkgo_dir go install "github.com/onsi/ginkgo/v2/ginkgo@$ginkgo_version"
+fi
 work=$(mktemp -d /tmp/ppconf-XXXXXX)
 dir=/tmp/ppk8s-conf
 trap '"$here/node.sh" down --dir "$dir" >/dev/null 2>&1; rm -rf "$work"' EXIT
@@ -85,13 +101,13 @@ for h in $handlers; do
   import_images
   mkdir -p "$work/report-$h"
   set +e
-  "$kbin/e2e_node.test" --start-services=false --stop-services=false \
+  "$ginkgo_dir/ginkgo" --procs="$procs" --focus="$focus" --skip="$skip" --no-color \
+    --junit-report="$work/report-$h/junit.xml" --timeout=6h "$kbin/e2e_node.test" -- \
+    --start-services=false --stop-services=false \
     --host=https://127.0.0.1:6443 --bearer-token="$(cut -d, -f1 "$dir/pki/tokens.csv")" \
     --node-name=peapod-node --kubectl-path="$kbin/kubectl" \
     --container-runtime-endpoint="unix://$dir/containerd.sock" \
     --prepull-images=false --report-dir="$work/report-$h" \
-    --ginkgo.focus="$focus" --ginkgo.skip="$skip" --ginkgo.no-color \
-    --ginkgo.junit-report="$work/report-$h/junit.xml" --ginkgo.timeout=6h \
     >"$work/report-$h/e2e.log" 2>&1
   echo "rc $?" >>"$work/report-$h/e2e.log"
   set -e

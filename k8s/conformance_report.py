@@ -32,8 +32,14 @@ def results(path):
                 status = "failed"
                 msg = (el.get("message") or el.text or "").strip().splitlines()[0:1]
                 msg = msg[0] if msg else ""
-        if tc.find("skipped") is not None and status != "failed":
+        sk = tc.find("skipped")
+        if sk is not None and status != "failed":
+            # Ginkgo lists every spec the focus/skip filters left out as skipped with the bare
+            # message "skipped"; a spec that ran and skipped itself says why after it.
+            if (sk.get("message") or "").strip() == "skipped":
+                continue
             status = "skipped"
+            msg = (sk.get("message") or "").strip()
         out[name] = (status, msg)
     return out
 
