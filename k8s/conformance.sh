@@ -72,7 +72,7 @@ for m in idx["manifests"]:
 PY
 )
 cp "$kbin/agnhost" "$work/agnhost/rootfs/agnhost"
-"$here/oci-image.sh" "$work/agnhost/rootfs" registry.k8s.io/e2e-test-images/agnhost:2.56 \
+"$repo/scripts/oci-image.sh" "$work/agnhost/rootfs" registry.k8s.io/e2e-test-images/agnhost:2.56 \
   '["/agnhost"]' "$work/agnhost.tar"
 
 declare -A retag=(

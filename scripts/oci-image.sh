@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Packs a root filesystem directory into a one-layer OCI image layout tarball that
-# `ctr images import` takes, named REF.
+# `ctr images import` takes, named REF. The one packer of the test images (tests/cri, k8s).
 #
-#   k8s/oci-image.sh ROOTFS_DIR REF CMD_JSON OUT.tar
+#   scripts/oci-image.sh ROOTFS_DIR REF CMD_JSON OUT.tar [PATH]
+#
+# PATH: the image's PATH (default /bin:/usr/bin:/sbin:/usr/sbin).
 set -euo pipefail
-root=${1:?usage: oci-image.sh ROOTFS_DIR REF CMD_JSON OUT.tar}
-ref=${2:?} cmd=${3:?} out=${4:?}
+root=${1:?usage: oci-image.sh ROOTFS_DIR REF CMD_JSON OUT.tar [PATH]}
+ref=${2:?} cmd=${3:?} out=${4:?} path=${5:-/bin:/usr/bin:/sbin:/usr/sbin}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 sha() { sha256sum "$1" | cut -d' ' -f1; }
@@ -15,8 +17,8 @@ d=$work/oci
 mkdir -p "$d/blobs/sha256"
 l=$(sha "$work/layer.tar")
 cp "$work/layer.tar" "$d/blobs/sha256/$l"
-printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin:/usr/bin:/sbin:/usr/sbin"],"Cmd":%s},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-  "$cmd" "$l" >"$work/config.json"
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=%s"],"Cmd":%s},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+  "$path" "$cmd" "$l" >"$work/config.json"
 c=$(sha "$work/config.json")
 cp "$work/config.json" "$d/blobs/sha256/$c"
 printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
