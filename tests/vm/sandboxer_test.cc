@@ -163,23 +163,28 @@ bool LoopbackAccepts(const std::string& path, uint16_t port) {
 // A pod netns as CNI leaves it: a veth end named eth0 with an address and a default route.
 class PodNetns {
  public:
-  // net: the /24 of the veth pair, distinct per test so that tests running at once do not route
-  // each other's pings.
-  explicit PodNetns(const std::string& name, const std::string& net = "10.98.0") : name_(name) {
+  // The veth pair's /24 is <prefix16>.N with N from the pid, 100..249: distinct per test (each
+  // passes its own prefix16) so that tests running at once do not route each other's pings, and
+  // off the x.x.0.0/24 networks of CNI bridges other suites set up (or left behind: CI saw one
+  // take the host's route to the pod).
+  PodNetns(const std::string& name, const std::string& prefix16)
+      : name_(name), net_(prefix16 + "." + std::to_string(100 + ::getpid() % 150)) {
     Run("ip netns add " + name_);
     Run("ip link add " + name_ + "-h type veth peer name eth0 netns " + name_);
-    Run("ip addr add " + net + ".1/24 dev " + name_ + "-h");
+    Run("ip addr add " + net_ + ".1/24 dev " + name_ + "-h");
     Run("ip link set " + name_ + "-h up");
-    Run("ip -n " + name_ + " addr add " + net + ".2/24 dev eth0");
+    Run("ip -n " + name_ + " addr add " + net_ + ".2/24 dev eth0");
     Run("ip -n " + name_ + " link set eth0 up");
     Run("ip -n " + name_ + " link set lo up");
-    Run("ip -n " + name_ + " route add default via " + net + ".1");
+    Run("ip -n " + name_ + " route add default via " + net_ + ".1");
   }
   ~PodNetns() {
     Run("ip netns del " + name_ + " 2>/dev/null");
     Run("ip link del " + name_ + "-h 2>/dev/null");
   }
   std::string path() const { return "/var/run/netns/" + name_; }
+  // The pod's address (the netns end of the veth).
+  std::string pod_ip() const { return net_ + ".2"; }
   bool ok() const { return ok_; }
 
  private:
@@ -190,15 +195,13 @@ class PodNetns {
     }
   }
   std::string name_;
+  std::string net_;
   bool ok_ = true;
 };
 
 TEST_F(SandboxerTest, TheGuestAnswersAsThePodOnTheCniNetwork) {
   if (std::system("command -v ip >/dev/null") != 0) GTEST_SKIP() << "iproute2 is not installed";
-  // A /24 of its own: a CNI bridge another suite left with a 10.98.0.x gateway would otherwise
-  // take the host's route to the pod (CI saw it).
-  std::string net = "10.98." + std::to_string(100 + ::getpid() % 150);
-  PodNetns ns("pp-test-" + std::to_string(::getpid() % 100000), net);
+  PodNetns ns("pp-test-" + std::to_string(::getpid() % 100000), "10.98");
   ASSERT_TRUE(ns.ok());
   ASSERT_TRUE(Create("pod3", ns.path()).ok());
   sbv1::ControllerStartResponse started;
@@ -209,7 +212,7 @@ TEST_F(SandboxerTest, TheGuestAnswersAsThePodOnTheCniNetwork) {
   // address is removed first (the guest took it at Start).
   std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
   ASSERT_EQ(std::system(flush.c_str()), 0);
-  std::string ping_cmd = "ping -c 3 -W 5 -i 0.3 " + net + ".2 >/dev/null";
+  std::string ping_cmd = "ping -c 3 -W 5 -i 0.3 " + ns.pod_ip() + " >/dev/null";
   int ping = std::system(ping_cmd.c_str());
   if (ping != 0) {
     std::string ns_name = ns.path().substr(15);
@@ -528,7 +531,7 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   };
   ASSERT_TRUE(pool_ready(1)) << Log();
 
-  PodNetns ns("pp-pool-" + std::to_string(::getpid() % 100000), "10.97.0");
+  PodNetns ns("pp-pool-" + std::to_string(::getpid() % 100000), "10.97");
   ASSERT_TRUE(ns.ok());
   peapod::cri::v1::PodSandboxConfig cri;
   cri.set_hostname("warm-0");
@@ -580,7 +583,7 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   std::string out = agent.ReadAll("c1");
   EXPECT_TRUE(agent.Wait("c1").ok());
   EXPECT_NE(out.find("warm-0\n"), std::string::npos) << out;
-  EXPECT_NE(out.find("10.97.0.2/24"), std::string::npos) << out;
+  EXPECT_NE(out.find(ns.pod_ip() + "/24"), std::string::npos) << out;
   std::string cni_mac =
       Capture("ip netns exec " + ns.path().substr(15) + " cat /sys/class/net/eth0/address");
   ASSERT_EQ(cni_mac.size(), 17u) << cni_mac;
@@ -588,7 +591,8 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   // And the guest answers as the pod from outside (the pool VM's TAP joined the CNI interface).
   std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
   ASSERT_EQ(std::system(flush.c_str()), 0);
-  EXPECT_EQ(std::system("ping -c 3 -W 5 -i 0.3 10.97.0.2 >/dev/null"), 0);
+  std::string ping = "ping -c 3 -W 5 -i 0.3 " + ns.pod_ip() + " >/dev/null";
+  EXPECT_EQ(std::system(ping.c_str()), 0);
   EXPECT_TRUE(agent.Remove("c1").ok());
 
   // The next pod gets another VM (the refilled pool's): a different QEMU and kernel boot.
