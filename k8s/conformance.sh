@@ -73,7 +73,7 @@ PY
 )
 cp "$kbin/agnhost" "$work/agnhost/rootfs/agnhost"
 "$repo/scripts/oci-image.sh" "$work/agnhost/rootfs" registry.k8s.io/e2e-test-images/agnhost:2.56 \
-  '["/agnhost"]' "$work/agnhost.tar"
+  '["pause"]' "$work/agnhost.tar" /bin:/usr/bin:/sbin:/usr/sbin '["/agnhost"]'
 
 declare -A retag=(
   [registry.k8s.io/e2e-test-images/busybox:1.37.0-1]=registry.k8s.io/e2e-test-images/busybox:1.29-2
