@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include <spdlog/spdlog.h>
 
@@ -19,10 +20,9 @@ OutputStream::~OutputStream() {
   for (auto& p : readers) {
     if (!p.reader.waiting()) continue;
     size_t from = p.keep ? static_cast<size_t>(handed_ - base_) : 0;
-    std::string data = buf_.substr(from);
     handed_ = base_ + buf_.size();
+    p.reader.deliver(buf_.view().substr(from), true);
     if (!p.keep) buf_.clear();
-    p.reader.deliver(std::move(data), true);
   }
 }
 
@@ -34,12 +34,12 @@ Result<void> OutputStream::Start() {
 }
 
 void OutputStream::OnReadable() {
-  char buf[16384];
   while (!closed_ && buf_.size() < kMaxBuffered) {
-    size_t want = std::min(sizeof(buf), kMaxBuffered - buf_.size());
-    ssize_t n = ::read(fd_.get(), buf, want);
+    // Straight into the buffer: under TCG every copy of a stream's bytes is emulated work.
+    auto [room, room_size] = buf_.Room();
+    ssize_t n = ::read(fd_.get(), room, room_size);
     if (n > 0) {
-      buf_.append(buf, static_cast<size_t>(n));
+      buf_.Grow(static_cast<size_t>(n));
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
@@ -65,7 +65,7 @@ Result<void> OutputStream::Read(size_t max, std::optional<uint64_t> offset, Read
           "read at offset {} of a stream that keeps bytes {} to {}: the reader lost its place",
           *offset, base_, handed_);
     }
-    buf_.erase(0, *offset - base_);
+    buf_.DropFront(*offset - base_);
     base_ = *offset;
     handed_ = base_;  // what follows is handed out again
   }
@@ -86,20 +86,36 @@ void OutputStream::Serve() {
     size_t avail = buf_.size() - from;
     if (avail == 0 && !closed_) break;
     size_t n = std::min(p.max, avail);
-    std::string data = buf_.substr(from, n);
     bool eof = closed_ && from + n == buf_.size();
-    if (p.keep) {
+    auto deliver = std::move(p.reader.deliver);
+    bool keep = p.keep;
+    readers_.pop_front();
+    // The reader copies the bytes out of buf_ during the call; only then are they dropped.
+    deliver(buf_.view().substr(from, n), eof);
+    if (keep) {
       handed_ += n;
     } else {
-      buf_.erase(0, n);
+      buf_.DropFront(n);
       base_ += n;
       handed_ = std::max(handed_, base_);
     }
-    auto deliver = std::move(p.reader.deliver);
-    readers_.pop_front();
-    deliver(std::move(data), eof);
   }
   UpdateWatch();
+}
+
+void OutputStream::Window::DropFront(size_t n) {
+  begin_ += n;
+  if (begin_ == end_) begin_ = end_ = 0;
+}
+
+std::pair<char*, size_t> OutputStream::Window::Room() {
+  if (!data_) data_ = std::make_unique_for_overwrite<char[]>(kMaxBuffered);
+  if (end_ == kMaxBuffered && begin_ > 0) {
+    std::memmove(data_.get(), data_.get() + begin_, size());
+    end_ -= begin_;
+    begin_ = 0;
+  }
+  return {data_.get() + end_, kMaxBuffered - end_};
 }
 
 void OutputStream::UpdateWatch() {

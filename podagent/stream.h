@@ -15,6 +15,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <utility>
 
 #include "common/base/result.h"
 #include "common/base/unique_fd.h"
@@ -31,7 +33,8 @@ class OutputStream {
     // False once the caller no longer waits (deadline passed, connection gone): the data is
     // then kept for the next reader instead of being handed to nobody.
     std::function<bool()> waiting;
-    std::function<void(std::string data, bool eof)> deliver;
+    // data is valid only during the call.
+    std::function<void(std::string_view data, bool eof)> deliver;
   };
 
   // fd: the read end of a pipe, or a pty master (where EIO means the other side closed).
@@ -62,7 +65,27 @@ class OutputStream {
   EventLoop::WatchId watch_ = 0;
   bool watching_in_ = false;
   bool closed_ = false;
-  std::string buf_;
+  // The bytes kept: a window [begin, end) of one block allocated at the first read and left
+  // uninitialised (read(2) fills it; a std::string would be zeroed on every resize, one more
+  // pass over the data, and every pass is emulated work under TCG). Dropping from the front
+  // moves an index; the window slides back to the block's start when it reaches the end.
+  class Window {
+   public:
+    size_t size() const { return end_ - begin_; }
+    bool empty() const { return end_ == begin_; }
+    std::string_view view() const { return {data_.get() + begin_, size()}; }
+    void DropFront(size_t n);
+    void clear() { begin_ = end_ = 0; }
+    // Room after the window (the window moved to the start first if it is at the end).
+    std::pair<char*, size_t> Room();
+    void Grow(size_t n) { end_ += n; }
+
+   private:
+    std::unique_ptr<char[]> data_;
+    size_t begin_ = 0;
+    size_t end_ = 0;
+  };
+  Window buf_;
   uint64_t base_ = 0;    // stream offset of buf_[0]
   uint64_t handed_ = 0;  // stream offset past the last byte handed out
   struct Pending {

@@ -11,6 +11,12 @@ namespace peapod::ttrpc {
 namespace {
 constexpr size_t kReadChunk = 64 * 1024;
 constexpr int kMaxIov = 64;
+
+Error TooLarge(size_t payload) {
+  return Error::Make(Code::kResourceExhausted,
+                     "message of {} bytes exceeds the ttrpc limit of {} bytes", payload,
+                     kMaxMessageSize);
+}
 }  // namespace
 
 Result<std::shared_ptr<Connection>> Connection::Create(EventLoop* loop, UniqueFd fd,
@@ -39,28 +45,30 @@ Connection::~Connection() {
 
 Result<void> Connection::Send(uint32_t stream_id, uint8_t type, uint8_t flags,
                               std::string_view payload) {
-  if (payload.size() > kMaxMessageSize) {
-    return Error::Make(Code::kResourceExhausted,
-                       "message of {} bytes exceeds the ttrpc limit of {} bytes", payload.size(),
-                       kMaxMessageSize);
-  }
+  if (payload.size() > kMaxMessageSize) return TooLarge(payload.size());
+  std::string frame(kHeaderSize + payload.size(), '\0');
+  if (!payload.empty()) std::memcpy(frame.data() + kHeaderSize, payload.data(), payload.size());
+  return SendFrame(stream_id, type, flags, std::move(frame));
+}
+
+Result<void> Connection::SendFrame(uint32_t stream_id, uint8_t type, uint8_t flags,
+                                   std::string frame) {
+  if (frame.size() < kHeaderSize) return Error::Invalid("a ttrpc frame needs its header's room");
+  size_t payload = frame.size() - kHeaderSize;
+  if (payload > kMaxMessageSize) return TooLarge(payload);
   if (closed_ || close_after_flush_) {
     return Error(Code::kUnavailable, "ttrpc connection is closed");
   }
-  size_t frame = kHeaderSize + payload.size();
-  if (max_queued_ != kNoQueueCap && queued_bytes() + frame > max_queued_) {
+  if (max_queued_ != kNoQueueCap && queued_bytes() + frame.size() > max_queued_) {
     // The peer is not reading: refuse rather than hold its backlog without bound.
     return Error::Make(Code::kResourceExhausted,
                        "ttrpc peer is not reading: {} bytes queued, a frame of {} would pass the "
                        "limit of {}",
-                       queued_bytes(), frame, max_queued_);
+                       queued_bytes(), frame.size(), max_queued_);
   }
-  std::string bytes(frame, '\0');
-  EncodeHeader(FrameHeader{static_cast<uint32_t>(payload.size()), stream_id, type, flags},
-               bytes.data());
-  if (!payload.empty()) std::memcpy(bytes.data() + kHeaderSize, payload.data(), payload.size());
-  out_.push_back(std::move(bytes));
-  queued_ += frame;
+  EncodeHeader(FrameHeader{static_cast<uint32_t>(payload), stream_id, type, flags}, frame.data());
+  queued_ += frame.size();
+  out_.push_back(std::move(frame));
   Flush();
   // A write that finds the peer gone closes the connection inside Flush, after the close
   // callbacks ran: the caller must learn it here, or a client would wait for an answer that

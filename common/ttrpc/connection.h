@@ -45,6 +45,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // max_queued_bytes(), is refused with kResourceExhausted and nothing is queued; a closed
   // connection gives kUnavailable.
   Result<void> Send(uint32_t stream_id, uint8_t type, uint8_t flags, std::string_view payload);
+  // The same for a frame laid out by the caller: kHeaderSize bytes this fills in, then the
+  // payload. It spares Send's copy of the payload (stream data: every copy costs the guest's
+  // emulated CPU under TCG).
+  Result<void> SendFrame(uint32_t stream_id, uint8_t type, uint8_t flags, std::string frame);
   // Closes now; queued output is dropped. on_close runs with the given reason.
   void Close(Error reason = Error(Code::kCancelled, "connection closed locally"));
   // Stops reading, flushes what is queued, then closes.

@@ -24,6 +24,14 @@ void EncodeHeader(const FrameHeader& h, char out[kHeaderSize]) {
   out[9] = static_cast<char>(h.flags);
 }
 
+size_t EncodeVarint(uint64_t v, char out[10]) {
+  size_t n = 0;
+  for (;; v >>= 7) {
+    out[n++] = static_cast<char>((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+    if (v <= 0x7f) return n;
+  }
+}
+
 FrameHeader DecodeHeader(const char in[kHeaderSize]) {
   FrameHeader h;
   h.length = GetU32(in);

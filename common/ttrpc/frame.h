@@ -29,6 +29,9 @@ struct FrameHeader {
 
 void EncodeHeader(const FrameHeader& h, char out[kHeaderSize]);
 FrameHeader DecodeHeader(const char in[kHeaderSize]);
+// Writes v as a protobuf varint; returns its length (at most 10). For messages written by hand
+// around a large payload, which is then copied once.
+size_t EncodeVarint(uint64_t v, char out[10]);
 
 struct Frame {
   FrameHeader header;

@@ -51,7 +51,46 @@ std::string EncodeResponse(const Result<std::string>& result) {
   return out;
 }
 
+std::string EncodeOkResponseFrame(std::initializer_list<std::string_view> parts) {
+  size_t size = 0;
+  for (auto p : parts) size += p.size();
+  // Response{status: {} (field 1, empty), payload (field 2, bytes)}, as protobuf writes it.
+  char len[10];
+  size_t len_size = EncodeVarint(size, len);
+  size_t message = 2 + (size ? 1 + len_size + size : 0);
+  if (message > kMaxMessageSize) return {};
+  std::string frame;
+  frame.reserve(kHeaderSize + message);
+  frame.append(kHeaderSize, '\0');
+  frame.append("\x0a\x00", 2);
+  if (size) {
+    frame.push_back('\x12');
+    frame.append(len, len_size);
+    for (auto p : parts) frame.append(p);
+  }
+  return frame;
+}
+
 void Responder::operator()(Result<std::string> payload) const {
+  if (payload.ok()) return Reply({*payload});
+  Answer([&] { return std::string(kHeaderSize, '\0') + EncodeResponse(payload); });
+}
+
+void Responder::Reply(std::initializer_list<std::string_view> parts) const {
+  Answer([&] {
+    std::string frame = EncodeOkResponseFrame(parts);
+    if (!frame.empty()) return frame;
+    size_t size = 0;
+    for (auto p : parts) size += p.size();
+    // Tell the client why instead of leaving it waiting for a frame we cannot send.
+    return std::string(kHeaderSize, '\0') +
+           EncodeResponse(Error::Make(Code::kResourceExhausted,
+                                      "response of {} bytes exceeds the ttrpc limit of {} bytes",
+                                      size, kMaxMessageSize));
+  });
+}
+
+void Responder::Answer(const std::function<std::string()>& frame) const {
   State& s = *state_;
   if (s.answered) return;
   s.answered = true;
@@ -59,8 +98,7 @@ void Responder::operator()(Result<std::string> payload) const {
   if (s.deadline_timer != 0) s.loop->CancelTimer(s.deadline_timer);
   auto conn = s.conn.lock();
   if (!conn || conn->c->closed()) return;
-  std::string bytes = EncodeResponse(payload);
-  if (auto r = conn->c->Send(s.stream_id, kTypeResponse, 0, bytes); !r.ok()) {
+  if (auto r = conn->c->SendFrame(s.stream_id, kTypeResponse, 0, frame()); !r.ok()) {
     spdlog::debug("ttrpc: response on stream {} not sent: {}", s.stream_id, r.error().ToString());
   }
   s.server->Finish(conn, s.stream_id);

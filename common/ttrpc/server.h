@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -41,6 +42,10 @@ class Responder {
   void operator()(Result<std::string> payload) const;
   void operator()(std::string payload) const { (*this)(Result<std::string>(std::move(payload))); }
   void operator()(Error error) const { (*this)(Result<std::string>(std::move(error))); }
+  // A successful answer whose payload is the concatenation of parts, copied once, straight
+  // into the frame (a stream's data is not copied into a message, then a Response, then a
+  // frame: under TCG each copy is paid in the guest's emulated CPU).
+  void Reply(std::initializer_list<std::string_view> parts) const;
   bool answered() const;
   // True while an answer would still reach the caller: not answered (nor timed out by the
   // server), and the connection is still open.
@@ -49,6 +54,8 @@ class Responder {
  private:
   friend class Server;
   struct State;
+  // Sends the frame (made only if the answer still goes somewhere) and ends the call.
+  void Answer(const std::function<std::string()>& frame) const;
   explicit Responder(std::shared_ptr<State> s) : state_(std::move(s)) {}
   std::shared_ptr<State> state_;
 };
@@ -62,6 +69,9 @@ using TypedResponder = std::function<void(Result<Resp>)>;
 // A ttrpc Response message: the payload, or the error as a google.rpc.Status. A response that
 // would exceed kMaxMessageSize becomes a RESOURCE_EXHAUSTED status instead.
 std::string EncodeResponse(const Result<std::string>& result);
+// The same Response for a successful payload made of parts, laid out after kHeaderSize bytes
+// of room for the frame header (Connection::SendFrame); empty if the payload is too large.
+std::string EncodeOkResponseFrame(std::initializer_list<std::string_view> parts);
 
 class Server {
  public:

@@ -58,8 +58,8 @@ std::pair<std::string, bool> ReadOnce(peapod::testing::LoopThread& lt, OutputStr
     (void)s.Read(max, std::nullopt,
                  {.waiting = [] { return true; },
                   .deliver =
-                      [&p](std::string d, bool eof) {
-                        p.set_value({std::move(d), eof});
+                      [&p](std::string_view d, bool eof) {
+                        p.set_value({std::string(d), eof});
                       }});
   });
   EXPECT_EQ(f.wait_for(10s), std::future_status::ready);
@@ -119,7 +119,7 @@ TEST(OutputStreamTest, DataIsKeptForTheNextReaderWhenACallerGaveUp) {
   lt.Sync([&] {
     (void)s.Read(100, std::nullopt,
                  {.waiting = [] { return false; },
-                  .deliver = [&](std::string, bool) { delivered_to_gone = true; }});
+                  .deliver = [&](std::string_view, bool) { delivered_to_gone = true; }});
   });
   ASSERT_TRUE(WriteAll(pipe.w.get(), "kept", 4).ok());
   auto [data, eof] = ReadOnce(lt, s);
@@ -138,8 +138,8 @@ TEST(OutputStreamTest, AReaderWaitingWhenTheProcessIsRemovedGetsEof) {
     (void)s->Read(100, std::nullopt,
                   {.waiting = [] { return true; },
                    .deliver =
-                       [&p](std::string d, bool eof) {
-                         p.set_value({std::move(d), eof});
+                       [&p](std::string_view d, bool eof) {
+                         p.set_value({std::string(d), eof});
                        }});
     s.reset();
   });
@@ -159,8 +159,8 @@ std::pair<std::string, bool> ReadAt(peapod::testing::LoopThread& lt, OutputStrea
     r = s.Read(max, offset,
                {.waiting = [] { return true; },
                 .deliver =
-                    [&p](std::string d, bool eof) {
-                      p.set_value({std::move(d), eof});
+                    [&p](std::string_view d, bool eof) {
+                      p.set_value({std::string(d), eof});
                     }});
   });
   if (refused) *refused = r;
