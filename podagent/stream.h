@@ -26,8 +26,8 @@ namespace peapod::agent {
 
 class OutputStream {
  public:
-  static constexpr size_t kMaxBuffered = 256 << 10;
-  static constexpr size_t kMaxRead = 1 << 20;
+  static constexpr size_t kMaxBuffered = 1 << 20;
+  static constexpr size_t kMaxRead = 256 << 10;
 
   struct Reader {
     // False once the caller no longer waits (deadline passed, connection gone): the data is
