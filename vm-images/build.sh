@@ -26,8 +26,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 # for disks (scsi), the NIC, the pod share (9p), layers (erofs) and overlay.
 # crc32c_generic: libcrc32c (needed by erofs) asks the crypto API for crc32c at load time, a
 # soft dependency modules.dep does not list.
+# virtio_balloon: free page reporting, so memory the guest frees goes back to the host (the
+# domain's <memballoon freePageReporting='on'>; nothing inflates the balloon).
 modules=(virtio_pci virtio_console virtio_scsi sd_mod virtio_net 9pnet_virtio 9p crc32c_generic erofs overlay
-         vmw_vsock_virtio_transport virtio_rng)
+         vmw_vsock_virtio_transport virtio_rng virtio_balloon)
 # In the image but loaded only when needed, from the list /etc/peapod/modules.<name>: by the
 # agent when a pod first mounts that filesystem (ext4 for the per-pod scratch disk is 2.5 MB of
 # module that a boot would otherwise relocate for nothing), or by the kernel, which runs

@@ -46,6 +46,16 @@ inline std::string BuildBusyboxRoot(const std::string& root) {
   return "";
 }
 
+// Builds the busybox root as an EROFS layer image; empty on success, else why not.
+inline std::string BuildBusyboxLayer(const std::string& dir, const std::string& image) {
+  if (std::system("command -v mkfs.erofs >/dev/null") != 0) return "mkfs.erofs missing";
+  std::string root = dir + "/busybox-root";
+  if (auto why = BuildBusyboxRoot(root); !why.empty()) return why;
+  std::string cmd = "mkfs.erofs --quiet --all-root " + image + " " + root + " >/dev/null 2>&1";
+  if (std::system(cmd.c_str()) != 0) return "mkfs.erofs failed: " + cmd;
+  return "";
+}
+
 // A minimal OCI spec like `crun spec`, running args. The network namespace names a host path,
 // as containerd's CRI specs do: the agent must drop it.
 inline std::string Spec(const std::vector<std::string>& args, bool terminal = false,

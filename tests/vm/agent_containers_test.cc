@@ -14,15 +14,7 @@ namespace {
 
 using agenttest::Empty;
 
-// Builds the busybox layer image; empty on success, else why not.
-std::string BuildBusyboxLayer(const std::string& dir, const std::string& image) {
-  if (std::system("command -v mkfs.erofs >/dev/null") != 0) return "mkfs.erofs missing";
-  std::string root = dir + "/busybox-root";
-  if (auto why = agenttest::BuildBusyboxRoot(root); !why.empty()) return why;
-  std::string cmd = "mkfs.erofs --quiet --all-root " + image + " " + root + " >/dev/null 2>&1";
-  if (std::system(cmd.c_str()) != 0) return "mkfs.erofs failed: " + cmd;
-  return "";
-}
+using agenttest::BuildBusyboxLayer;
 
 class AgentContainersTest : public AgentVmTest {
  protected:
