@@ -26,30 +26,35 @@ std::string ReadLine(const std::string& path) {
   return line;
 }
 
-// Like ttrpc::RegisterTyped, for methods that may answer much later (Wait, reads): fn also gets
-// a predicate that tells whether the caller still waits, so data is never handed to a caller
-// that gave up (its deadline passed or its connection closed).
-template <typename Req, typename Resp, typename Fn>
-void RegisterLong(ttrpc::Server& server, const std::string& method, Fn fn) {
+// A method whose request is parsed here and which answers through the raw responder: fn(Req&&,
+// ttrpc::Responder). A request that does not parse is answered INVALID_ARGUMENT.
+template <typename Req, typename Fn>
+void RegisterParsed(ttrpc::Server& server, const std::string& method, Fn fn) {
   server.Register(kAgentService, method,
                   [fn = std::move(fn), method](const ttrpc::CallContext&, std::string payload,
                                                ttrpc::Responder r) {
                     Req req;
                     if (!req.ParseFromString(payload)) {
-                      r(Error::Invalid("{}: request is not a valid {}", method,
-                                       Req::descriptor()->full_name()));
-                      return;
+                      return r(Error::Invalid("{}: request is not a valid {}", method,
+                                              Req::descriptor()->full_name()));
                     }
-                    fn(
-                        std::move(req), [r] { return r.waiting(); },
-                        [r](Result<Resp> resp) {
-                          if (!resp.ok()) {
-                            r(std::move(resp).error());
-                          } else {
-                            r(resp->SerializeAsString());
-                          }
-                        });
+                    fn(std::move(req), std::move(r));
                   });
+}
+
+// Like ttrpc::RegisterTyped, for methods that may answer much later (Wait, reads): fn also gets
+// a predicate that tells whether the caller still waits, so data is never handed to a caller
+// that gave up (its deadline passed or its connection closed).
+template <typename Req, typename Resp, typename Fn>
+void RegisterLong(ttrpc::Server& server, const std::string& method, Fn fn) {
+  RegisterParsed<Req>(server, method, [fn = std::move(fn)](Req&& req, ttrpc::Responder r) {
+    fn(
+        std::move(req), [r] { return r.waiting(); },
+        [r](Result<Resp> resp) {
+          if (!resp.ok()) return r(std::move(resp).error());
+          r(resp->SerializeAsString());
+        });
+  });
 }
 
 // A method answered on the spot from a Result.
@@ -79,21 +84,6 @@ Result<Empty> ToEmpty(Result<void> r) {
 template <typename Req>
 std::optional<uint64_t> OffsetOf(const Req& req) {
   return req.has_offset() ? std::optional<uint64_t>(req.offset()) : std::nullopt;
-}
-
-// A method that answers a ReadStreamResponse itself, from a stream's buffer.
-template <typename Req, typename Fn>
-void RegisterStreamRead(ttrpc::Server& server, const std::string& method, Fn fn) {
-  server.Register(kAgentService, method,
-                  [fn = std::move(fn), method](const ttrpc::CallContext&, std::string payload,
-                                               ttrpc::Responder r) {
-                    Req req;
-                    if (!req.ParseFromString(payload)) {
-                      return r(Error::Invalid("{}: request is not a valid {}", method,
-                                              Req::descriptor()->full_name()));
-                    }
-                    fn(std::move(req), std::move(r));
-                  });
 }
 
 // Answers a ReadStreamResponse{data = 1, eof = 2} written by hand around the stream's bytes,
@@ -289,7 +279,7 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
             offset);
       });
   for (bool err : {false, true}) {
-    RegisterStreamRead<v1::ReadStreamRequest>(
+    RegisterParsed<v1::ReadStreamRequest>(
         server, err ? "ReadStderr" : "ReadStdout",
         [cm, err](v1::ReadStreamRequest&& req, ttrpc::Responder r) {
           auto out = cm->Output(req.container_id(), req.exec_id(), err);
@@ -317,12 +307,12 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
           reply(std::move(resp));
         });
       });
-  RegisterStreamRead<v1::PortIoRequest>(
-      server, "ReadPort", [ports](v1::PortIoRequest&& req, ttrpc::Responder r) {
-        auto out = ports->Output(req.id());
-        if (!out.ok()) return r(out.error());
-        ReadStream(*out, req.max_bytes(), std::nullopt, std::move(r));
-      });
+  RegisterParsed<v1::PortIoRequest>(server, "ReadPort",
+                                    [ports](v1::PortIoRequest&& req, ttrpc::Responder r) {
+                                      auto out = ports->Output(req.id());
+                                      if (!out.ok()) return r(out.error());
+                                      ReadStream(*out, req.max_bytes(), std::nullopt, std::move(r));
+                                    });
   RegisterLong<v1::PortIoRequest, v1::WriteStreamResponse>(
       server, "WritePort", [ports](v1::PortIoRequest&& req, auto, auto reply) {
         auto in = ports->Input(req.id());

@@ -56,6 +56,17 @@ inline std::string BuildBusyboxLayer(const std::string& dir, const std::string& 
   return "";
 }
 
+// The busybox layer (BuildBusyboxLayer) as the guest sees it: read-only EROFS on SCSI disk 0:0.
+inline v1::Storage BusyboxLayerStorage() {
+  v1::Storage s;
+  s.set_driver(v1::Storage::SCSI);
+  s.set_source("0:0");
+  s.set_fstype("erofs");
+  s.add_options("ro");
+  s.set_mount_point("/run/peapod/layers/busybox");
+  return s;
+}
+
 // A minimal OCI spec like `crun spec`, running args. The network namespace names a host path,
 // as containerd's CRI specs do: the agent must drop it.
 inline std::string Spec(const std::vector<std::string>& args, bool terminal = false,

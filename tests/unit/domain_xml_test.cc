@@ -29,7 +29,8 @@ TEST(DomainXmlTest, DescribesTheGuest) {
         "<initrd>/img/initrd.img</initrd>", "<cmdline>console=ttyS0 quiet</cmdline>",
         "path=\"/run/peapod/pods/abc/vm-agent.sock\"", "name=\"io.peapod.agent.0\"",
         "model=\"virtio-scsi\"", "<target dir=\"peapod-share\"/>",
-        "<on_poweroff>destroy</on_poweroff>", "<memballoon model=\"virtio\" freePageReporting=\"on\"/>",
+        "<on_poweroff>destroy</on_poweroff>",
+        "<memballoon model=\"virtio\" freePageReporting=\"on\"/>",
         // O_APPEND, so that the sandboxer can cut the log while QEMU writes it.
         "<source path=\"/run/peapod/pods/abc/console.log\" append=\"on\"/>"}) {
     EXPECT_NE(xml->find(want), std::string::npos) << want << " missing in\n" << *xml;

@@ -35,13 +35,8 @@ class AgentContainersTest : public AgentVmTest {
       return false;
     }
     kernel_ = check.kernel_release();
-    v1::Storage s;
-    s.set_driver(v1::Storage::SCSI);
-    s.set_source("0:0");
-    s.set_fstype("erofs");
-    s.add_options("ro");
-    s.set_mount_point("/run/peapod/layers/busybox");
-    agent_ = std::make_unique<agenttest::AgentClient>(std::move(client), s);
+    agent_ = std::make_unique<agenttest::AgentClient>(std::move(client),
+                                                      agenttest::BusyboxLayerStorage());
     v1::CreateSandboxRequest sb;
     sb.set_sandbox_id("pod1");
     sb.set_hostname("pod1");

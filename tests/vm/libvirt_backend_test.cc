@@ -172,13 +172,7 @@ TEST_F(LibvirtBackendTest, MemoryAContainerFreesGoesBackToTheHost) {
   v1::CheckResponse check;
   auto client = ConnectAndCheck(lt, dir_ + "/mux4.sock", &check);
   ASSERT_NE(client, nullptr) << "agent never answered; console:\n" << ConsoleOf("peapod-lv4");
-  v1::Storage s;
-  s.set_driver(v1::Storage::SCSI);
-  s.set_source("0:0");
-  s.set_fstype("erofs");
-  s.add_options("ro");
-  s.set_mount_point("/run/peapod/layers/busybox");
-  agenttest::AgentClient agent(client, s);
+  agenttest::AgentClient agent(client, agenttest::BusyboxLayerStorage());
   v1::CreateSandboxRequest sb;
   sb.set_sandbox_id("pod4");
   sb.set_hostname("pod4");
