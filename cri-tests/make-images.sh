@@ -41,26 +41,7 @@ trap 'rm -rf "$work"' EXIT
 
 # ---------------------------------------------------------------- inputs
 
-deb_cache=${PEAPOD_DEB_CACHE:-/var/cache/peapod/debs}
-busybox_deb() {
-  local deb
-  deb=$(ls "$deb_cache"/busybox_*_amd64.deb 2>/dev/null | head -n 1 || true)
-  if [[ -z $deb ]]; then
-    mkdir -p "$deb_cache"
-    echo "make-images: apt-get download busybox (once, into $deb_cache)" >&2
-    # _apt cannot write into root's directories: download in a world-writable temp dir.
-    local tmp
-    tmp=$(mktemp -d)
-    chmod 777 "$tmp"
-    (cd "$tmp" && apt-get download -q busybox >&2) || {
-      apt-get update -qq >&2 && (cd "$tmp" && apt-get download -q busybox >&2)
-    }
-    mv "$tmp"/busybox_*_amd64.deb "$deb_cache/"
-    rm -rf "$tmp"
-    deb=$(ls "$deb_cache"/busybox_*_amd64.deb | head -n 1)
-  fi
-  printf '%s\n' "$deb"
-}
+busybox_deb() { "$here/../scripts/cached-deb.sh" busybox; }
 
 # Copy a dynamically linked binary's libraries into ROOT at their host paths.
 copy_libs() {

@@ -55,9 +55,9 @@ trap '"$here/node.sh" down --dir "$dir" >/dev/null 2>&1; rm -rf "$work"' EXIT
 # ---------------------------------------------------------------- images
 log "building the test images"
 "$repo/cri-tests/make-images.sh" "$work/cri" >/dev/null
-# agnhost: the release's program on busybox (some tests run a shell in it).
-mkdir -p "$work/agnhost/rootfs"
-tar -C "$work/agnhost/rootfs" -xf <(python3 - "$work/cri/images.tar" <<'PY'
+# busybox's layer from the critest image: the base of the suite's busybox and agnhost.
+mkdir -p "$work/busybox/rootfs"
+tar -C "$work/busybox/rootfs" -xf <(python3 - "$work/cri/images.tar" <<'PY'
 import json, sys, tarfile
 t = tarfile.open(sys.argv[1])
 names = set(t.getnames())
@@ -71,12 +71,60 @@ for m in idx["manifests"]:
         break
 PY
 )
-cp "$kbin/agnhost" "$work/agnhost/rootfs/agnhost"
-"$repo/scripts/oci-image.sh" "$work/agnhost/rootfs" registry.k8s.io/e2e-test-images/agnhost:2.56 \
+# The suite's busybox has every applet in /bin (tests run /bin/top and /bin/sysctl, which
+# Debian puts in /usr/bin and /sbin) and nmeter, which Debian's build lacks: the lifecycle tests
+# take the time with milliseconds from `nmeter -d0 '%3t'`; a stand-in prints that line (from
+# adjtimex's clock) until its reader goes.
+bb=$work/busybox/rootfs
+[[ -x $bb/bin/busybox ]] || { log "no busybox in the critest busybox image"; exit 1; }
+for applet in $(chroot "$bb" /bin/busybox --list); do
+  [[ -e $bb/bin/$applet ]] || ln "$bb/bin/busybox" "$bb/bin/$applet"
+done
+cat >"$bb/bin/nmeter" <<'SH'
+#!/bin/sh
+# nmeter stand-in: only `nmeter -d0 '%3t'`, the e2e suite's use: HH:MM:SS.mmm, a line at a time.
+while :; do
+  set -- $(adjtimex | awk '/time.tv_sec/ {s = $2} /time.tv_usec/ {u = $2} END {print s, int(u / 1000)}')
+  printf '%s.%03d\n' "$(date -u -d "@$1" +%H:%M:%S)" "$2" || exit 0
+done
+SH
+chmod 755 "$bb/bin/nmeter"
+"$repo/scripts/oci-image.sh" "$bb" registry.k8s.io/e2e-test-images/busybox:1.37.0-1 '["sh"]' \
+  "$work/busybox.tar"
+# agnhost: the release's program on that busybox, laid out as its image is: /agnhost-2 (the
+# entrypoint tests), porter's localhost certificate and key in / (netexec's TLS), /uploads,
+# curl and nc, and the user and group the image defines.
+ksrc=$(GOTOOLCHAIN=local GOWORK=off go mod download -json "k8s.io/kubernetes@$(tr -d ' \n' <"$here/VERSION")" |
+  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+[[ -n $ksrc && -d $ksrc/test/images/agnhost/porter ]] ||
+  { log "no Kubernetes source in the Go module cache (run k8s/build.sh)"; exit 1; }
+ag=$work/agnhost/rootfs
+mkdir -p "$ag"
+cp -a "$bb/." "$ag/"
+cp "$kbin/agnhost" "$ag/agnhost"
+ln -s agnhost "$ag/agnhost-2"
+install -m 644 "$ksrc/test/images/agnhost/porter/localhost.crt" \
+  "$ksrc/test/images/agnhost/porter/localhost.key" "$ag/"
+mkdir -p "$ag/uploads"
+# curl and netcat-openbsd's nc, which the networking specs run inside agnhost pods (`nc -u`:
+# busybox's nc has no UDP), Debian's, with their libraries.
+dpkg-deb -x "$("$repo/scripts/cached-deb.sh" netcat-openbsd)" "$work/netcat"
+cp /usr/bin/curl "$ag/usr/bin/curl"
+cp "$work/netcat/bin/nc.openbsd" "$ag/bin/nc.openbsd"
+for nc in "$ag/bin/nc" "$ag/usr/bin/nc"; do rm -f "$nc" && ln -s /bin/nc.openbsd "$nc"; done
+for bin in /usr/bin/curl "$work/netcat/bin/nc.openbsd"; do
+  for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+    mkdir -p "$ag$(dirname "$lib")"
+    cp -L "$lib" "$ag$lib"
+  done
+done
+echo 'user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh' >>"$ag/etc/passwd"
+printf '%s\n' 'user-defined-in-image:x:1000:' \
+  'group-defined-in-image:x:50000:user-defined-in-image' >>"$ag/etc/group"
+"$repo/scripts/oci-image.sh" "$ag" registry.k8s.io/e2e-test-images/agnhost:2.56 \
   '["pause"]' "$work/agnhost.tar" /bin:/usr/bin:/sbin:/usr/sbin '["/agnhost"]'
 
 declare -A retag=(
-  [registry.k8s.io/e2e-test-images/busybox:1.37.0-1]=registry.k8s.io/e2e-test-images/busybox:1.29-2
   [registry.k8s.io/e2e-test-images/nginx:1.14-4]=registry.k8s.io/e2e-test-images/nginx:1.14-2
   [registry.k8s.io/e2e-test-images/nginx:1.15-4]=registry.k8s.io/e2e-test-images/nginx:1.14-2
   [registry.k8s.io/e2e-test-images/httpd:2.4.38-4]=registry.k8s.io/e2e-test-images/httpd:2.4.39-4
@@ -88,6 +136,7 @@ import_images() {
   local ctr=("$ctd/ctr" -a "$dir/containerd.sock" -n k8s.io)
   "${ctr[@]}" images import "$work/cri/images.tar" >/dev/null
   "${ctr[@]}" images import "$work/agnhost.tar" >/dev/null
+  "${ctr[@]}" images import "$work/busybox.tar" >/dev/null
   for want in "${!retag[@]}"; do
     [[ $want == "${retag[$want]}" ]] || "${ctr[@]}" images tag --force "${retag[$want]}" "$want" >/dev/null
   done
@@ -105,7 +154,7 @@ for h in $handlers; do
     --junit-report="$work/report-$h/junit.xml" --timeout=6h "$kbin/e2e_node.test" -- \
     --start-services=false --stop-services=false \
     --host=https://127.0.0.1:6443 --bearer-token="$(cut -d, -f1 "$dir/pki/tokens.csv")" \
-    --node-name=peapod-node --kubectl-path="$kbin/kubectl" \
+    --node-name=peapod-node --kubectl-path="$kbin/kubectl" --dns-domain=cluster.local \
     --container-runtime-endpoint="unix://$dir/containerd.sock" \
     --prepull-images=false --report-dir="$work/report-$h" \
     >"$work/report-$h/e2e.log" 2>&1
@@ -116,6 +165,10 @@ for h in $handlers; do
   tail -5 "$work/report-$h/e2e.log" >&2
   "$here/node.sh" down --dir "$dir" >/dev/null 2>&1 || true
 done
-python3 "$here/conformance_report.py" --out "$out" \
-  $(for h in $handlers; do echo "$h=$repo/k8s/results-$h.xml"; done)
+# The report compares every handler with the first: runc, when it ran, is the baseline.
+report=()
+for h in $handlers; do
+  if [[ $h == runc ]]; then report=("$h=$repo/k8s/results-$h.xml" "${report[@]}"); else report+=("$h=$repo/k8s/results-$h.xml"); fi
+done
+python3 "$here/conformance_report.py" --out "$out" "${report[@]}"
 log "report: $out"

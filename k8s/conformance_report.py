@@ -67,6 +67,7 @@ def main():
         runs.append((h, results(path)))
     names = sorted(set().union(*[set(r) for _, r in runs]))
     why = notes()
+    # The report compares against the first handler given: runc, the baseline.
     mark = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip"}
     lines = ["# Kubernetes node conformance: runc and peapod side by side", "",
              f"Kubernetes' own node conformance suite (`test/e2e_node` of {open(os.path.join(HERE, 'VERSION')).read().strip()}, "
@@ -89,6 +90,24 @@ def main():
             st, msg = other[1].get(n, ("missing", ""))
             w = next((y for k, y in why if k in n), "not yet explained")
             lines.append(f"* `{n}`: {st}. {w}" + (f" (`{msg[:160]}`)" if msg else ""))
+        better = [n for n in names if other[1].get(n, ("missing", ""))[0] == "passed"
+                  and base[1].get(n, ("missing", ""))[0] == "failed"]
+        lines += ["", f"## Specs that pass with {other[0]} and not with {base[0]}", ""]
+        if not better:
+            lines.append("None.")
+        for n in better:
+            w = next((y for k, y in why if k in n), "not yet explained")
+            lines.append(f"* `{n}`: {w}")
+        both = [n for n in names if all(r.get(n, ("missing", ""))[0] == "failed" for _, r in runs)]
+        lines += ["", "## Specs that fail with every handler", "",
+                  "Not peapod's: the node, the harness or the test images (built here from Debian "
+                  "packages, without the network) differ from what the spec expects."]
+        if both:
+            lines.append("")
+        for n in both:
+            msg = other[1].get(n, ("", ""))[1]
+            w = next((y for k, y in why if k in n), "not yet explained")
+            lines.append(f"* `{n}`: {w}" + (f" (`{msg[:160]}`)" if msg else ""))
     lines += ["", "## Every spec", "", "| spec | " + " | ".join(h for h, _ in runs) + " |",
               "| --- |" + " --- |" * len(runs)]
     for n in names:

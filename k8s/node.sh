@@ -180,7 +180,7 @@ up() {
   kbin=$("$here/build.sh" --print-dir)
   local ctd
   ctd=$("$repo/scripts/go-tools.sh" --print-path containerd)
-  mkdir -p "$dir"/{net.d,images,kubelet,etcd}
+  mkdir -p "$dir"/{net.d,images,kubelet,etcd,manifests}
   echo "$kbin" >"$dir/kbin"
   trap 'log "failed; tearing down"; down' ERR
 
@@ -272,6 +272,8 @@ failSwapOn: false
 containerRuntimeEndpoint: "unix://$dir/containerd.sock"
 resolvConf: /etc/resolv.conf
 clusterDomain: cluster.local
+# Static pods (the e2e suite's MirrorPod tests write their manifests here).
+staticPodPath: "$dir/manifests"
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
