@@ -43,14 +43,7 @@ trap 'rm -rf "$work"' EXIT
 
 busybox_deb() { "$here/../scripts/cached-deb.sh" busybox; }
 
-# Copy a dynamically linked binary's libraries into ROOT at their host paths.
-copy_libs() {
-  local root=$1 bin=$2 lib
-  for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
-  done
-}
+copy_libs() { "$here/../scripts/copy-libs.sh" "$@"; }
 
 mkdir -p "$work/bin"
 for p in pause nnp nginx; do

@@ -6,6 +6,8 @@
 # k8s/etcd/main.go, built against the etcd release that Kubernetes release pins).
 #
 #   k8s/build.sh [--print-dir]      build what is missing; --print-dir: print the bin dir
+#   k8s/build.sh --print-src        print the release's source dir in the Go module cache
+#                                   (fetched if missing), e.g. for its test images' files
 #
 # The release is k8s/VERSION. Its module from the Go proxy has no ./staging tree (those are
 # modules of their own), so a copy of it is built with the 31 `./staging` replaces dropped in
@@ -29,6 +31,17 @@ stamp=$cache/.stamp-$recipe
 log() { echo "k8s/build.sh: $*" >&2; }
 print_dir=0
 [[ ${1:-} == --print-dir ]] && print_dir=1
+# The release's module source: go mod download prints where it is.
+source_dir() {
+  GOTOOLCHAIN=${GOTOOLCHAIN:-local} GOWORK=off go mod download -json "k8s.io/kubernetes@$version" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
+}
+if [[ ${1:-} == --print-src ]]; then
+  src=$(source_dir)
+  [[ -d $src ]] || { log "go mod download gave no directory"; exit 1; }
+  echo "$src"
+  exit 0
+fi
 
 if [[ -e $stamp ]]; then
   ((print_dir)) && echo "$bin"
@@ -44,7 +57,7 @@ if [[ -e $stamp ]]; then
 fi
 
 log "fetching k8s.io/kubernetes@$version"
-src=$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+src=$(source_dir)
 [[ -d $src ]] || { log "go mod download gave no directory"; exit 1; }
 work=$(mktemp -d /tmp/peapod-k8s-XXXXXX)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT

@@ -94,10 +94,8 @@ chmod 755 "$bb/bin/nmeter"
 # agnhost: the release's program on that busybox, laid out as its image is: /agnhost-2 (the
 # entrypoint tests), porter's localhost certificate and key in / (netexec's TLS), /uploads,
 # curl and nc, and the user and group the image defines.
-ksrc=$(GOTOOLCHAIN=local GOWORK=off go mod download -json "k8s.io/kubernetes@$(tr -d ' \n' <"$here/VERSION")" |
-  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-[[ -n $ksrc && -d $ksrc/test/images/agnhost/porter ]] ||
-  { log "no Kubernetes source in the Go module cache (run k8s/build.sh)"; exit 1; }
+ksrc=$("$here/build.sh" --print-src)
+[[ -d $ksrc/test/images/agnhost/porter ]] || { log "no agnhost sources in $ksrc"; exit 1; }
 ag=$work/agnhost/rootfs
 mkdir -p "$ag"
 cp -a "$bb/." "$ag/"
@@ -112,12 +110,7 @@ dpkg-deb -x "$("$repo/scripts/cached-deb.sh" netcat-openbsd)" "$work/netcat"
 cp /usr/bin/curl "$ag/usr/bin/curl"
 cp "$work/netcat/bin/nc.openbsd" "$ag/bin/nc.openbsd"
 for nc in "$ag/bin/nc" "$ag/usr/bin/nc"; do rm -f "$nc" && ln -s /bin/nc.openbsd "$nc"; done
-for bin in /usr/bin/curl "$work/netcat/bin/nc.openbsd"; do
-  for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
-    mkdir -p "$ag$(dirname "$lib")"
-    cp -L "$lib" "$ag$lib"
-  done
-done
+"$repo/scripts/copy-libs.sh" "$ag" /usr/bin/curl "$work/netcat/bin/nc.openbsd"
 echo 'user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh' >>"$ag/etc/passwd"
 printf '%s\n' 'user-defined-in-image:x:1000:' \
   'group-defined-in-image:x:50000:user-defined-in-image' >>"$ag/etc/group"
