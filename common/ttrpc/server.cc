@@ -30,6 +30,20 @@ std::string CallContext::Get(const std::string& key) const {
   return it->second.front();
 }
 
+namespace {
+
+// The Response that tells a client its answer of `bytes` could not be sent, instead of leaving
+// it waiting for a frame we cannot send.
+std::string TooLargeResponse(size_t bytes) {
+  ::ttrpc::Response too_big;
+  too_big.mutable_status()->set_code(static_cast<int>(Code::kResourceExhausted));
+  too_big.mutable_status()->set_message(fmt::format(
+      "response of {} bytes exceeds the ttrpc limit of {} bytes", bytes, kMaxMessageSize));
+  return too_big.SerializeAsString();
+}
+
+}  // namespace
+
 std::string EncodeResponse(const Result<std::string>& result) {
   ::ttrpc::Response resp;
   auto* status = resp.mutable_status();
@@ -40,14 +54,7 @@ std::string EncodeResponse(const Result<std::string>& result) {
     status->set_message(result.error().ToString());
   }
   std::string out = resp.SerializeAsString();
-  if (out.size() > kMaxMessageSize) {
-    // Tell the client why instead of leaving it waiting for a frame we cannot send.
-    ::ttrpc::Response too_big;
-    too_big.mutable_status()->set_code(static_cast<int>(Code::kResourceExhausted));
-    too_big.mutable_status()->set_message(fmt::format(
-        "response of {} bytes exceeds the ttrpc limit of {} bytes", out.size(), kMaxMessageSize));
-    out = too_big.SerializeAsString();
-  }
+  if (out.size() > kMaxMessageSize) out = TooLargeResponse(out.size());
   return out;
 }
 
@@ -82,11 +89,7 @@ void Responder::Reply(std::initializer_list<std::string_view> parts) const {
     if (!frame.empty()) return frame;
     size_t size = 0;
     for (auto p : parts) size += p.size();
-    // Tell the client why instead of leaving it waiting for a frame we cannot send.
-    return std::string(kHeaderSize, '\0') +
-           EncodeResponse(Error::Make(Code::kResourceExhausted,
-                                      "response of {} bytes exceeds the ttrpc limit of {} bytes",
-                                      size, kMaxMessageSize));
+    return std::string(kHeaderSize, '\0') + TooLargeResponse(size);
   });
 }
 
