@@ -11,6 +11,7 @@
 
 #include "peapod/agent/v1/agent.pb.h"
 #include "podagent/network.h"
+#include "podagent/template.h"
 
 namespace peapod::agent {
 
@@ -170,6 +171,22 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
         // A local agent has no virtio devices: its "pod" uses the host's directories.
         if (!local) PP_TRY(cm->AcquirePodStorage(req.storages()));
         return Empty();
+      });
+
+  // Template VMs: see podagent/template.h. A local agent runs on the host: neither is its to do.
+  RegisterSync<v1::PrepareTemplateRequest, Empty>(
+      server, "PrepareTemplate",
+      [local = opts.local, cm](const v1::PrepareTemplateRequest& req) -> Result<Empty> {
+        if (local)
+          return Error::Make(Code::kUnimplemented, "PrepareTemplate is refused in local mode");
+        for (const auto& fstype : req.fstypes()) PP_TRY(cm->LoadFilesystemModules(fstype));
+        DropCaches();
+        return Empty();
+      });
+  RegisterSync<v1::ResumedRequest, Empty>(
+      server, "Resumed", [local = opts.local](const v1::ResumedRequest& req) -> Result<Empty> {
+        if (local) return Error::Make(Code::kUnimplemented, "Resumed is refused in local mode");
+        return ToEmpty(ResumeFromTemplate(req));
       });
 
   RegisterSync<v1::ConfigureNetworkRequest, Empty>(

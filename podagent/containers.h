@@ -58,6 +58,10 @@ class ContainerManager {
 
   // Mounts the pod-wide storages (the 9p share, the scratch disk) for the pod's lifetime.
   Result<void> AcquirePodStorage(const google::protobuf::RepeatedPtrField<v1::Storage>& storages);
+  // Loads what mounting a filesystem of this type needs (a template VM, before it is saved).
+  Result<void> LoadFilesystemModules(const std::string& fstype) {
+    return storage_.LoadFilesystemModules(fstype);
+  }
   void Create(v1::CreateContainerRequest req, Reply<v1::CreateContainerResponse> reply);
   void Start(const std::string& id, Reply<v1::StartContainerResponse> reply);
   void Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessResponse> reply);

@@ -33,9 +33,10 @@ class StorageManager {
   void Release(const std::string& mount_point);
   // Unmounts everything (sandbox teardown).
   void ReleaseAll();
+  // Loads the modules mounting fstype needs, once (Acquire does it before a mount).
+  Result<void> LoadFilesystemModules(const std::string& fstype);
 
  private:
-  Result<void> LoadFilesystemModules(const std::string& fstype);
   std::map<std::string, int> refs_;
   std::set<std::string> loaded_fs_;
 };

@@ -45,6 +45,7 @@ void ForEachKey(Config& c, F f) {
   f("layer_cache_keep_seconds", &c.layer_cache_keep_seconds);
   f("cri_root", &c.cri_root);
   f("pool_size", &c.pool_size);
+  f("start_from", &c.start_from);
   f("ksm", &c.ksm);
   f("tcg_tb_cache_mib", &c.tcg_tb_cache_mib);
   f("mkfs_erofs", &c.mkfs_erofs);
@@ -86,6 +87,10 @@ Result<Config> Config::Load(const std::string& path, bool required) {
   }
   if (c.accel != "auto" && c.accel != "kvm" && c.accel != "tcg") {
     return Error::Invalid("{}: accel must be auto, kvm or tcg, not \"{}\"", path, c.accel);
+  }
+  if (c.start_from != "template" && c.start_from != "boot") {
+    return Error::Invalid("{}: start_from must be template or boot, not \"{}\"", path,
+                          c.start_from);
   }
   if (c.vcpus == 0 || c.memory_mib < 128 || c.max_vcpus < c.vcpus) {
     return Error::Invalid("{}: need vcpus >= 1, max_vcpus >= vcpus and memory_mib >= 128", path);

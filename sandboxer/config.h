@@ -32,6 +32,9 @@ struct Config {
   // Pre-booted VMs kept ready for pods of the default size (vcpus, memory_mib): a pod Start
   // adopts one instead of booting. 0: every pod boots its own VM.
   unsigned pool_size = 0;
+  // How a pod's VM (and a pool VM) starts: "template" restores it from a VM booted and saved
+  // once (template.h; pods of the default size with a network), "boot" boots each one.
+  std::string start_from = "template";
   // Start the host's KSM (kernel samepage merging) so VMs share identical pages (see ksm.h for
   // what it saves and why it is off by default).
   bool ksm = false;

@@ -3,6 +3,7 @@
 #include <libxml/xmlwriter.h>
 
 #include <memory>
+#include <vector>
 
 namespace peapod::sandboxer {
 
@@ -174,19 +175,26 @@ Result<void> WriteDevices(Writer& w, const VmSpec& s, bool proxy) {
   return Ok();
 }
 
-// libvirt has no element for QEMU's 9p proxy backend: its arguments go through the QEMU
-// namespace. The device sits at a fixed slot of the root bus that libvirt's own address
-// assignment (root ports from slot 1 up) does not reach; QEMU option values double commas.
-void WriteShareProxy(Writer& w, const VmSpec& s) {
-  std::string sock;
-  for (char c : s.share_socket) sock += c == ',' ? std::string(",,") : std::string(1, c);
-  w.Open("qemu:commandline");
-  for (const std::string& arg :
-       {std::string("-fsdev"), "proxy,id=fsdev-share,socket=" + sock, std::string("-device"),
-        std::string("virtio-9p-pci,fsdev=fsdev-share,mount_tag=peapod-share,bus=pcie.0,"
-                    "addr=0x1d")}) {
-    w.Open("qemu:arg").Attr("value", arg).Close();
+// Arguments libvirt has no element for go through its QEMU namespace, in one element:
+// * the 9p proxy backend of a confined VM's share. The device sits at a fixed slot of the root
+//   bus that libvirt's own address assignment (root ports from slot 1 up) does not reach; QEMU
+//   option values double commas.
+// * "-incoming defer" for a VM restored from a template: QEMU waits, vCPUs stopped, for the
+//   backend's migrate-incoming (libvirt's own restore cannot start many VMs from one file).
+bool NeedsQemuArgs(const VmSpec& s, bool proxy) { return proxy || !s.restore_from.empty(); }
+
+void WriteQemuArgs(Writer& w, const VmSpec& s, bool proxy) {
+  std::vector<std::string> args;
+  if (proxy) {
+    std::string sock;
+    for (char c : s.share_socket) sock += c == ',' ? std::string(",,") : std::string(1, c);
+    args.insert(args.end(), {"-fsdev", "proxy,id=fsdev-share,socket=" + sock, "-device",
+                             "virtio-9p-pci,fsdev=fsdev-share,mount_tag=peapod-share,bus=pcie.0,"
+                             "addr=0x1d"});
   }
+  if (!s.restore_from.empty()) args.insert(args.end(), {"-incoming", "defer"});
+  w.Open("qemu:commandline");
+  for (const std::string& arg : args) w.Open("qemu:arg").Attr("value", arg).Close();
   w.Close();
 }
 
@@ -202,7 +210,9 @@ Result<std::string> DomainXml(const VmSpec& s) {
   }
   Writer w;
   w.Open("domain").Attr("type", s.kvm ? "kvm" : "qemu");
-  if (proxy) w.Attr("xmlns:qemu", "http://libvirt.org/schemas/domain/qemu/1.0");
+  if (NeedsQemuArgs(s, proxy)) {
+    w.Attr("xmlns:qemu", "http://libvirt.org/schemas/domain/qemu/1.0");
+  }
   w.Element("name", s.name);
   w.Open("memory").Attr("unit", "MiB").Text(std::to_string(s.memory_mib)).Close();
   w.Element("vcpu", std::to_string(s.vcpus));
@@ -216,7 +226,7 @@ Result<std::string> DomainXml(const VmSpec& s) {
     w.Element("label", fmt::format("+{}:+{}", s.uid, s.gid));
     w.Close();
   }
-  if (proxy) WriteShareProxy(w, s);
+  if (NeedsQemuArgs(s, proxy)) WriteQemuArgs(w, s, proxy);
   w.Close();  // domain
   return w.Finish();
 }

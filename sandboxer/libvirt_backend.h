@@ -43,10 +43,15 @@ class LibvirtBackend : public VmBackend {
   Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) override;
   void SetOnStopped(std::function<void(const std::string& name)> cb) override;
   bool ConfinesVms() const override { return true; }
+  bool SupportsTemplates() const override { return true; }
+  Result<void> SaveState(const std::string& name, const std::string& path) override;
 
   const std::string& uri() const { return uri_; }
 
  private:
+  // Restores a VM started with "-incoming defer" from the state file fd (read-only; QEMU
+  // gets a dup) and waits until its vCPUs run.
+  Result<void> RestoreState(const std::string& name, int fd);
   LibvirtBackend() = default;
   Result<pid_t> FindQemuPid(const std::string& name);
   void ReapWhenExits(const std::string& name, pid_t pid, bool our_child = false);

@@ -185,7 +185,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   StartKsmIfAsked(*cfg);
-  pods.FillPool();  // pool_size pre-booted VMs (none by default)
+  // The VM template (loaded, or built in the background), then pool_size pre-started VMs
+  // (none by default).
+  pods.PrepareTemplate();
 
   sandboxer::ControllerService service(loop, &pods);
   auto server = ServeController(*cfg, &service);

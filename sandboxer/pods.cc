@@ -316,21 +316,39 @@ void PodManager::LaunchOwnVm(const std::string& id, Clock::TimePoint deadline,
     l.tap = VmLauncher::Launch::Tap::kPodNetns;
     l.pod_id = id;
     l.netns = pod->rec.netns;
+    // The template VM has a NIC: a pod without one boots.
+    l.spec.restore_from = TemplateFor(l.spec);
+  }
+  std::string template_mac = l.spec.restore_from.empty() ? "" : tmpl_.ready->mac;
+  if (!template_mac.empty()) {
+    spdlog::info("pod {}: restoring from template {}", id, l.spec.restore_from);
   }
   PodRecord rec = pod->rec;
   auto launch = std::make_shared<VmLauncher::Launch>(std::move(l));
   auto vm = std::make_shared<Result<VmInfo>>(Error(Code::kUnknown, "not launched"));
+  auto restore_failed = std::make_shared<std::string>();
   Off(
       vm_workers_,
-      [this, rec, launch, vm]() -> Result<void> {
+      [this, rec, launch, vm, restore_failed]() -> Result<void> {
         // The share QEMU will export must be the read-only one (a run dir from before it, or
         // one a reboot emptied, is laid out again here; one that cannot be is refused, never
         // exported).
         PP_TRY_CTX(PreparePodFiles(rec), "prepare its share");
+        VmSpec spec = launch->spec;
         *vm = launcher_.Run(*launch);
+        if (!vm->ok() && !spec.restore_from.empty()) {
+          // A template that does not load is no reason to fail the pod: it boots.
+          *restore_failed = vm->error().ToString();
+          launch->spec = spec;
+          launch->spec.restore_from.clear();
+          launch->steps.clear();
+          launch->net.reset();
+          *vm = launcher_.Run(*launch);
+        }
         return Ok();
       },
-      [this, id, launch, vm, deadline, reply](Result<void> files) {
+      [this, id, launch, vm, deadline, reply, restore_failed, template_mac](Result<void> files) {
+        if (!restore_failed->empty()) TemplateBroken(*restore_failed);
         Pod* pod = Find(id);
         if (!pod) return reply(UnknownPod(id));
         pod->start_steps = std::move(launch->steps);
@@ -341,6 +359,11 @@ void PodManager::LaunchOwnVm(const std::string& id, Clock::TimePoint deadline,
         pod->rec.pid = (*vm)->pid;
         pod->rec.scratch = backend_->SupportsDisks();
         pod->net = std::move(launch->net);
+        if (!launch->spec.restore_from.empty()) {
+          // The restored guest's NIC has the template's MAC until the agent gives it the pod's.
+          pod->resume_pending = true;
+          if (pod->net) pod->net->guest.mutable_interfaces(0)->set_current_mac(template_mac);
+        }
         if (auto r = AttachChannel(*pod); !r.ok()) {
           return FailStart(id, r.error(), /*vm_started=*/true, reply);
         }
@@ -358,6 +381,7 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   std::string tap = TapOf(p->rec);
   bool has_tap = HasTap(p->rec);
   p->net.reset();
+  p->resume_pending = false;
   p->busy = false;
   p->rec.phase = Phase::kCreated;
   p->rec.pid = 0;
@@ -426,7 +450,18 @@ void PodManager::WaitForAgent(const std::string& id, Clock::TimePoint deadline,
                              [](const auto& st) { return st.first == "boot_to_agent"; })) {
               pod->Step("boot_to_agent");  // the first answer: kernel, initrd, agent start
             }
-            SetUpGuest(id, deadline, reply);
+            if (!pod->resume_pending) return SetUpGuest(id, deadline, reply);
+            // Restored from the template: its own randomness and clock before anything of
+            // the pod's reaches it.
+            SendResumed(pod->agent, [this, alive, id, deadline, reply, fail](Result<void> r) {
+              if (alive.expired()) return;
+              Pod* pod = Find(id);
+              if (!pod) return reply(UnknownPod(id));
+              if (!r.ok()) return fail(std::move(r).error());
+              pod->resume_pending = false;
+              pod->Step("resumed");
+              SetUpGuest(id, deadline, reply);
+            });
           },
           1s);
 }
@@ -686,6 +721,11 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
 void PodManager::Quit(std::function<void()> done) {
   quitting_ = true;
   CancelWaiters();
+  if (tmpl_.building) {
+    // A template being built is not kept half-made (a restart builds it again).
+    tmpl_.build_channel = {};
+    vm_workers_.Run([this, key = tmpl_.build_key] { RemoveTemplateVmNow(key); });
+  }
   DestroyPool([this, done = std::move(done)] {
     // The writer's queue is in order: once this no-op ran, every record before it is on disk.
     Off(

@@ -39,6 +39,7 @@
 #include "sandboxer/seams.h"
 #include "sandboxer/state.h"
 #include "sandboxer/storage.h"
+#include "sandboxer/template.h"
 #include "sandboxer/vm_backend.h"
 #include "sandboxer/vm_identity.h"
 #include "sandboxer/vm_launcher.h"
@@ -132,6 +133,12 @@ class PodManager {
   void ReleaseContainer(const std::string& id, const std::string& container, Reply<void> reply);
   LayerCache& layer_cache() { return cache_; }
 
+  // The VM template (pod_template.cc, template.h): loads the one for the default VM size, or
+  // builds it on the VM workers (a VM booted, prepared and saved); pods boot until it is
+  // ready, and FillPool runs once it is settled either way. Loop thread, after Recover.
+  void PrepareTemplate();
+  bool template_ready() const { return tmpl_.ready.has_value(); }
+
   // Boots pool VMs until cfg.pool_size are ready or booting (loop thread, after Recover; also
   // called when one is taken or dies).
   void FillPool();
@@ -196,6 +203,7 @@ class PodManager {
     std::string domain, tap, mac;
     int pid = 0;
     bool ready = false;
+    bool restored = false;  // from the template: Resumed is sent before anything else
     Channel channel;
   };
   std::string PoolStateDir(const std::string& name) const;
@@ -219,6 +227,31 @@ class PodManager {
                            const std::string& mac, std::optional<PodNetwork>& net);
   // Destroys pool VMs a previous sandboxer left (they have no pod record) and their TAPs.
   void CleanPoolLeftovers();
+  // The template (pod_template.cc).
+  struct TemplateState {
+    std::optional<TemplateInfo> ready;  // loaded and checked: VMs restore from it
+    bool building = false;
+    bool broke_before = false;  // a restore from it failed once already
+    std::string build_key, build_mac;
+    std::chrono::steady_clock::time_point build_started;
+    Channel build_channel;
+  };
+  std::string TemplatesDir() const;
+  // The template VM's spec (in dir; the key is computed from it with dir empty).
+  VmSpec TemplateSpec(const std::string& domain, const std::string& dir) const;
+  // The state file a VM of spec's size restores from, or "" (boot it).
+  std::string TemplateFor(const VmSpec& spec) const;
+  void BuildTemplate(const std::string& key);
+  void TemplateVmUp(Clock::TimePoint deadline);
+  void SaveTemplateVm();
+  void TemplateBuildFailed(const Error& why);
+  // A restore from the template failed: it is dropped, removed and built again (once).
+  void TemplateBroken(const std::string& why);
+  // Blocking (libvirt): the template-building VM, its TAP, run dir and files gone.
+  void RemoveTemplateVmNow(const std::string& key);
+  // Fresh randomness and the host's time into a VM restored from the template, first thing.
+  void SendResumed(const std::shared_ptr<ttrpc::Client>& client,
+                   std::function<void(Result<void>)> done);
   // Serves CRI PortForward for a ready pod with a netns (a warning if it cannot).
   void StartPortForwarder(Pod& pod);
   void LogStartSteps(const Pod& pod);
@@ -263,7 +296,8 @@ class PodManager {
   VmLauncher launcher_;
   std::map<std::string, std::unique_ptr<Pod>> pods_;
   bool quitting_ = false;
-  std::vector<std::unique_ptr<PoolVm>> pool_;                        // booting and ready
+  std::vector<std::unique_ptr<PoolVm>> pool_;  // booting and ready
+  TemplateState tmpl_;
   std::vector<std::string> cgroup_roots_ = AccountingHierarchies();  // where pods' VMs go
   // Shared with boot workers, which outlive nothing but may finish after DestroyPool began.
   std::shared_ptr<std::atomic<int>> pool_booting_ = std::make_shared<std::atomic<int>>(0);

@@ -30,6 +30,7 @@ struct PodManager::Pod {
   std::map<uint64_t, Reply<std::string>> metric_replies;  // Metrics calls in flight
   uint64_t metric_calls = 0;
   std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
+  bool resume_pending = false;    // restored from the template: Resumed goes first
   std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
   bool op_running = false;
   // Where a Start's time went (milliseconds per step, in order), logged when the pod is ready.
@@ -42,6 +43,9 @@ struct PodManager::Pod {
     step_at = now;
   }
 };
+
+// n random bytes as hex, sep between them (names and MACs; not secrets).
+std::string RandomBytesHex(size_t n, const char* sep = "");
 
 // The share and (if the VM has one) the scratch disk, as CreateSandbox mounts them.
 void AddPodStorages(peapod::agent::v1::CreateSandboxRequest& sb, bool scratch);

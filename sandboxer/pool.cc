@@ -30,7 +30,9 @@ namespace {
 
 constexpr auto kRetryAfter = 10s;  // after a pool VM failed to boot or died
 
-std::string RandomBytesHex(size_t n, const char* sep = "") {
+}  // namespace
+
+std::string RandomBytesHex(size_t n, const char* sep) {
   std::string raw(n, '\0');
   UniqueFd fd(::open("/dev/urandom", O_RDONLY | O_CLOEXEC));
   if (!fd || ::read(fd.get(), raw.data(), n) != static_cast<ssize_t>(n)) {
@@ -46,8 +48,6 @@ std::string RandomBytesHex(size_t n, const char* sep = "") {
   }
   return out;
 }
-
-}  // namespace
 
 std::string PodManager::PoolStateDir(const std::string& name) const {
   return cfg_.state_dir + "/pool/" + name;
@@ -112,9 +112,14 @@ void PodManager::BootPoolVm() {
   std::string dir = RunDir(vm->name), sdir = PoolStateDir(vm->name);
   VmSpec s = launcher_.BaseSpec(vm->domain, dir, sdir, cfg_.vcpus, cfg_.memory_mib);
   s.tap = vm->tap;
+  s.restore_from = TemplateFor(s);
+  if (!s.restore_from.empty()) {
+    vm->mac = tmpl_.ready->mac;  // the guest's NIC has the template's MAC
+    vm->restored = true;
+  }
   s.mac = vm->mac;
   std::string name = vm->name;
-  spdlog::info("pool: booting {}", name);
+  spdlog::info("pool: {} {}", vm->restored ? "restoring" : "booting", name);
   pool_.push_back(std::move(vm));
   std::weak_ptr<bool> alive = alive_;
   auto deadline = clock_->Now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
@@ -122,6 +127,7 @@ void PodManager::BootPoolVm() {
   vm_workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
                    closed = pool_closed_, tap = s.tap]() mutable {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
+    std::string restore_failed;
     auto made = storage_->MakeDirs(sdir);
     if (made.ok()) made = storage_->PrepareShare(dir);
     if (!made.ok()) {
@@ -131,6 +137,13 @@ void PodManager::BootPoolVm() {
       l.spec = s;
       l.tap = VmLauncher::Launch::Tap::kHost;
       vm = launcher_.Run(l);
+      if (!vm.ok() && !s.restore_from.empty()) {
+        restore_failed = vm.error().ToString();
+        l.spec = s;
+        l.spec.restore_from.clear();
+        l.steps.clear();
+        vm = launcher_.Run(l);
+      }
     }
     if (*closed) {
       // The sandboxer is going away (DestroyPool waits for us): leave nothing behind.
@@ -138,10 +151,12 @@ void PodManager::BootPoolVm() {
       --*booting;
       return;
     }
-    loop_->Post([this, alive, vm = std::move(vm), name, dir, deadline]() mutable {
+    loop_->Post([this, alive, vm = std::move(vm), name, dir, deadline, restore_failed]() mutable {
       if (alive.expired()) return;
+      if (!restore_failed.empty()) TemplateBroken(restore_failed);
       PoolVm* pv = FindPoolVm(name);
       if (!pv) return;
+      if (!restore_failed.empty()) pv->restored = false;
       if (!vm.ok()) return DropPoolVm(name, vm.error().ToString());
       pv->pid = vm->pid;
       auto ch = ConnectAgent(dir);
@@ -175,14 +190,23 @@ void PodManager::PoolVmUp(const std::string& name, Clock::TimePoint deadline) {
           return;
         }
         // The storage every pod mounts (share, scratch disk: ext4's
-        // modules load here, ~1 s under TCG) is mounted now, off the
-        // adopting pod's path; the adopting CreateSandbox names the same
-        // mounts, which the agent counts instead of mounting again.
-        v1::CreateSandboxRequest sb;
-        AddPodStorages(sb, backend_->SupportsDisks());
-        agent.CreateSandbox(sb, [this, alive, name](Result<Empty> r) {
+        // modules load here, ~1 s under TCG, unless the template has them)
+        // is mounted now, off the adopting pod's path; the adopting
+        // CreateSandbox names the same mounts, which the agent counts
+        // instead of mounting again.
+        auto mount = [this, alive, name, agent] {
+          v1::CreateSandboxRequest sb;
+          AddPodStorages(sb, backend_->SupportsDisks());
+          agent.CreateSandbox(sb, [this, alive, name](Result<Empty> r) {
+            if (alive.expired()) return;
+            PoolVmMounted(name, std::move(r));
+          });
+        };
+        if (!pv->restored) return mount();
+        SendResumed(pv->channel.agent, [this, alive, name, mount](Result<void> r) {
           if (alive.expired()) return;
-          PoolVmMounted(name, std::move(r));
+          if (!r.ok()) return DropPoolVm(name, r.error().ToString());
+          mount();
         });
       },
       1s);

@@ -53,6 +53,10 @@ struct VmSpec {
   std::string console_log;
   // Disks present at boot (the pod's scratch disk).
   std::vector<DiskSpec> disks;
+  // Not empty: the VM does not boot but is restored from this template state file (what
+  // SaveState wrote of a VM with this same spec but for names, paths and MAC): QEMU loads the
+  // saved device state and memory and the guest runs on from where the template stopped.
+  std::string restore_from;
 };
 
 struct VmInfo {
@@ -71,6 +75,15 @@ class VmBackend {
   // Hot-adds / removes a disk of a running VM. Detaching a disk that is not attached is fine.
   virtual Result<void> AttachDisk(const std::string& name, const DiskSpec& disk) = 0;
   virtual Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) = 0;
+  // VM templates: pauses VM name and writes its device state and memory to path (created
+  // 0600, replaced if it exists); the VM stays paused, to be destroyed. A VmSpec whose
+  // restore_from names the file starts from it.
+  virtual bool SupportsTemplates() const { return false; }
+  virtual Result<void> SaveState(const std::string& name, const std::string& path) {
+    (void)name;
+    (void)path;
+    return Error::Make(Code::kUnimplemented, "this VM backend cannot save a VM's state");
+  }
   // False for a backend whose guests cannot see disks (the local-process fake): the pod then
   // has no scratch disk and containers write into the agent's own directory.
   virtual bool SupportsDisks() const { return true; }

@@ -14,7 +14,7 @@ pkgs=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   clang clang-format libclang-rt-14-dev libfuzzer-14-dev
   # wire protocols
-  libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
+  libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc libssl-dev
   # libraries the programs link
   libnl-3-dev libnl-route-3-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libcap-ng-dev
   libvirt-dev libxml2-dev

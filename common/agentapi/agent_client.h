@@ -64,6 +64,13 @@ class AgentClient {
                         Timeout timeout = kControl) const {
     Call<Empty>("ConfigureNetwork", req, timeout, Resend::kNever, std::move(done));
   }
+  void PrepareTemplate(const v1::PrepareTemplateRequest& req, Done<Empty> done,
+                       Timeout timeout = kControl) const {
+    Call<Empty>("PrepareTemplate", req, timeout, Resend::kNever, std::move(done));
+  }
+  void Resumed(const v1::ResumedRequest& req, Done<Empty> done, Timeout timeout = kControl) const {
+    Call<Empty>("Resumed", req, timeout, Resend::kNever, std::move(done));
+  }
   void DestroySandbox(const v1::DestroySandboxRequest& req, Done<Empty> done,
                       Timeout timeout = kControl) const {
     Call<Empty>("DestroySandbox", req, timeout, Resend::kNever, std::move(done));

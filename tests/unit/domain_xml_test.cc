@@ -76,6 +76,27 @@ TEST(DomainXmlTest, AConfinedVmRunsAsItsUidAndGetsItsShareFromTheShareServer) {
   EXPECT_NE(root->find("<filesystem"), std::string::npos);
 }
 
+// A VM restored from a template: QEMU starts waiting for the state (the backend sends it), with
+// the same devices as any pod VM; a confined one keeps its share proxy in the same element.
+TEST(DomainXmlTest, ARestoredVmWaitsForItsState) {
+  auto s = Good();
+  EXPECT_EQ(DomainXml(s)->find("-incoming"), std::string::npos);
+  s.restore_from = "/var/lib/peapod/templates/k/state";
+  auto xml = DomainXml(s);
+  ASSERT_TRUE(xml.ok()) << xml.error().ToString();
+  EXPECT_NE(xml->find("<qemu:arg value=\"-incoming\"/>\n    <qemu:arg value=\"defer\"/>"),
+            std::string::npos)
+      << *xml;
+  EXPECT_EQ(xml->find(s.restore_from), std::string::npos) << "QEMU never gets the path";
+  s.uid = 2013265921;
+  s.share_socket = "/run/peapod/vm/peapod-abc/9p";
+  xml = DomainXml(s);
+  ASSERT_TRUE(xml.ok());
+  EXPECT_EQ(xml->find("<qemu:commandline>"), xml->rfind("<qemu:commandline>")) << *xml;
+  EXPECT_NE(xml->find("-incoming"), std::string::npos);
+  EXPECT_NE(xml->find("virtio-9p-pci"), std::string::npos);
+}
+
 TEST(DomainXmlTest, EscapesWhatComesFromRequests) {
   auto s = Good();
   s.cmdline = "a</cmdline><devices><disk/>&\"";

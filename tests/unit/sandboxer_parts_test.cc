@@ -18,6 +18,7 @@
 #include "sandboxer/pod_cgroup.h"
 #include "sandboxer/pod_share.h"
 #include "sandboxer/storage.h"
+#include "sandboxer/template.h"
 #include "sandboxer/worker_pool.h"
 #include "tests/unit/loop_fixture.h"
 
@@ -337,6 +338,63 @@ TEST(ConfigTest, ReadsKeysAndRefusesUnknownOnes) {
   EXPECT_NE(long_dir.error().message().find("too long"), std::string::npos);
   EXPECT_TRUE(Config::Load(t.path() + "/missing.json", false).ok());
   EXPECT_FALSE(Config::Load(t.path() + "/missing.json", true).ok());
+  EXPECT_EQ(Config::Load(t.path() + "/missing.json", false)->start_from, "template");
+  std::ofstream(path) << R"({"start_from": "snapshot"})";
+  auto from = Config::Load(path, true);
+  ASSERT_FALSE(from.ok());
+  EXPECT_NE(from.error().message().find("start_from must be template or boot"), std::string::npos);
+}
+
+// The template's files: keyed by every input, and refused (saying why) when the key, size or
+// bytes do not match.
+TEST(TemplateTest, AKeyChangesWithItsInputsAndABadStateIsRefused) {
+  TempDir t;
+  std::ofstream(t.path() + "/vmlinux") << "kernel";
+  std::ofstream(t.path() + "/initrd") << "initrd";
+  VmSpec s;
+  s.kernel = t.path() + "/vmlinux";
+  s.initrd = t.path() + "/initrd";
+  s.cmdline = "console=ttyS0";
+  s.tap = "pp0";
+  s.disks.push_back({.path = t.path() + "/scratch.img", .unit = 0, .readonly = false});
+  const std::string qemu = "/proc/self/exe";  // any file: its size and mtime are keyed
+  auto k1 = TemplateKey(s, 1024, qemu);
+  ASSERT_TRUE(k1.ok()) << k1.error().ToString();
+  EXPECT_EQ(k1->size(), 64u);
+  EXPECT_EQ(*TemplateKey(s, 1024, qemu), *k1) << "the same inputs, the same key";
+  EXPECT_NE(*TemplateKey(s, 2048, qemu), *k1) << "scratch size";
+  auto other = s;
+  other.memory_mib = 1024;
+  EXPECT_NE(*TemplateKey(other, 1024, qemu), *k1) << "memory";
+  other = s;
+  other.tap.clear();
+  EXPECT_NE(*TemplateKey(other, 1024, qemu), *k1) << "NIC";
+  std::ofstream(t.path() + "/initrd", std::ios::app) << '\0';
+  EXPECT_NE(*TemplateKey(s, 1024, qemu), *k1) << "initrd bytes";
+  EXPECT_FALSE(TemplateKey(s, 1024, t.path() + "/no-qemu").ok());
+
+  std::string dir = t.path() + "/tpl";
+  fs::create_directories(dir);
+  EXPECT_EQ(LoadTemplate(dir, *k1).error().code(), Code::kNotFound);
+  std::ofstream(dir + "/state") << std::string(4096, 's');
+  ASSERT_TRUE(WriteTemplateManifest(dir, *k1, "02:00:00:00:00:01").ok());
+  auto loaded = LoadTemplate(dir, *k1);
+  ASSERT_TRUE(loaded.ok()) << loaded.error().ToString();
+  EXPECT_EQ(loaded->state, dir + "/state");
+  EXPECT_EQ(loaded->mac, "02:00:00:00:00:01");
+  EXPECT_NE(LoadTemplate(dir, "other").error().message().find("other inputs"), std::string::npos);
+  {
+    std::fstream f(dir + "/state", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(100);
+    f.put('x');
+  }
+  EXPECT_NE(LoadTemplate(dir, *k1).error().message().find("is corrupt"), std::string::npos);
+  fs::resize_file(dir + "/state", 100);
+  EXPECT_NE(LoadTemplate(dir, *k1).error().message().find("manifest says 4096"), std::string::npos);
+  auto random = HostRandomBytes(64);
+  ASSERT_TRUE(random.ok());
+  EXPECT_EQ(random->size(), 64u);
+  EXPECT_NE(*random, *HostRandomBytes(64));
 }
 
 TEST(PodOptionsFromCriTest, ReadsHostnameDnsSysctlsAndLimits) {

@@ -209,6 +209,103 @@ TEST_F(LibvirtBackendTest, MemoryAContainerFreesGoesBackToTheHost) {
   });
 }
 
+// VM templates at the backend: a booted VM's state saved once and loaded by two VMs, which run
+// on from it (same boot id, no second boot), take fresh randomness when told, and then read
+// different random streams.
+TEST_F(LibvirtBackendTest, TwoVmsRestoredFromOneSavedStateRunOnWithTheirOwnRandomness) {
+  std::string layer = dir_ + "/busybox.erofs";
+  if (auto why = agenttest::BuildBusyboxLayer(dir_, layer); !why.empty()) GTEST_SKIP() << why;
+  peapod::testing::LoopThread lt;
+  // A client on a VM's agent socket, through a mux like the sandboxer's.
+  struct Conn {
+    std::unique_ptr<sandboxer::AgentMux> mux;
+    std::shared_ptr<ttrpc::Client> client;
+  };
+  auto connect = [&](const VmSpec& spec, v1::CheckResponse* check) {
+    Conn c;
+    auto upstream = ConnectUnix(spec.agent_socket);
+    EXPECT_TRUE(upstream.ok()) << upstream.error().ToString();
+    if (!upstream.ok()) return c;
+    std::string sock = spec.agent_socket + ".mux";
+    lt.Sync([&] {
+      c.mux = std::make_unique<sandboxer::AgentMux>(lt.loop());
+      EXPECT_TRUE(c.mux->AttachUpstream(std::move(*upstream)).ok());
+      EXPECT_TRUE(c.mux->ServeListener(*ListenUnix(sock)).ok());
+    });
+    c.client = ConnectAndCheck(lt, sock, check);
+    return c;
+  };
+  auto close = [&](Conn& c) {
+    lt.Sync([&] {
+      c.client.reset();
+      c.mux.reset();
+    });
+  };
+
+  auto tspec = Spec("peapod-lvt");
+  ASSERT_TRUE(backend_->Start(tspec).ok());
+  v1::CheckResponse tcheck;
+  Conn t = connect(tspec, &tcheck);
+  ASSERT_NE(t.client, nullptr) << ConsoleOf("peapod-lvt");
+  {
+    agenttest::AgentClient agent(t.client, agenttest::BusyboxLayerStorage());
+    v1::PrepareTemplateRequest prep;
+    prep.add_fstypes("ext4");
+    auto p = agent.Sync(&agentapi::AgentClient::PrepareTemplate, prep);
+    ASSERT_TRUE(p.ok()) << p.error().ToString();
+  }
+  close(t);
+  std::this_thread::sleep_for(100ms);  // the agent sees the host leave
+  std::string state = dir_ + "/template.state";
+  auto t0 = std::chrono::steady_clock::now();
+  auto saved = backend_->SaveState("peapod-lvt", state);
+  ASSERT_TRUE(saved.ok()) << saved.error().ToString();
+  std::printf("state saved in %.2f s: %jd MiB\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+              static_cast<intmax_t>(std::filesystem::file_size(state) >> 20));
+  ASSERT_TRUE(backend_->Destroy("peapod-lvt").ok());
+
+  std::vector<std::string> uuids;
+  for (const char* name : {"peapod-lvc1", "peapod-lvc2"}) {
+    auto spec = Spec(name);
+    spec.restore_from = state;
+    t0 = std::chrono::steady_clock::now();
+    auto vm = backend_->Start(spec);
+    ASSERT_TRUE(vm.ok()) << vm.error().ToString();
+    v1::CheckResponse check;
+    Conn c = connect(spec, &check);
+    ASSERT_NE(c.client, nullptr) << ConsoleOf(name);
+    std::printf("%s: agent answered %.2f s after start\n", name,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    EXPECT_EQ(check.boot_id(), tcheck.boot_id()) << "a restored VM runs on; it does not boot";
+    agenttest::AgentClient agent(c.client, agenttest::BusyboxLayerStorage());
+    v1::ResumedRequest resumed;
+    resumed.set_entropy(std::string(16, 'x'));
+    EXPECT_FALSE(agent.Sync(&agentapi::AgentClient::Resumed, resumed).ok())
+        << "16 bytes are too few to reseed from";
+    std::string entropy(64, '\0');
+    std::ifstream("/dev/urandom").read(entropy.data(), 64);
+    resumed.set_entropy(entropy);
+    resumed.set_realtime_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count());
+    auto r = agent.Sync(&agentapi::AgentClient::Resumed, resumed);
+    ASSERT_TRUE(r.ok()) << r.error().ToString();
+    ASSERT_TRUE(backend_->AttachDisk(name, {.path = layer, .unit = 0, .readonly = true}).ok());
+    v1::CreateSandboxRequest sb;
+    sb.set_sandbox_id(name);
+    ASSERT_TRUE(agent.Sync(&agentapi::AgentClient::CreateSandbox, sb).ok());
+    ASSERT_TRUE(agent.Create("u", agenttest::Spec({"cat", "/proc/sys/kernel/random/uuid"})).ok());
+    ASSERT_TRUE(agent.Start("u").ok());
+    ASSERT_TRUE(agent.Wait("u").ok());
+    uuids.push_back(agent.ReadAll("u", "", false));
+    close(c);
+  }
+  ASSERT_EQ(uuids.size(), 2u);
+  EXPECT_EQ(uuids[0].size(), 37u) << uuids[0];
+  EXPECT_NE(uuids[0], uuids[1]) << "two VMs from one template drew the same random numbers";
+}
+
 TEST_F(LibvirtBackendTest, BadSpecsAreClearErrors) {
   auto missing = Spec("peapod-lv3");
   missing.kernel = dir_ + "/no-such-vmlinux";

@@ -42,6 +42,9 @@ class SandboxerTest : public AgentVmTest {
                           {"libvirt_root", root && *root ? root : "/var/lib/peapod/test-libvirt"},
                           {"image_dir", ImageDir()},
                           {"accel", Accel() == "kvm" ? "kvm" : "tcg"},
+                          // Each test's state dir is new: a template would be built (a boot
+                          // and a save) in every test. The template tests turn it on.
+                          {"start_from", "boot"},
                           {"log_level", "debug"}};
     cfg_ = cfg;
     std::ofstream(dir_ + "/sandboxer.json") << cfg.dump(2);
@@ -162,6 +165,63 @@ class SandboxerTest : public AgentVmTest {
     *boot_id = check.boot_id();
     lt.Sync([&] { c.reset(); });
     return true;
+  }
+
+  // Waits (up to two minutes) until the sandboxer's log has `what` at least n times.
+  bool LogShows(const std::string& what, size_t n = 1) {
+    for (int i = 0; i < 600; ++i) {
+      std::string log = Log();
+      size_t count = 0;
+      for (size_t p = 0; (p = log.find(what, p)) != std::string::npos; ++p) ++count;
+      if (count >= n) return true;
+      std::this_thread::sleep_for(200ms);
+    }
+    return false;
+  }
+
+  // Runs args in a new container of a running pod (busybox rootfs from layer_dir, attached as
+  // a shim does) and returns its stdout once it exited 0.
+  Result<std::string> RunInPod(const std::string& pod, const std::string& container,
+                               const std::string& layer_dir, const std::vector<std::string>& args) {
+    peapod::testing::LoopThread lt;
+    PP_ASSIGN_OR_RETURN(auto fd, ConnectUnix(dir_ + "/shim.sock"));
+    auto shim = lt.Sync([&] { return *ttrpc::Client::Create(lt.loop(), std::move(fd)); });
+    pb::AttachRootfsRequest attach;
+    attach.set_pod_id(pod);
+    attach.set_container_id(container);
+    auto* m = attach.add_mounts();
+    m->set_type("bind");
+    m->set_source(layer_dir);
+    m->add_options("ro");
+    m->add_options("rbind");
+    ttrpc::CallOptions opts;
+    opts.timeout = 120s;
+    auto rootfs = shim->CallSyncTyped<pb::AttachRootfsResponse>("peapod.sandboxer.v1.Sandboxer",
+                                                                "AttachRootfs", attach, opts);
+    if (!rootfs.ok()) return rootfs.error();
+    v1::CheckResponse check;
+    auto conn = ConnectAndCheck(lt, run_dir_ + "/pods/" + pod + "/agent.sock", &check, 30s);
+    if (!conn) return Error::Internal("pod {}: the agent does not answer", pod);
+    Result<std::string> out = [&]() -> Result<std::string> {
+      agenttest::AgentClient agent(conn, {});
+      v1::CreateContainerRequest req;
+      req.set_container_id(container);
+      req.set_oci_spec(agenttest::Spec(args));
+      *req.mutable_layers() = rootfs->layers();
+      req.set_upper_dir(rootfs->upper_dir());
+      PP_TRY(agent.Create(req));
+      PP_TRY(agent.Start(container));
+      std::string text = agent.ReadAll(container);
+      PP_ASSIGN_OR_RETURN(uint32_t code, agent.Wait(container));
+      (void)agent.Remove(container);
+      if (code != 0) return Error::Internal("{} exited {}: {}", args[0], code, text);
+      return text;
+    }();
+    lt.Sync([&] {
+      conn.reset();
+      shim.reset();
+    });
+    return out;
   }
 
   nlohmann::json cfg_;

@@ -550,50 +550,23 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
   // A container in it sees the pod's hostname, IP and MAC (the CNI interface's).
   std::string layer = dir_ + "/busybox";
   ASSERT_EQ(agenttest::BuildBusyboxRoot(layer), "");
-  peapod::testing::LoopThread lt;
-  auto fd = ConnectUnix(dir_ + "/shim.sock");
-  ASSERT_TRUE(fd.ok()) << fd.error().ToString();
-  auto shim = lt.Sync([&] { return *ttrpc::Client::Create(lt.loop(), std::move(*fd)); });
-  pb::AttachRootfsRequest attach;
-  attach.set_pod_id("pod5");
-  attach.set_container_id("c1");
-  auto* m = attach.add_mounts();
-  m->set_type("bind");
-  m->set_source(layer);
-  m->add_options("ro");
-  m->add_options("rbind");
-  ttrpc::CallOptions opts;
-  opts.timeout = 120s;
-  auto rootfs = shim->CallSyncTyped<pb::AttachRootfsResponse>("peapod.sandboxer.v1.Sandboxer",
-                                                              "AttachRootfs", attach, opts);
-  ASSERT_TRUE(rootfs.ok()) << rootfs.error().ToString() << "\nlog:\n" << Log();
-  v1::CheckResponse check;
-  auto conn = ConnectAndCheck(lt, run_dir_ + "/pods/pod5/agent.sock", &check, 30s);
-  ASSERT_TRUE(conn);
-  std::string boot5 = check.boot_id();
-  agenttest::AgentClient agent(conn, {});
-  v1::CreateContainerRequest req;
-  req.set_container_id("c1");
-  req.set_oci_spec(agenttest::Spec(
-      {"sh", "-c", "hostname; ip -4 -o addr show eth0; cat /sys/class/net/eth0/address"}));
-  *req.mutable_layers() = rootfs->layers();
-  req.set_upper_dir(rootfs->upper_dir());
-  ASSERT_TRUE(agent.Create(req).ok());
-  ASSERT_TRUE(agent.Start("c1").ok());
-  std::string out = agent.ReadAll("c1");
-  EXPECT_TRUE(agent.Wait("c1").ok());
-  EXPECT_NE(out.find("warm-0\n"), std::string::npos) << out;
-  EXPECT_NE(out.find(ns.pod_ip() + "/24"), std::string::npos) << out;
+  std::string boot5;
+  ASSERT_TRUE(AgentAnswers("pod5", &boot5));
+  auto out =
+      RunInPod("pod5", "c1", layer,
+               {"sh", "-c", "hostname; ip -4 -o addr show eth0; cat /sys/class/net/eth0/address"});
+  ASSERT_TRUE(out.ok()) << out.error().ToString() << "\nlog:\n" << Log();
+  EXPECT_NE(out->find("warm-0\n"), std::string::npos) << *out;
+  EXPECT_NE(out->find(ns.pod_ip() + "/24"), std::string::npos) << *out;
   std::string cni_mac =
       Capture("ip netns exec " + ns.path().substr(15) + " cat /sys/class/net/eth0/address");
   ASSERT_EQ(cni_mac.size(), 17u) << cni_mac;
-  EXPECT_NE(out.find(cni_mac), std::string::npos) << out << " vs CNI MAC " << cni_mac;
+  EXPECT_NE(out->find(cni_mac), std::string::npos) << *out << " vs CNI MAC " << cni_mac;
   // And the guest answers as the pod from outside (the pool VM's TAP joined the CNI interface).
   std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
   ASSERT_EQ(std::system(flush.c_str()), 0);
   std::string ping = "ping -c 3 -W 5 -i 0.3 " + ns.pod_ip() + " >/dev/null";
   EXPECT_EQ(std::system(ping.c_str()), 0);
-  EXPECT_TRUE(agent.Remove("c1").ok());
 
   // The next pod gets another VM (the refilled pool's): a different QEMU and kernel boot.
   ASSERT_TRUE(pool_ready(2)) << Log();
@@ -614,13 +587,135 @@ TEST_F(SandboxerTest, APodStartsOnAPooledVmAndTakesItsIdentity) {
       << "QEMU left after the sandboxer stopped";
   // Every pool VM's TAP (the names follow from the pool names in the log) is gone.
   std::string log = Log();
-  for (size_t p = 0; (p = log.find("pool: booting ", p)) != std::string::npos; ++p) {
+  for (size_t p = 0; (p = log.find("pool: booting pool-", p)) != std::string::npos; ++p) {
     std::string name = log.substr(p + 14, log.find('\n', p) - p - 14);
     std::string tap = sandboxer::TapName(name);
     EXPECT_NE(std::system(("ip link show " + tap + " >/dev/null 2>&1").c_str()), 0)
         << "TAP " << tap << " of " << name << " left on host";
   }
   EXPECT_TRUE(MountsUnder(run_dir_ + "/pods/").empty());
+}
+
+// VM templates (docs/sandboxer.md, "Templates"): with start_from "template" the sandboxer boots
+// one VM, saves it, and restores every pod's VM from it. Two such pods are two VMs with their
+// own identity: the pod's IP, MAC and hostname in each of two containers, and random streams
+// that differ between the pods (each was reseeded by the host after its restore).
+TEST_F(SandboxerTest, PodsFromTheTemplateAreTheirOwnVmsWithTheirOwnRandomness) {
+  if (std::system("command -v ip >/dev/null") != 0) GTEST_SKIP() << "iproute2 is not installed";
+  std::string layer = dir_ + "/busybox";
+  ASSERT_EQ(agenttest::BuildBusyboxRoot(layer), "");
+  RestartWith("start_from", "template");
+  ASSERT_TRUE(LogShows("template: saved ")) << Log();
+
+  std::map<std::string, std::string> uuids;
+  std::vector<int64_t> pids;
+  for (const std::string pod : {"pod1", "pod2"}) {
+    PodNetns ns("pp-tpl" + pod.substr(3) + "-" + std::to_string(::getpid() % 100000),
+                pod == "pod1" ? "10.97" : "10.98");
+    ASSERT_TRUE(ns.ok());
+    peapod::cri::v1::PodSandboxConfig cri;
+    cri.set_hostname("tpl-" + pod);
+    google::protobuf::Any options;
+    options.set_type_url("type.googleapis.com/runtime.v1.PodSandboxConfig");
+    options.set_value(cri.SerializeAsString());
+    ASSERT_TRUE(Create(pod, ns.path(), &options).ok());
+    auto t0 = std::chrono::steady_clock::now();
+    sbv1::ControllerStartResponse started;
+    auto s = Start(pod, &started);
+    ASSERT_TRUE(s.ok()) << s.error_message() << "\nlog:\n" << Log();
+    std::printf("%s: Start from the template took %.2f s\n", pod.c_str(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    EXPECT_NE(Log().find("pod " + pod + ": restoring from template"), std::string::npos) << Log();
+    pids.push_back(started.pid());
+    std::string cni_mac =
+        Capture("ip netns exec " + ns.path().substr(15) + " cat /sys/class/net/eth0/address");
+    for (const char* c : {"c1", "c2"}) {
+      auto out = RunInPod(pod, c, layer,
+                          {"sh", "-c",
+                           "hostname; ip -4 -o addr show eth0; cat /sys/class/net/eth0/address; "
+                           "for i in 1 2 3; do cat /proc/sys/kernel/random/uuid; done"});
+      ASSERT_TRUE(out.ok()) << out.error().ToString() << "\nlog:\n" << Log();
+      EXPECT_NE(out->find("tpl-" + pod + "\n"), std::string::npos) << *out;
+      EXPECT_NE(out->find(ns.pod_ip() + "/24"), std::string::npos) << *out;
+      EXPECT_NE(out->find(cni_mac), std::string::npos) << *out << " vs CNI MAC " << cni_mac;
+      uuids[pod] += out->substr(out->size() - 3 * 37);
+    }
+    // The guest answers as the pod on its network.
+    std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
+    ASSERT_EQ(std::system(flush.c_str()), 0);
+    std::string ping = "ping -c 2 -W 5 -i 0.3 " + ns.pod_ip() + " >/dev/null";
+    EXPECT_EQ(std::system(ping.c_str()), 0);
+    ASSERT_TRUE(Shutdown(pod).ok());
+  }
+  EXPECT_NE(pids[0], pids[1]);
+  ASSERT_EQ(uuids["pod1"].size(), 6u * 37);
+  for (size_t i = 0; i < 6; ++i) {
+    std::string u = uuids["pod1"].substr(i * 37, 36);
+    EXPECT_EQ(uuids["pod2"].find(u), std::string::npos)
+        << "pod2 drew pod1's random uuid " << u << ": the pods share RNG state";
+  }
+  // Nothing of the template build is left running: only its files.
+  EXPECT_TRUE(fs::is_directory(dir_ + "/state/templates")) << Log();
+  EXPECT_FALSE(fs::exists(run_dir_ + "/pods/template-build"));
+}
+
+// The template is checked when the sandboxer loads it and when a VM restores from it: a changed
+// initrd makes a new one, a corrupt one is rebuilt, and a pod whose restore fails boots.
+TEST_F(SandboxerTest, ATemplateIsRebuiltWhenItsInitrdChangesAndABrokenOneFallsBackToBoot) {
+  if (std::system("command -v ip >/dev/null") != 0) GTEST_SKIP() << "iproute2 is not installed";
+  std::string initrd = dir_ + "/initrd.img";
+  fs::copy_file(ImageDir() + "/initrd.img", initrd);
+  cfg_["initrd"] = initrd;
+  RestartWith("start_from", "template");
+  ASSERT_TRUE(LogShows("template: saved ")) << Log();
+  auto keys = [&] {
+    std::vector<std::string> out;
+    for (const auto& e : fs::directory_iterator(dir_ + "/state/templates")) {
+      out.push_back(e.path().filename());
+    }
+    return out;
+  };
+  ASSERT_EQ(keys().size(), 1u);
+  std::string first = keys()[0];
+
+  // The same inputs: the saved one is loaded, not built again.
+  RestartWith("log_level", "info");
+  ASSERT_TRUE(LogShows("template: " + dir_ + "/state/templates/" + first + "/state loaded"))
+      << Log();
+
+  // A changed initrd (zero padding at its end, which the kernel skips): a new template.
+  { std::ofstream(initrd, std::ios::app) << std::string(512, '\0'); }
+  RestartWith("log_level", "debug");
+  ASSERT_TRUE(LogShows("template: saved ", 2)) << Log();
+  ASSERT_EQ(keys().size(), 1u);
+  std::string second = keys()[0];
+  EXPECT_NE(second, first) << "the template of the old initrd was kept";
+
+  // A flipped byte in the saved state: found at load, and the template is built again.
+  std::string state = dir_ + "/state/templates/" + second + "/state";
+  {
+    std::fstream f(state, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(state) / 2));
+    f.put('\x5a');
+  }
+  RestartWith("log_level", "info");
+  ASSERT_TRUE(LogShows("is corrupt")) << Log();
+  ASSERT_TRUE(LogShows("template: saved ", 3)) << Log();
+
+  // A state file cut short after it was loaded: QEMU cannot restore from it; the pod boots.
+  fs::resize_file(state, fs::file_size(state) / 2);
+  PodNetns ns("pp-tplb-" + std::to_string(::getpid() % 100000), "10.97");
+  ASSERT_TRUE(ns.ok());
+  ASSERT_TRUE(Create("pod3", ns.path()).ok());
+  sbv1::ControllerStartResponse started;
+  auto s = Start("pod3", &started);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\nlog:\n" << Log();
+  EXPECT_TRUE(LogShows("failed to restore")) << Log();
+  std::string boot;
+  EXPECT_TRUE(AgentAnswers("pod3", &boot));
+  ASSERT_TRUE(Shutdown("pod3").ok());
+  // And it is built again for the pods after.
+  EXPECT_TRUE(LogShows("template: saved ", 4)) << Log();
 }
 
 }  // namespace

@@ -1,0 +1,42 @@
+// VM templates: one VM booted until its agent answers, saved (device state and memory) to a
+// file, and every later pod and pool VM restored from that file instead of booted. See
+// docs/sandboxer.md ("Templates") for the files, the checks and the limits.
+#pragma once
+
+#include <string>
+
+#include "common/base/result.h"
+#include "sandboxer/vm_backend.h"
+
+namespace peapod::sandboxer {
+
+// What a restore needs of a template that passed its checks.
+struct TemplateInfo {
+  std::string key;    // hex SHA-256 of its inputs (TemplateKey)
+  std::string state;  // the saved state file
+  std::string mac;    // the NIC's MAC in the saved guest: a restored VM's agent re-MACs from it
+};
+
+// The inputs a template is valid for: kernel and initrd (their bytes), command line, VM size,
+// accelerator, translation cache, the devices (NIC, scratch disk and its size, how the share
+// is served), the QEMU binary (path, size, mtime) and the agent protocol. Blocking: hashes
+// the kernel and initrd (a few tens of MiB).
+Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
+                                const std::string& qemu_binary);
+
+// Hex SHA-256 of a file's bytes.
+Result<std::string> Sha256OfFile(const std::string& path);
+
+// <dir>/manifest.json and <dir>/state: the manifest must name key and the state's exact size
+// and SHA-256. Any mismatch (a changed input, a truncated or corrupt file) is an error that
+// says which.
+Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key);
+
+// Writes <dir>/manifest.json for the state file <dir>/state (hashing it), atomically.
+Result<void> WriteTemplateManifest(const std::string& dir, const std::string& key,
+                                   const std::string& mac);
+
+// n bytes from the host's CSPRNG (getrandom).
+Result<std::string> HostRandomBytes(size_t n);
+
+}  // namespace peapod::sandboxer
