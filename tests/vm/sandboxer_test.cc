@@ -654,6 +654,27 @@ TEST_F(SandboxerTest, PodsFromTheTemplateAreTheirOwnVmsWithTheirOwnRandomness) {
     EXPECT_EQ(uuids["pod2"].find(u), std::string::npos)
         << "pod2 drew pod1's random uuid " << u << ": the pods share RNG state";
   }
+
+  // The pool is made from the template too (the saved one, loaded), and a pod adopts such a VM.
+  RestartWith("pool_size", 1);
+  ASSERT_TRUE(LogShows("pool: restoring pool-")) << Log();
+  EXPECT_EQ(Log().find("pool: booting pool-"), std::string::npos) << Log();
+  ASSERT_TRUE(LogShows("; 1 of 1 ready")) << Log();
+  {
+    PodNetns ns("pp-tplp-" + std::to_string(::getpid() % 100000), "10.97");
+    ASSERT_TRUE(ns.ok());
+    ASSERT_TRUE(Create("pod3", ns.path()).ok());
+    sbv1::ControllerStartResponse started;
+    ASSERT_TRUE(Start("pod3", &started).ok()) << Log();
+    EXPECT_NE(Log().find("pod pod3: adopting pool VM pool-"), std::string::npos) << Log();
+    auto out = RunInPod("pod3", "c1", layer,
+                        {"sh", "-c", "ip -4 -o addr show eth0; cat /proc/sys/kernel/random/uuid"});
+    ASSERT_TRUE(out.ok()) << out.error().ToString() << "\nlog:\n" << Log();
+    EXPECT_NE(out->find(ns.pod_ip() + "/24"), std::string::npos) << *out;
+    std::string u = out->substr(out->size() - 37, 36);
+    EXPECT_EQ((uuids["pod1"] + uuids["pod2"]).find(u), std::string::npos) << u;
+    ASSERT_TRUE(Shutdown("pod3").ok());
+  }
   // Nothing of the template build is left running: only its files.
   EXPECT_TRUE(fs::is_directory(dir_ + "/state/templates")) << Log();
   EXPECT_FALSE(fs::exists(run_dir_ + "/pods/template-build"));
