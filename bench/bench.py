@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 MiB = 1 << 20
@@ -185,6 +186,7 @@ class Bench:
         self.cri_yaml = f"{self.dir}/crictl.yaml"
         self.ctd_version = None
         self.pod_seq = 0
+        self.seq_lock = threading.Lock()
         self.sandboxer_log = f"{self.dir}/logs/sandboxer.log"
         self.tag = os.path.basename(self.dir).split("-")[-1].lower()
         self.bridge = f"ppbench{self.tag[:6]}"
@@ -278,20 +280,23 @@ class Bench:
                                check=False).stdout.strip(),
         }
 
-    def sandboxer_config(self, boot_timeout=300, pool_size=0):
+    def sandboxer_config(self, boot_timeout=300, pool_size=0, start_from="boot"):
+        # Every figure but "template" keeps its definition: VMs that boot.
         cfg = {"listen": f"{self.dir}/sandboxer.sock", "shim_listen": f"{self.dir}/shim.sock",
                "state_dir": f"{self.dir}/state", "run_dir": self.rundir,
                "libvirt_root": self.a.libvirt_root,
                "cri_root": f"{self.dir}/ctd-root/io.containerd.grpc.v1.cri",
                "image_dir": self.img_dir, "accel": self.a.accel,
-               "boot_timeout_seconds": boot_timeout, "pool_size": pool_size}
+               "boot_timeout_seconds": boot_timeout, "pool_size": pool_size,
+               "start_from": start_from}
         path = f"{self.dir}/sandboxer.json"
         with open(path, "w") as f:
             json.dump(cfg, f)
         return path
 
-    def start_sandboxer(self, valgrind=None, pool_size=0):
-        cfg = self.sandboxer_config(boot_timeout=900 if valgrind else 300, pool_size=pool_size)
+    def start_sandboxer(self, valgrind=None, pool_size=0, start_from="boot"):
+        cfg = self.sandboxer_config(boot_timeout=900 if valgrind else 300, pool_size=pool_size,
+                                    start_from=start_from)
         argv = [f"{self.bin_dir}/peapod-sandboxer", "--config", cfg]
         if valgrind:
             argv = valgrind + argv
@@ -359,12 +364,14 @@ class Bench:
         return r.stdout
 
     def pod_json(self, kind):
-        self.pod_seq += 1
-        name = f"bench-{kind}-{self.pod_seq}"
+        with self.seq_lock:  # the template burst starts pods from threads
+            self.pod_seq += 1
+            seq = self.pod_seq
+        name = f"bench-{kind}-{seq}"
         path = f"{self.dir}/pod-{name}.json"
         with open(path, "w") as f:
             json.dump({"metadata": {"name": name, "namespace": "default",
-                                    "uid": f"uid-{self.tag}-{self.pod_seq}", "attempt": 0},
+                                    "uid": f"uid-{self.tag}-{seq}", "attempt": 0},
                        "hostname": name, "log_directory": f"{self.dir}/logs/pods/{name}",
                        "linux": {}}, f)
         return path
@@ -518,6 +525,117 @@ class Bench:
         self.stop("sandboxer")
         self.start_sandboxer()
 
+    def log_count(self, what):
+        with open(self.sandboxer_log, errors="replace") as f:
+            return f.read().count(what)
+
+    def idle_qemu_pss_mib(self, pods, settle_s=10):
+        """Mean PSS (MiB) of the pods' QEMUs after they idled settle_s."""
+        time.sleep(settle_s)
+        pids = [self.qemu_pid(p) for p in pods]
+        kib = [pss_kib(pid) for pid in pids if pid]
+        return round(statistics.mean(kib) / 1024, 1) if kib else None
+
+    def fig_template(self):
+        """Issue 20: pods restored from the VM template (start_from template) against the boot
+        floor and booted pods; a burst of ten; the warm pool made from the template against
+        runc's runp (both from the cold figure, same run)."""
+        n = self.a.repeat
+        out = self.results.setdefault("template", {})
+        log("restarting peapod-sandboxer with start_from template (builds the template)")
+        self.stop("sandboxer")
+        t0 = now()
+        self.start_sandboxer(start_from="template")
+        self.wait_for("the template", lambda: self.log_count("template: saved ") > 0, 600)
+        out["build_s"] = round(now() - t0, 1)
+        with open(self.sandboxer_log, errors="replace") as f:
+            m = re.findall(r"template: saved (\S+) in ([0-9.]+) s", f.read())
+        if m:
+            out["state_mib"] = round(os.path.getsize(m[-1][0]) / 2**20, 1)
+            out["save_reported_s"] = float(m[-1][1])
+        single, steps = [], []
+        for i in range(n):
+            pod, _, ms = self.runp("peapod")
+            st = self.start_steps(pod)
+            if st is None or "resumed" not in st:
+                raise Failed(f"pod {pod} was not restored from the template (see {self.sandboxer_log})")
+            single.append(ms)
+            steps.append(st)
+            self.rmp(pod)
+            log(f"template start {i + 1}/{n}: {ms:.0f} ms (sandboxer {st['total']:.0f})")
+        floor = self.results.get("floor_ms")
+        booted = self.results.get("cold_start", {}).get("containerd2", {}).get("median")
+        s1 = stats(single)
+        out["single"] = dict(s1, ratio_to_floor=ratio(s1["median"], floor) if floor else None,
+                             ratio_to_booted=ratio(s1["median"], booted) if booted else None,
+                             breakdown=self.breakdown(single, steps))
+
+        burst = 10
+        log(f"burst: {burst} crictl runp at once, from the template")
+        res = [None] * burst
+        def one(i):
+            try:
+                res[i] = self.runp("peapod")
+            except Exception as e:  # noqa: BLE001 - reported below
+                res[i] = e
+        t0 = now()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(burst)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = (now() - t0) * 1000
+        bad = [r for r in res if isinstance(r, Exception)]
+        if bad:
+            raise Failed(f"burst: {len(bad)} of {burst} pods failed: {str(bad[0])[:500]}")
+        each = [r[2] for r in res]
+        pods = [r[0] for r in res]
+        out["burst"] = {"pods": burst, "all_ready_ms": round(wall, 1), "each_ms": stats(each),
+                        "ratio_to_single": ratio(wall, s1["median"]),
+                        "restored": sum(1 for p in pods if "resumed" in (self.start_steps(p) or {}))}
+        log(f"burst: all {burst} ready in {wall:.0f} ms ({out['burst']['ratio_to_single']}x one)")
+        out["pss_idle_template_mib"] = self.idle_qemu_pss_mib(pods[:3])
+        saved = self.ksm_saved_settings()
+        if saved is not None:
+            # With the ksm option: restored VMs start from the same memory.
+            pids = [self.qemu_pid(p) for p in pods[:3]]
+            m = self.ksm_merge(saved, pids, 512)
+            out["pss_idle_template_ksm_mib"] = round(statistics.mean(m["after"]), 1)
+        for p in pods:
+            self.rmp(p)
+
+        log("the same idle PSS for booted pods")
+        self.stop("sandboxer")
+        self.start_sandboxer(start_from="boot")
+        booted_pods = [self.runp("peapod")[0] for _ in range(3)]
+        out["pss_idle_booted_mib"] = self.idle_qemu_pss_mib(booted_pods)
+        for p in booted_pods:
+            self.rmp(p)
+        if out["pss_idle_template_mib"] and out["pss_idle_booted_mib"]:
+            out["pss_ratio"] = ratio(out["pss_idle_template_mib"], out["pss_idle_booted_mib"])
+
+        log("warm pool from the template (pool_size 1)")
+        base = self.log_count("of 1 ready")
+        self.stop("sandboxer")
+        self.start_sandboxer(pool_size=1, start_from="template")
+        warm = []
+        for i in range(n):
+            self.wait_for("a ready pool VM", lambda: self.log_count("of 1 ready") > base + i, 300)
+            pod, _, ms = self.runp("peapod")
+            st = self.start_steps(pod) or {}
+            if "adopt_pool_vm" not in st:
+                raise Failed(f"pod {pod} did not start from the pool (see {self.sandboxer_log})")
+            warm.append(ms)
+            self.rmp(pod)
+            log(f"warm start (template pool) {i + 1}/{n}: {ms:.0f} ms")
+        out["pool_vms_restored"] = self.log_count("pool: restoring pool-")
+        runc = self.results.get("cold_start", {}).get("runc", {}).get("median")
+        w = stats(warm)
+        out["warm_pool"] = dict(w, ratio_to_runc=ratio(w["median"], runc) if runc else None)
+        log("restarting peapod-sandboxer as before (boot, no pool)")
+        self.stop("sandboxer")
+        self.start_sandboxer()
+
     KSM = "/sys/kernel/mm/ksm"
 
     def ksm_read(self, name):
@@ -546,11 +664,9 @@ class Bench:
         """Pool VMs sharing memory: the PSS of N idle pool VMs before and after KSM merged their
         identical pages (QEMU marks guest RAM mergeable; libvirt leaves it so)."""
         n = 3
-        try:
-            saved = {k: self.ksm_read(k) for k in ("run", "pages_to_scan", "sleep_millisecs")}
-            self.ksm_write("pages_to_scan", saved["pages_to_scan"])  # writable?
-        except OSError as e:
-            self.results["ksm"] = {"skipped": f"KSM not usable on this host: {e}"}
+        saved = self.ksm_saved_settings()
+        if saved is None:
+            self.results["ksm"] = {"skipped": f"KSM not usable on this host ({self.KSM})"}
             return
         log(f"restarting peapod-sandboxer with pool_size {n}")
         self.stop("sandboxer")
@@ -565,23 +681,9 @@ class Bench:
         guest_mib = 512  # the sandboxer's memory_mib, the shape of a pool VM
         before = [pss_kib(p) / 1024 for p in pids]
         parts_before = [qemu_pss_parts(p, guest_mib) for p in pids]
-        self.ksm_saved = saved
-        ksmd_cpu0 = self.ksmd_cpu_s()
-        scans0 = self.ksm_read("full_scans")
-        t0 = now()
-        # Scan fast for the measurement (the default 100 pages per 20 ms takes minutes).
-        self.ksm_write("pages_to_scan", 4000)
-        self.ksm_write("sleep_millisecs", 20)
-        self.ksm_write("run", 1)
-        self.wait_for("two full KSM scans", lambda: self.ksm_read("full_scans") >= scans0 + 2, 600)
-        scan_s = now() - t0
-        time.sleep(2)
-        after = [pss_kib(p) / 1024 for p in pids]
-        parts_after = [qemu_pss_parts(p, guest_mib) for p in pids]
-        sharing = self.ksm_read("pages_sharing") * 4 / 1024
-        shared = self.ksm_read("pages_shared") * 4 / 1024
-        ksmd_cpu = self.ksmd_cpu_s() - ksmd_cpu0
-        self.ksm_restore()
+        m = self.ksm_merge(saved, pids, guest_mib)
+        after, parts_after, sharing, shared = m["after"], m["parts_after"], m["sharing"], m["shared"]
+        scan_s, ksmd_cpu = m["scan_s"], m["ksmd_cpu"]
         b, a_ = stats(before), stats(after)
         self.results["ksm"] = {
             "vms": len(pids), "pss_before_mib": b, "pss_after_mib": a_,
@@ -599,6 +701,37 @@ class Bench:
         log("restarting peapod-sandboxer without a pool")
         self.stop("sandboxer")
         self.start_sandboxer()
+
+    def ksm_saved_settings(self):
+        """The host's KSM settings, or None if KSM cannot be used here."""
+        try:
+            saved = {k: self.ksm_read(k) for k in ("run", "pages_to_scan", "sleep_millisecs")}
+            self.ksm_write("pages_to_scan", saved["pages_to_scan"])  # writable?
+            return saved
+        except OSError:
+            return None
+
+    def ksm_merge(self, saved, pids, guest_mib):
+        """Runs KSM fast for two full scans, measures the PSS of pids, and restores the host's
+        settings (saved) after."""
+        self.ksm_saved = saved
+        ksmd_cpu0 = self.ksmd_cpu_s()
+        scans0 = self.ksm_read("full_scans")
+        t0 = now()
+        # Scan fast for the measurement (the default 100 pages per 20 ms takes minutes).
+        self.ksm_write("pages_to_scan", 4000)
+        self.ksm_write("sleep_millisecs", 20)
+        self.ksm_write("run", 1)
+        self.wait_for("two full KSM scans", lambda: self.ksm_read("full_scans") >= scans0 + 2, 600)
+        scan_s = now() - t0
+        time.sleep(2)
+        out = {"after": [pss_kib(p) / 1024 for p in pids],
+               "parts_after": [qemu_pss_parts(p, guest_mib) for p in pids],
+               "sharing": self.ksm_read("pages_sharing") * 4 / 1024,
+               "shared": self.ksm_read("pages_shared") * 4 / 1024,
+               "scan_s": scan_s, "ksmd_cpu": self.ksmd_cpu_s() - ksmd_cpu0}
+        self.ksm_restore()
+        return out
 
     @staticmethod
     def ksmd_cpu_s():
@@ -1124,6 +1257,9 @@ class Bench:
         if "warm" in figures:
             self.fig_warm_start()
             save()
+        if "template" in figures:
+            self.fig_template()
+            save()
         if "ksm" in figures:
             self.fig_ksm()
             save()
@@ -1182,7 +1318,7 @@ def main():
     p.add_argument("--exec-count", type=int, default=30)
     p.add_argument("--stdio-mib", type=int, default=64)
     p.add_argument("--accel", default="tcg")
-    p.add_argument("--figures", default="cold,warm,ksm,pods,density,cold16,callgrind")
+    p.add_argument("--figures", default="cold,warm,template,ksm,pods,density,cold16,callgrind")
     a = p.parse_args()
 
     def term(*_):

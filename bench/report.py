@@ -158,6 +158,22 @@ class Report:
             self.w(f"| 2. warm pod start (`crictl runp`, pool_size 1), containerd 2.x | "
                    f"{spread(ws)} | cold {fmt_ms(cs.get('containerd2', {}).get('median'))} | "
                    f"{ratio(ws.get('ratio_to_cold'))} (`warm_to_cold`) |")
+        t = d.get("template", {})
+        if "single" in t:
+            self.w(f"| 2t. pod start from the VM template, no pool | {spread(t['single'])} | "
+                   f"floor {fmt_ms(d.get('floor_ms'))} | {ratio(t['single'].get('ratio_to_floor'))} |")
+        if "burst" in t:
+            b = t["burst"]
+            self.w(f"| 2t. {b['pods']} pods at once from the template, all ready | "
+                   f"{fmt_ms(b['all_ready_ms'])} | one {fmt_ms(t['single']['median'])} | "
+                   f"{ratio(b.get('ratio_to_single'))} |")
+        if "pss_ratio" in t:
+            self.w(f"| 2t. idle pod QEMU PSS, from the template | {t['pss_idle_template_mib']:.0f} MiB | "
+                   f"booted {t['pss_idle_booted_mib']:.0f} MiB | {ratio(t['pss_ratio'])} |")
+        if "warm_pool" in t:
+            w = t["warm_pool"]
+            self.w(f"| 2t. warm pod start, pool made from the template | {spread(w)} | runc "
+                   f"{fmt_ms(cs.get('runc', {}).get('median'))} | {ratio(w.get('ratio_to_runc'))} |")
         if "container_start" in d:
             c = d["container_start"]
             self.w(f"| 3. container create + start in a running pod | {spread(c['peapod']['total'])} | "
@@ -391,6 +407,54 @@ class Report:
             ax.legend(fontsize=7, loc="lower right")
             self.png(fig, "memory", "memory per pod")
 
+    def template(self):
+        t = self.d.get("template")
+        if not t:
+            return
+        self.w("## 2t. Pods from the VM template")
+        self.w()
+        self.w("The sandboxer with `start_from` template: one VM booted and saved "
+               f"({t.get('state_mib', '?')} MiB of state; build {t.get('build_s', '?')} s after the "
+               "sandboxer started), and each pod's VM restored from it (QEMU loads the saved state, "
+               "the agent is reseeded and gets the clock). Ratios against the boot floor and runc "
+               "of section 1–2, same run.")
+        self.w()
+        self.w("| | peapod | baseline | ratio |")
+        self.w("| --- | --- | --- | --- |")
+        sg = t.get("single", {})
+        if sg:
+            self.w(f"| `crictl runp`, no pool | {spread(sg)} | boot floor "
+                   f"{fmt_ms(self.d.get('floor_ms'))} | {ratio(sg.get('ratio_to_floor'))} |")
+            self.w(f"| … against a booted pod (`crictl runp`) | | "
+                   f"{fmt_ms(self.d.get('cold_start', {}).get('containerd2', {}).get('median'))} | "
+                   f"{ratio(sg.get('ratio_to_booted'))} |")
+        b = t.get("burst")
+        if b:
+            self.w(f"| {b['pods']} `crictl runp` at once, the last ready | {fmt_ms(b['all_ready_ms'])} "
+                   f"(each {spread(b['each_ms'])}; {b['restored']} restored) | one pod "
+                   f"{fmt_ms(sg.get('median'))} | {ratio(b.get('ratio_to_single'))} |")
+        if "pss_ratio" in t:
+            self.w(f"| QEMU PSS per idle pod (3 pods, 10 s idle) | {t['pss_idle_template_mib']:.0f} MiB | "
+                   f"booted {t['pss_idle_booted_mib']:.0f} MiB | {ratio(t['pss_ratio'])} |")
+        if t.get("pss_idle_template_ksm_mib") and t.get("pss_idle_booted_mib"):
+            k = t["pss_idle_template_ksm_mib"]
+            self.w(f"| … the same pods after KSM merged the burst's ten (`ksm` option) | {k:.0f} MiB | "
+                   f"booted {t['pss_idle_booted_mib']:.0f} MiB | "
+                   f"{ratio(round(k / t['pss_idle_booted_mib'], 2))} |")
+        w = t.get("warm_pool")
+        if w:
+            self.w(f"| warm pool made from the template (pool_size 1; {t.get('pool_vms_restored')} "
+                   f"pool VMs restored) | {spread(w)} | runc `crictl runp` "
+                   f"{fmt_ms(self.d.get('cold_start', {}).get('runc', {}).get('median'))} | "
+                   f"{ratio(w.get('ratio_to_runc'))} |")
+        bd = sg.get("breakdown")
+        if bd:
+            self.w()
+            self.w("Where a template start's time goes (median ms): " + ", ".join(
+                f"{k} {v['median']:.0f}" for k, v in bd.items()
+                if isinstance(v, dict) and "median" in v) + ".")
+        self.w()
+
     def ksm(self):
         k = self.d.get("ksm")
         if not k:
@@ -544,6 +608,7 @@ class Report:
         self.summary()
         self.biggest()
         self.floor_and_cold()
+        self.template()
         self.running()
         self.memory()
         self.ksm()

@@ -5,7 +5,7 @@
 #
 #   --quick         2 repeats, density up to 4 pods, fewer execs (a few minutes)
 #   --repeat N      repeats per figure (default 5; median and spread are reported)
-#   --figures LIST  comma-separated subset of cold,warm,ksm,pods,density,cold16,callgrind,flood (default all;
+#   --figures LIST  comma-separated subset of cold,warm,template,ksm,pods,density,cold16,callgrind,flood (default all;
 #                   the floor is always measured, with cold)
 #   --build DIR     peapod's build dir (default build): sandboxer/, shim/, vm-images/
 #   --keep DIR      copy the run's logs (sandboxer, containerd, consoles) into DIR at the end
@@ -35,7 +35,7 @@ die() {
 
 quick=0
 repeat=
-figures=cold,warm,ksm,pods,density,cold16,callgrind,flood
+figures=cold,warm,template,ksm,pods,density,cold16,callgrind,flood
 build=build
 keep=
 while (($#)); do
