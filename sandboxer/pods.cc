@@ -281,6 +281,12 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
   pod->rec.phase = Phase::kStarting;
   std::shared_ptr<PoolVm> pooled = TakePoolVm(*pod);
   if (pooled) {
+    // The pool VM's replacement starts once this Start has ended, either way.
+    std::weak_ptr<bool> alive = alive_;
+    reply = [this, alive, reply = std::move(reply)](Result<PodStatus> r) {
+      if (!alive.expired()) FillPool();
+      reply(std::move(r));
+    };
     // Recorded before anything moves: a crash from here on leaves a record naming the pool VM,
     // which Recover then destroys with the pod back in "created".
     pod->rec.domain = pooled->domain;

@@ -307,7 +307,7 @@ class PodManager {
   // cgroups; layer builds; and the one record writer, whose order is the records' order.
   // Destroyed before everything above (their jobs use it, and only copies otherwise); cache_
   // goes first, its builds holding only copies.
-  WorkerPool vm_workers_{2};
+  WorkerPool vm_workers_{4};
   WorkerPool fs_workers_{2};
   WorkerPool build_workers_{2};
   WorkerPool records_{1};

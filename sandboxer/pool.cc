@@ -250,7 +250,8 @@ std::unique_ptr<PodManager::PoolVm> PodManager::TakePoolVm(const Pod& pod) {
   if (it == pool_.end()) return nullptr;
   auto vm = std::move(*it);
   pool_.erase(it);
-  FillPool();  // the refill boots on the workers, beside the adoption
+  // The refill waits for the adopting Start to end (PodManager::Start): a restore or boot
+  // beside it would take the CPU that start needs.
   return vm;
 }
 
