@@ -55,7 +55,7 @@ while (($#)); do
 done
 [[ -z $repeat ]] && { ((quick)) && repeat=2 || repeat=5; }
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat wants a positive number"
-density=20 exec_count=30
+density=50 exec_count=30
 ((quick)) && density=4 exec_count=10
 build=$(cd "$build" 2>/dev/null && pwd) || die "build dir not found (make build, or --build DIR)"
 
