@@ -23,6 +23,7 @@
 #include "sandboxer/domain_xml.h"
 #include "sandboxer/share_server.h"
 #include "sandboxer/state.h"
+#include "sandboxer/template.h"
 
 namespace peapod::sandboxer {
 
@@ -148,6 +149,12 @@ void OnPidfd(int watch, int, int, void* opaque) {
   virEventRemoveHandle(watch);
 }
 
+// A string member, or "" (QEMU's answers are parsed, not trusted to have the expected shape).
+std::string JsonStr(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 // One QMP command on a domain's monitor, through libvirt (the domain is tainted
 // "custom-monitor": libvirt has no API for migrating to or from a file descriptor of ours).
 // fd (if >= 0) travels with the command, for "getfd". Returns QMP's "return" member.
@@ -164,11 +171,24 @@ Result<nlohmann::json> Qmp(virDomainPtr dom, const nlohmann::json& cmd, int fd =
   if (j.is_discarded() || !j.is_object()) {
     return Error::Internal("QEMU monitor: {}: unreadable answer", cmd.value("execute", ""));
   }
-  if (j.contains("error")) {
+  if (auto e = j.find("error"); e != j.end()) {
     return Error::Internal("QEMU monitor: {}: {}", cmd.value("execute", ""),
-                           j["error"].value("desc", std::string("error")));
+                           e->is_object() ? JsonStr(*e, "desc") : std::string("error"));
   }
-  return j.contains("return") ? j["return"] : nlohmann::json::object();
+  auto ret = j.find("return");
+  return ret != j.end() && ret->is_object() ? *ret : nlohmann::json::object();
+}
+
+// The template state a restore reads is the file that was hashed, unchanged (template.h).
+Result<void> CheckTemplateUnchanged(const VmSpec& spec, int fd) {
+  if (spec.restore_identity.empty()) return Ok();
+  struct stat st {};
+  if (::fstat(fd, &st) < 0) return Error::Errno("stat " + spec.restore_from);
+  if (FileIdentity(st) != spec.restore_identity) {
+    return Error(Code::kDataLoss,
+                 fmt::format("template state {} changed since it was checked", spec.restore_from));
+  }
+  return Ok();
 }
 
 void FreeReapCtx(void* opaque) {
@@ -329,9 +349,11 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
   if (!spec.restore_from.empty()) {
     template_fd.Reset(::open(spec.restore_from.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
     if (!template_fd) {
-      return Error::Errno(
-          fmt::format("VM {}: open template state {}", spec.name, spec.restore_from));
+      auto e =
+          Error::Errno(fmt::format("VM {}: open template state {}", spec.name, spec.restore_from));
+      return Error(Code::kDataLoss, e.message());
     }
+    PP_TRY(CheckTemplateUnchanged(spec, template_fd.get()));
   }
   // A confined QEMU cannot serve the share itself: its 9p server listens before QEMU starts,
   // and goes when QEMU does (it serves one connection).
@@ -353,11 +375,14 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
     return e;
   }
   if (!spec.restore_from.empty()) {
-    if (auto r = RestoreState(spec.name, template_fd.get()); !r.ok()) {
+    auto r = RestoreState(spec.name, template_fd.get());
+    // Checked again once loaded: a file written while QEMU read it is not what was hashed.
+    if (r.ok()) r = CheckTemplateUnchanged(spec, template_fd.get());
+    if (!r.ok()) {
       (void)virDomainDestroy(dom);
       virDomainFree(dom);
       if (server > 0) ::kill(server, SIGKILL);
-      return r.error();
+      return Error(Code::kDataLoss, r.error().message());
     }
   }
   virDomainFree(dom);
@@ -383,12 +408,13 @@ Result<void> LibvirtBackend::RestoreState(const std::string& name, int fd) {
     std::string last;
     for (int i = 0; i < 3000; ++i) {
       PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-status"}}));
-      last = st.value("status", "");
+      last = JsonStr(st, "status");
       if (last == "running") return Ok();
       PP_ASSIGN_OR_RETURN(auto mig, Qmp(dom, {{"execute", "query-migrate"}}));
-      std::string m = mig.value("status", "");
+      std::string m = JsonStr(mig, "status");
       if (m == "failed" || m == "cancelled") {
-        return Error::Internal("loading the state failed: {}", mig.value("error-desc", m));
+        std::string why = JsonStr(mig, "error-desc");
+        return Error::Internal("loading the state failed: {}", why.empty() ? m : why);
       }
       if (m == "completed" && last == "paused") {
         if (virDomainResume(dom) < 0) return LibvirtError("resume VM " + name);
@@ -416,14 +442,14 @@ Result<void> LibvirtBackend::SaveState(const std::string& name, const std::strin
     PP_TRY(Qmp(dom, {{"execute", "migrate"}, {"arguments", {{"uri", "fd:peapod-template"}}}}));
     for (int i = 0; i < 12000; ++i) {
       PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-migrate"}}));
-      std::string status = st.value("status", "");
+      std::string status = JsonStr(st, "status");
       if (status == "completed") {
         if (::fsync(out.get()) < 0) return Error::Errno("fsync " + path);
         return Ok();
       }
       if (status == "failed" || status == "cancelled") {
-        return Error::Internal("saving the state failed: {}",
-                               st.value("error-desc", std::string(status)));
+        std::string why = JsonStr(st, "error-desc");
+        return Error::Internal("saving the state failed: {}", why.empty() ? status : why);
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }

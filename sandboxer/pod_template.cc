@@ -1,5 +1,7 @@
 // The sandboxer's VM template (template.h, docs/sandboxer.md "Templates"): loaded or built once
 // per set of inputs, then the state pods and pool VMs are restored from.
+#include <sys/stat.h>
+
 #include <chrono>
 
 #include <spdlog/spdlog.h>
@@ -33,10 +35,19 @@ VmSpec PodManager::TemplateSpec(const std::string& domain, const std::string& di
   return s;
 }
 
-std::string PodManager::TemplateFor(const VmSpec& spec) const {
-  if (!tmpl_.ready || cfg_.start_from != "template") return "";
-  if (spec.vcpus != cfg_.vcpus || spec.memory_mib != cfg_.memory_mib) return "";
-  return tmpl_.ready->state;
+uint64_t PodManager::UseTemplate(VmSpec& spec) const {
+  if (!tmpl_.ready || cfg_.start_from != "template") return 0;
+  if (spec.vcpus != cfg_.vcpus || spec.memory_mib != cfg_.memory_mib) return 0;
+  spec.restore_from = tmpl_.ready->state;
+  spec.restore_identity = tmpl_.ready->identity;
+  return tmpl_.ready->generation;
+}
+
+void PodManager::TemplateReady(TemplateInfo t) {
+  tmpl_.building = false;
+  t.generation = ++tmpl_.generations;
+  tmpl_.ready = std::move(t);
+  FillPool();
 }
 
 void PodManager::PrepareTemplate() {
@@ -63,10 +74,8 @@ void PodManager::PrepareTemplate() {
           return FillPool();
         }
         if (found->ok()) {
-          tmpl_.building = false;
-          tmpl_.ready = std::move(**found);
-          spdlog::info("template: {} loaded; pods start from it", tmpl_.ready->state);
-          return FillPool();
+          spdlog::info("template: {} loaded; pods start from it", (*found)->state);
+          return TemplateReady(std::move(**found));
         }
         if (found->error().code() != Code::kNotFound) {
           spdlog::warn("template: {}: building it again", found->error().ToString());
@@ -86,22 +95,34 @@ void PodManager::BuildTemplate(const std::string& key) {
   spdlog::info("template: booting {} to save as {}", domain, dir);
   auto deadline = clock_->Now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
   auto vm = std::make_shared<Result<VmInfo>>(Error(Code::kUnknown, "not started"));
+  // Counted with the pool's boots: a Quit waits for them (DestroyPool) and then removes the
+  // build VM; a job that finds the sandboxer closing removes its own.
+  ++*pool_booting_;
   Off(
       vm_workers_,
-      [this, s, dir, key, vm]() -> Result<void> {
+      [this, s, dir, key, vm, booting = pool_booting_, closed = pool_closed_]() -> Result<void> {
+        auto done = [&](Result<void> r) {
+          if (*closed) RemoveTemplateVmNow(key);
+          --*booting;
+          return r;
+        };
         RemoveTemplateVmNow(key);
         // Templates of other inputs are stale: one template per sandboxer.
         for (const auto& name : storage_->List(TemplatesDir())) {
           if (name != key) (void)storage_->RemoveTree(TemplatesDir() + "/" + name);
         }
-        PP_TRY(storage_->RemoveTree(dir));
-        PP_TRY(storage_->MakeDirs(dir));
-        PP_TRY(storage_->PrepareShare(RunDir(kBuildName)));
+        if (auto r = storage_->RemoveTree(dir); !r.ok()) return done(r);
+        if (auto r = storage_->MakeDirs(dir); !r.ok()) return done(r);
+        // Root's alone: confined QEMUs pass through the state dir.
+        for (const std::string& d : {TemplatesDir(), dir}) {
+          if (::chmod(d.c_str(), 0700) < 0) return done(Error::Errno("chmod " + d));
+        }
+        if (auto r = storage_->PrepareShare(RunDir(kBuildName)); !r.ok()) return done(r);
         VmLauncher::Launch l;
         l.spec = s;
         l.tap = VmLauncher::Launch::Tap::kHost;
         *vm = launcher_.Run(l);
-        return Ok();
+        return done(Ok());
       },
       [this, vm, deadline](Result<void> r) {
         if (r.ok() && !vm->ok()) r = vm->error();
@@ -156,31 +177,39 @@ void PodManager::SaveTemplateVm() {
   const std::string key = tmpl_.build_key, mac = tmpl_.build_mac;
   const std::string dir = TemplatesDir() + "/" + key;
   auto info = std::make_shared<Result<TemplateInfo>>(Error(Code::kUnknown, "not saved"));
+  ++*pool_booting_;
   Off(
       vm_workers_,
-      [this, dir, key, mac, info]() -> Result<void> {
+      [this, dir, key, mac, info, booting = pool_booting_,
+       closed = pool_closed_]() -> Result<void> {
+        auto done = [&](Result<void> r) {
+          --*booting;
+          return r;
+        };
+        if (*closed) {
+          RemoveTemplateVmNow(key);
+          return done(Error(Code::kUnavailable, "the sandboxer is exiting"));
+        }
         auto saved = backend_->SaveState("peapod-" + std::string(kBuildName), dir + "/state.tmp");
         RemoveTemplateVmNow(key);
         if (saved.ok()) saved = storage_->Rename(dir + "/state.tmp", dir + "/state");
         if (saved.ok()) saved = WriteTemplateManifest(dir, key, mac);
         if (!saved.ok()) {
           (void)storage_->RemoveTree(dir);
-          return saved;
+          return done(saved);
         }
         // Checked as a restart would load it.
         *info = LoadTemplate(dir, key);
-        return Ok();
+        return done(Ok());
       },
       [this, info](Result<void> r) {
         if (r.ok() && !info->ok()) r = info->error();
         if (!r.ok()) return TemplateBuildFailed(r.error().Wrap("save"));
-        tmpl_.building = false;
-        tmpl_.ready = std::move(**info);
         spdlog::info(
-            "template: saved {} in {:.1f} s; pods start from it", tmpl_.ready->state,
+            "template: saved {} in {:.1f} s; pods start from it", (*info)->state,
             std::chrono::duration<double>(std::chrono::steady_clock::now() - tmpl_.build_started)
                 .count());
-        FillPool();
+        TemplateReady(std::move(**info));
       });
 }
 
@@ -199,8 +228,9 @@ void PodManager::TemplateBuildFailed(const Error& why) {
       });
 }
 
-void PodManager::TemplateBroken(const std::string& why) {
-  if (!tmpl_.ready) return;
+void PodManager::TemplateBroken(uint64_t generation, const std::string& why) {
+  // A launch that began with an older template reports late: the current one is not at fault.
+  if (!tmpl_.ready || tmpl_.ready->generation != generation) return;
   spdlog::warn("template: {} failed to restore ({}): pods boot; building it again",
                tmpl_.ready->state, why);
   tmpl_.ready.reset();
@@ -220,6 +250,20 @@ void PodManager::RemoveTemplateVmNow(const std::string& key) {
   std::string scratch;
   if (!ids_.enabled()) scratch = TemplatesDir() + "/" + key + "/scratch.img";
   launcher_.DiscardVmFiles(domain, scratch, ids_.UidOf(domain));
+}
+
+void PodManager::CleanTemplateLeftovers() {
+  // A crash during a build leaves the build VM's TAP (Recover destroyed the VM itself, its run
+  // dir and uid) and perhaps a half-written state; the next build would remove them, but with
+  // start_from "boot" none comes.
+  net_->RemoveTap(TapName(kBuildName), "");
+  for (const auto& key : storage_->List(TemplatesDir())) {
+    storage_->RemoveFile(TemplatesDir() + "/" + key + "/state.tmp");
+  }
+}
+
+bool IsReservedPodId(const std::string& id) {
+  return id == kBuildName || id.rfind("pool-", 0) == 0;
 }
 
 void PodManager::SendResumed(const std::shared_ptr<ttrpc::Client>& client,

@@ -182,6 +182,12 @@ void PodManager::Create(const std::string& id, const PodOptions& opts, Reply<voi
   if (!IsValidId(id)) {
     return reply(Error::Invalid("sandbox id '{}' is invalid: use {}", id, kIdRule));
   }
+  if (IsReservedPodId(id)) {
+    return reply(Error::Invalid(
+        "sandbox id '{}' is reserved (the sandboxer names its pool and template VMs so): use "
+        "another id",
+        id));
+  }
   if (Find(id)) return reply(Error::Make(Code::kAlreadyExists, "sandbox {} already exists", id));
   if (!netns.empty() && !net_->NetnsExists(netns)) {
     return reply(Error::NotFound(
@@ -322,10 +328,10 @@ void PodManager::LaunchOwnVm(const std::string& id, Clock::TimePoint deadline,
     l.tap = VmLauncher::Launch::Tap::kPodNetns;
     l.pod_id = id;
     l.netns = pod->rec.netns;
-    // The template VM has a NIC: a pod without one boots.
-    l.spec.restore_from = TemplateFor(l.spec);
   }
-  std::string template_mac = l.spec.restore_from.empty() ? "" : tmpl_.ready->mac;
+  // The template VM has a NIC: a pod without one boots.
+  uint64_t generation = pod->rec.netns.empty() ? 0 : UseTemplate(l.spec);
+  std::string template_mac = generation ? tmpl_.ready->mac : "";
   if (!template_mac.empty()) {
     spdlog::info("pod {}: restoring from template {}", id, l.spec.restore_from);
   }
@@ -342,19 +348,22 @@ void PodManager::LaunchOwnVm(const std::string& id, Clock::TimePoint deadline,
         PP_TRY_CTX(PreparePodFiles(rec), "prepare its share");
         VmSpec spec = launch->spec;
         *vm = launcher_.Run(*launch);
-        if (!vm->ok() && !spec.restore_from.empty()) {
-          // A template that does not load is no reason to fail the pod: it boots.
+        if (!vm->ok() && !spec.restore_from.empty() && vm->error().code() == Code::kDataLoss) {
+          // A template that does not load is no reason to fail the pod: it boots. (Any other
+          // failure is the pod's own, and a boot would fail the same way.)
           *restore_failed = vm->error().ToString();
           launch->spec = spec;
           launch->spec.restore_from.clear();
+          launch->spec.restore_identity.clear();
           launch->steps.clear();
           launch->net.reset();
           *vm = launcher_.Run(*launch);
         }
         return Ok();
       },
-      [this, id, launch, vm, deadline, reply, restore_failed, template_mac](Result<void> files) {
-        if (!restore_failed->empty()) TemplateBroken(*restore_failed);
+      [this, id, launch, vm, deadline, reply, restore_failed, template_mac,
+       generation](Result<void> files) {
+        if (!restore_failed->empty()) TemplateBroken(generation, *restore_failed);
         Pod* pod = Find(id);
         if (!pod) return reply(UnknownPod(id));
         pod->start_steps = std::move(launch->steps);
@@ -727,15 +736,23 @@ void PodManager::Stop(const std::string& id, uint32_t timeout_secs, Reply<void> 
 void PodManager::Quit(std::function<void()> done) {
   quitting_ = true;
   CancelWaiters();
-  if (tmpl_.building) {
-    // A template being built is not kept half-made (a restart builds it again).
-    tmpl_.build_channel = {};
-    vm_workers_.Run([this, key = tmpl_.build_key] { RemoveTemplateVmNow(key); });
-  }
-  DestroyPool([this, done = std::move(done)] {
-    // The writer's queue is in order: once this no-op ran, every record before it is on disk.
+  // A template being built is not kept half-made (a restart builds it again): once the build's
+  // jobs in flight are over (DestroyPool waits for them with the pool's), its VM goes.
+  std::string building = tmpl_.building ? tmpl_.build_key : "";
+  tmpl_.build_channel = {};
+  DestroyPool([this, building, done = std::move(done)] {
     Off(
-        records_, [] { return Ok(); }, [done](Result<void>) { done(); });
+        vm_workers_,
+        [this, building] {
+          if (!building.empty()) RemoveTemplateVmNow(building);
+          return Ok();
+        },
+        [this, done](Result<void>) {
+          // The writer's queue is in order: once this no-op ran, every record before it is on
+          // disk.
+          Off(
+              records_, [] { return Ok(); }, [done](Result<void>) { done(); });
+        });
   });
 }
 

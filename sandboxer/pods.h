@@ -230,6 +230,7 @@ class PodManager {
   // The template (pod_template.cc).
   struct TemplateState {
     std::optional<TemplateInfo> ready;  // loaded and checked: VMs restore from it
+    uint64_t generations = 0;           // loads so far (TemplateInfo::generation)
     bool building = false;
     bool broke_before = false;  // a restore from it failed once already
     std::string build_key, build_mac;
@@ -239,14 +240,20 @@ class PodManager {
   std::string TemplatesDir() const;
   // The template VM's spec (in dir; the key is computed from it with dir empty).
   VmSpec TemplateSpec(const std::string& domain, const std::string& dir) const;
-  // The state file a VM of spec's size restores from, or "" (boot it).
-  std::string TemplateFor(const VmSpec& spec) const;
+  // The template a VM of spec's size restores from (its state, identity and MAC go into the
+  // spec; the returned generation is TemplateBroken's), or 0 and spec unchanged: boot it.
+  uint64_t UseTemplate(VmSpec& spec) const;
+  // A template is ready (generation counted); then FillPool.
+  void TemplateReady(TemplateInfo t);
   void BuildTemplate(const std::string& key);
   void TemplateVmUp(Clock::TimePoint deadline);
   void SaveTemplateVm();
   void TemplateBuildFailed(const Error& why);
-  // A restore from the template failed: it is dropped, removed and built again (once).
-  void TemplateBroken(const std::string& why);
+  // A restore from generation's template failed for the state's sake (DATA_LOSS): it is
+  // dropped, removed and built again (once). Reports about an older generation are ignored.
+  void TemplateBroken(uint64_t generation, const std::string& why);
+  // Recover: the build VM's TAP and half-written states a crash left.
+  void CleanTemplateLeftovers();
   // Blocking (libvirt): the template-building VM, its TAP, run dir and files gone.
   void RemoveTemplateVmNow(const std::string& key);
   // Fresh randomness and the host's time into a VM restored from the template, first thing.

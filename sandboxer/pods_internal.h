@@ -44,6 +44,10 @@ struct PodManager::Pod {
   }
 };
 
+// Names the sandboxer gives its own VMs' run dirs, TAPs and domains ("pool-<hex>",
+// "template-build"): no pod may have one.
+bool IsReservedPodId(const std::string& id);
+
 // n random bytes as hex, sep between them (names and MACs; not secrets).
 std::string RandomBytesHex(size_t n, const char* sep = "");
 

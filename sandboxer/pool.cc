@@ -112,8 +112,8 @@ void PodManager::BootPoolVm() {
   std::string dir = RunDir(vm->name), sdir = PoolStateDir(vm->name);
   VmSpec s = launcher_.BaseSpec(vm->domain, dir, sdir, cfg_.vcpus, cfg_.memory_mib);
   s.tap = vm->tap;
-  s.restore_from = TemplateFor(s);
-  if (!s.restore_from.empty()) {
+  uint64_t generation = UseTemplate(s);
+  if (generation) {
     vm->mac = tmpl_.ready->mac;  // the guest's NIC has the template's MAC
     vm->restored = true;
   }
@@ -124,7 +124,7 @@ void PodManager::BootPoolVm() {
   std::weak_ptr<bool> alive = alive_;
   auto deadline = clock_->Now() + std::chrono::seconds(cfg_.boot_timeout_seconds);
   ++*pool_booting_;
-  vm_workers_.Run([this, alive, s, name, dir, sdir, deadline, booting = pool_booting_,
+  vm_workers_.Run([this, alive, s, name, dir, sdir, deadline, generation, booting = pool_booting_,
                    closed = pool_closed_, tap = s.tap]() mutable {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
     std::string restore_failed;
@@ -137,10 +137,11 @@ void PodManager::BootPoolVm() {
       l.spec = s;
       l.tap = VmLauncher::Launch::Tap::kHost;
       vm = launcher_.Run(l);
-      if (!vm.ok() && !s.restore_from.empty()) {
+      if (!vm.ok() && !s.restore_from.empty() && vm.error().code() == Code::kDataLoss) {
         restore_failed = vm.error().ToString();
         l.spec = s;
         l.spec.restore_from.clear();
+        l.spec.restore_identity.clear();
         l.steps.clear();
         vm = launcher_.Run(l);
       }
@@ -151,9 +152,10 @@ void PodManager::BootPoolVm() {
       --*booting;
       return;
     }
-    loop_->Post([this, alive, vm = std::move(vm), name, dir, deadline, restore_failed]() mutable {
+    loop_->Post([this, alive, vm = std::move(vm), name, dir, deadline, restore_failed,
+                 generation]() mutable {
       if (alive.expired()) return;
-      if (!restore_failed.empty()) TemplateBroken(restore_failed);
+      if (!restore_failed.empty()) TemplateBroken(generation, restore_failed);
       PoolVm* pv = FindPoolVm(name);
       if (!pv) return;
       if (!restore_failed.empty()) pv->restored = false;

@@ -101,6 +101,7 @@ void PodManager::SweepLeftovers(const std::set<std::string>& known,
   }
   cache_.Collect();
   CleanPoolLeftovers();
+  CleanTemplateLeftovers();
   // The files of VMs that are gone (a crash between a VM's end and their removal).
   std::set<std::string> running_domains;
   for (const auto& [id, pod] : pods_) {

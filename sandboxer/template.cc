@@ -4,12 +4,14 @@
 #include <openssl/evp.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <fstream>
 #include <memory>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "common/base/unique_fd.h"
@@ -37,19 +39,6 @@ std::string Hex(const unsigned char* p, unsigned n) {
   return out;
 }
 
-Result<void> HashFileInto(EVP_MD_CTX* ctx, const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return Error::Errno("open " + path);
-  std::vector<char> buf(1 << 20);
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf.data(), buf.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Error::Errno("read " + path);
-    if (n == 0) return Ok();
-    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(n));
-  }
-}
-
 std::string Finish(EVP_MD_CTX* ctx) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned n = 0;
@@ -57,15 +46,75 @@ std::string Finish(EVP_MD_CTX* ctx) {
   return Hex(md, n);
 }
 
-}  // namespace
+// follow: the operator's kernel and initrd may be links; our own files are never followed.
+Result<UniqueFd> OpenRegular(const std::string& path, struct stat* st, bool follow = false) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW)));
+  if (!fd) return Error::Errno("open " + path);
+  if (::fstat(fd.get(), st) < 0) return Error::Errno("stat " + path);
+  if (!S_ISREG(st->st_mode)) return Error::Invalid("{} is not a regular file", path);
+  return fd;
+}
 
-Result<std::string> Sha256OfFile(const std::string& path) {
+Result<void> HashFdInto(EVP_MD_CTX* ctx, int fd, const std::string& path) {
+  std::vector<char> buf(1 << 20);
+  for (;;) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Error::Errno("read " + path);
+    if (n == 0) return Ok();
+    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(n));
+  }
+}
+
+Result<void> HashFileInto(EVP_MD_CTX* ctx, const std::string& path) {
+  struct stat st {};
+  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(path, &st, /*follow=*/true));
+  return HashFdInto(ctx, fd.get(), path);
+}
+
+Result<std::string> Sha256OfFd(int fd, const std::string& path) {
   MdCtx c;
   if (!c.ctx || EVP_DigestInit_ex(c.ctx, EVP_sha256(), nullptr) != 1) {
     return Error::Internal("SHA-256 is not available");
   }
-  PP_TRY(HashFileInto(c.ctx, path));
+  PP_TRY(HashFdInto(c.ctx, fd, path));
   return Finish(c.ctx);
+}
+
+// A string member of a JSON object, or "" (a manifest is read, never trusted to be well-formed).
+std::string Str(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
+// The host CPU's feature flags and kernel: a guest saved under KVM with host-passthrough may use
+// any of them.
+std::string HostCpu() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line, flags;
+  while (std::getline(f, line)) {
+    if (line.rfind("flags", 0) == 0) {
+      flags = line;
+      break;
+    }
+  }
+  utsname u{};
+  ::uname(&u);
+  return flags + "|" + u.release;
+}
+
+}  // namespace
+
+std::string FileIdentity(const struct stat& st) {
+  return fmt::format("{}:{}:{}:{}.{:09}", static_cast<uint64_t>(st.st_dev),
+                     static_cast<uint64_t>(st.st_ino), static_cast<int64_t>(st.st_size),
+                     static_cast<int64_t>(st.st_ctim.tv_sec), st.st_ctim.tv_nsec);
+}
+
+Result<std::string> Sha256OfFile(const std::string& path) {
+  struct stat st {};
+  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(path, &st));
+  return Sha256OfFd(fd.get(), path);
 }
 
 Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
@@ -89,10 +138,12 @@ Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
       {"tcg_tb_cache_mib", spec.tcg_tb_cache_mib},
       {"nic", !spec.tap.empty()},
       {"scratch_mib", scratch ? scratch_size_mib : 0},
-      {"share", spec.share_dir.empty() ? "none"
-                : spec.uid != 0        ? "proxy"
-                                       : "qemu"},
+      // A confined VM's share comes through the 9p proxy (a device of its own).
+      {"share", spec.share_dir.empty()      ? "none"
+                : spec.share_socket.empty() ? "qemu"
+                                            : "proxy"},
       {"qemu", {qemu_binary, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtime)}},
+      {"host_cpu", spec.kvm ? HostCpu() : std::string()},
   };
   std::string text = shape.dump();
   EVP_DigestUpdate(c.ctx, text.data(), text.size());
@@ -105,26 +156,34 @@ Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key
   auto m = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
   if (m.is_discarded() || !m.is_object())
     return Error::Invalid("{}/manifest.json is not JSON", dir);
-  if (m.value("key", "") != key) {
+  if (Str(m, "key") != key) {
     return Error::Invalid(
-        "template {} was made for other inputs (kernel, initrd, VM size or "
-        "QEMU changed)",
-        dir);
+        "template {} was made for other inputs (kernel, initrd, VM size or QEMU changed)", dir);
   }
-  TemplateInfo t{key, dir + "/state", m.value("mac", "")};
+  TemplateInfo t{key, dir + "/state", Str(m, "mac"), "", 0};
+  if (t.mac.empty()) return Error::Invalid("{}/manifest.json names no MAC", dir);
+  auto bytes = m.find("state_bytes");
+  if (bytes == m.end() || !bytes->is_number_unsigned()) {
+    return Error::Invalid("{}/manifest.json has no state_bytes", dir);
+  }
   struct stat st {};
-  if (::stat(t.state.c_str(), &st) < 0) return Error::Errno("template state " + t.state);
-  uint64_t want = m.value("state_bytes", uint64_t{0});
-  if (static_cast<uint64_t>(st.st_size) != want) {
+  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(t.state, &st));
+  if (static_cast<uint64_t>(st.st_size) != bytes->get<uint64_t>()) {
     return Error::Invalid("template state {} has {} bytes, its manifest says {}", t.state,
-                          st.st_size, want);
+                          st.st_size, bytes->get<uint64_t>());
   }
-  PP_ASSIGN_OR_RETURN(auto sum, Sha256OfFile(t.state));
-  if (sum != m.value("state_sha256", "")) {
+  PP_ASSIGN_OR_RETURN(auto sum, Sha256OfFd(fd.get(), t.state));
+  if (sum != Str(m, "state_sha256")) {
     return Error::Invalid("template state {} is corrupt (SHA-256 {} is not the manifest's)",
                           t.state, sum);
   }
-  if (t.mac.empty()) return Error::Invalid("{}/manifest.json names no MAC", dir);
+  // What was hashed is what restores must find: the same file, unchanged since.
+  struct stat after {};
+  if (::fstat(fd.get(), &after) < 0) return Error::Errno("stat " + t.state);
+  t.identity = FileIdentity(after);
+  if (t.identity != FileIdentity(st)) {
+    return Error::Invalid("template state {} changed while it was checked", t.state);
+  }
   return t;
 }
 
@@ -132,8 +191,8 @@ Result<void> WriteTemplateManifest(const std::string& dir, const std::string& ke
                                    const std::string& mac) {
   const std::string state = dir + "/state";
   struct stat st {};
-  if (::stat(state.c_str(), &st) < 0) return Error::Errno("template state " + state);
-  PP_ASSIGN_OR_RETURN(auto sum, Sha256OfFile(state));
+  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(state, &st));
+  PP_ASSIGN_OR_RETURN(auto sum, Sha256OfFd(fd.get(), state));
   nlohmann::json m = {{"format", kTemplateFormat},
                       {"key", key},
                       {"state_bytes", static_cast<uint64_t>(st.st_size)},

@@ -3,6 +3,9 @@
 // docs/sandboxer.md ("Templates") for the files, the checks and the limits.
 #pragma once
 
+#include <sys/stat.h>
+
+#include <cstdint>
 #include <string>
 
 #include "common/base/result.h"
@@ -15,7 +18,14 @@ struct TemplateInfo {
   std::string key;    // hex SHA-256 of its inputs (TemplateKey)
   std::string state;  // the saved state file
   std::string mac;    // the NIC's MAC in the saved guest: a restored VM's agent re-MACs from it
+  // The state file as it was hashed (FileIdentity): a restore refuses a file that changed.
+  std::string identity;
+  uint64_t generation = 0;  // which load of the sandboxer's this is (PodManager counts them)
 };
+
+// Device, inode, size and change time: a file written, truncated or replaced since has another
+// (ctime cannot be set back without changing the clock).
+std::string FileIdentity(const struct stat& st);
 
 // The inputs a template is valid for: kernel and initrd (their bytes), command line, VM size,
 // accelerator, translation cache, the devices (NIC, scratch disk and its size, how the share
@@ -24,11 +34,12 @@ struct TemplateInfo {
 Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
                                 const std::string& qemu_binary);
 
-// Hex SHA-256 of a file's bytes.
+// Hex SHA-256 of the bytes of a regular file, opened without following a symlink.
 Result<std::string> Sha256OfFile(const std::string& path);
 
 // <dir>/manifest.json and <dir>/state: the manifest must name key and the state's exact size
-// and SHA-256. Any mismatch (a changed input, a truncated or corrupt file) is an error that
+// and SHA-256 (the file opened once, without following symlinks: what is hashed is what the
+// identity names). Any mismatch (a changed input, a truncated or corrupt file) is an error that
 // says which.
 Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key);
 

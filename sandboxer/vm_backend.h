@@ -57,6 +57,10 @@ struct VmSpec {
   // SaveState wrote of a VM with this same spec but for names, paths and MAC): QEMU loads the
   // saved device state and memory and the guest runs on from where the template stopped.
   std::string restore_from;
+  // restore_from's FileIdentity (template.h) when it was checked: a file that changed since is
+  // refused. A restore that fails for the state's sake fails with DATA_LOSS (the caller can
+  // boot instead); other errors are the VM's.
+  std::string restore_identity;
 };
 
 struct VmInfo {

@@ -199,6 +199,12 @@ TEST_F(PodManagerTest, AnInvalidIdIsInvalidArgument) {
     ASSERT_FALSE(r.ok()) << "'" << id << "'";
     EXPECT_EQ(r.error().code(), Code::kInvalidArgument) << r.error().ToString();
   }
+  // The names of the sandboxer's own VMs (their run dirs, TAPs and domains) are no pod's.
+  for (std::string id : {"template-build", "pool-0123456789ab"}) {
+    auto r = Create(id);
+    ASSERT_FALSE(r.ok()) << id;
+    EXPECT_NE(r.error().message().find("reserved"), std::string::npos) << r.error().ToString();
+  }
   EXPECT_FALSE(fs::exists(cfg_.state_dir + "/escape"));
   EXPECT_FALSE(fs::exists(cfg_.run_dir + "/escape"));
   EXPECT_TRUE(fs::is_empty(cfg_.state_dir + "/pods"));

@@ -369,6 +369,11 @@ TEST(TemplateTest, AKeyChangesWithItsInputsAndABadStateIsRefused) {
   other = s;
   other.tap.clear();
   EXPECT_NE(*TemplateKey(other, 1024, qemu), *k1) << "NIC";
+  other = s;
+  other.share_dir = "/run/share";
+  auto qemu_share = *TemplateKey(other, 1024, qemu);
+  other.share_socket = "/run/vm/9p";  // a confined VM: the share through the 9p proxy
+  EXPECT_NE(*TemplateKey(other, 1024, qemu), qemu_share) << "share proxy";
   std::ofstream(t.path() + "/initrd", std::ios::app) << '\0';
   EXPECT_NE(*TemplateKey(s, 1024, qemu), *k1) << "initrd bytes";
   EXPECT_FALSE(TemplateKey(s, 1024, t.path() + "/no-qemu").ok());
@@ -382,6 +387,27 @@ TEST(TemplateTest, AKeyChangesWithItsInputsAndABadStateIsRefused) {
   ASSERT_TRUE(loaded.ok()) << loaded.error().ToString();
   EXPECT_EQ(loaded->state, dir + "/state");
   EXPECT_EQ(loaded->mac, "02:00:00:00:00:01");
+  struct stat st {};
+  ASSERT_EQ(::stat((dir + "/state").c_str(), &st), 0);
+  EXPECT_EQ(loaded->identity, FileIdentity(st)) << "what a restore must still find";
+  // A state that is a link (to a file that would pass) is not followed.
+  fs::rename(dir + "/state", dir + "/real");
+  fs::create_symlink(dir + "/real", dir + "/state");
+  EXPECT_FALSE(LoadTemplate(dir, *k1).ok());
+  fs::remove(dir + "/state");
+  fs::rename(dir + "/real", dir + "/state");
+  // A manifest of the wrong shape is an error, not a crash.
+  std::string manifest;
+  {
+    std::ifstream in(dir + "/manifest.json");
+    manifest.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  std::ofstream(dir + "/manifest.json") << R"({"key": 7, "state_bytes": "x", "mac": []})";
+  EXPECT_FALSE(LoadTemplate(dir, *k1).ok());
+  std::ofstream(dir + "/manifest.json") << "[1, 2]";
+  EXPECT_FALSE(LoadTemplate(dir, *k1).ok());
+  std::ofstream(dir + "/manifest.json") << manifest;
+  ASSERT_TRUE(LoadTemplate(dir, *k1).ok());
   EXPECT_NE(LoadTemplate(dir, "other").error().message().find("other inputs"), std::string::npos);
   {
     std::fstream f(dir + "/state", std::ios::in | std::ios::out | std::ios::binary);
