@@ -502,21 +502,10 @@ class Bench:
         log("restarting peapod-sandboxer with pool_size 1")
         self.stop("sandboxer")
         self.start_sandboxer(pool_size=1)
-        warm, steps = [], []
-        for i in range(n):
-            # A ready pool VM: the sandboxer logs "pool: <name> ready ...; 1 of 1 ready".
-            def pool_ready():
-                with open(self.sandboxer_log, errors="replace") as f:
-                    return f.read().count("of 1 ready") > i
-            self.wait_for("a ready pool VM", pool_ready, 300)
-            pod, _, ms = self.runp("peapod")
-            st = self.start_steps(pod)
-            if st is None or "adopt_pool_vm" not in st:
-                raise Failed(f"pod {pod} did not start from the pool (see {self.sandboxer_log})")
-            warm.append(ms)
-            steps.append(st)
-            self.rmp(pod)
-            log(f"warm start {i + 1}/{n}: {ms:.0f} ms (sandboxer {st['total']:.0f})")
+        # A ready pool VM before each: the sandboxer logs "pool: <name> ready ...; 1 of 1 ready".
+        def pool_ready(i):
+            self.wait_for("a ready pool VM", lambda: self.log_count("of 1 ready") > i, 300)
+        warm, steps = self.runp_series(n, "warm start", "adopt_pool_vm", pool_ready)
         cold = self.results.get("cold_start", {}).get("containerd2", {}).get("median")
         w = stats(warm)
         self.results["warm_start"] = dict(w, ratio_to_cold=ratio(w["median"], cold) if cold else None,
@@ -525,6 +514,23 @@ class Bench:
         log("restarting peapod-sandboxer without a pool")
         self.stop("sandboxer")
         self.start_sandboxer()
+
+    def runp_series(self, n, what, step, wait=None):
+        """n peapod runps one after another, each removed after; each must show `step` among its
+        sandboxer start steps. wait(i), if given, runs before the i-th."""
+        times, steps = [], []
+        for i in range(n):
+            if wait:
+                wait(i)
+            pod, _, ms = self.runp("peapod")
+            st = self.start_steps(pod)
+            if st is None or step not in st:
+                raise Failed(f"pod {pod} has no '{step}' start step ({what}; see {self.sandboxer_log})")
+            times.append(ms)
+            steps.append(st)
+            self.rmp(pod)
+            log(f"{what} {i + 1}/{n}: {ms:.0f} ms (sandboxer {st['total']:.0f})")
+        return times, steps
 
     def use_start_from(self, start_from):
         """Restarts the sandboxer (no pool) with start_from unless it runs so already; with
@@ -567,16 +573,7 @@ class Bench:
         if m:
             out["state_mib"] = round(os.path.getsize(m[-1][0]) / 2**20, 1)
             out["save_reported_s"] = float(m[-1][1])
-        single, steps = [], []
-        for i in range(n):
-            pod, _, ms = self.runp("peapod")
-            st = self.start_steps(pod)
-            if st is None or "resumed" not in st:
-                raise Failed(f"pod {pod} was not restored from the template (see {self.sandboxer_log})")
-            single.append(ms)
-            steps.append(st)
-            self.rmp(pod)
-            log(f"template start {i + 1}/{n}: {ms:.0f} ms (sandboxer {st['total']:.0f})")
+        single, steps = self.runp_series(n, "template start", "resumed")
         floor = self.results.get("floor_ms")
         booted = self.results.get("cold_start", {}).get("containerd2", {}).get("median")
         s1 = stats(single)
@@ -632,16 +629,10 @@ class Bench:
         base = self.log_count("of 1 ready")
         self.stop("sandboxer")
         self.start_sandboxer(pool_size=1, start_from="template")
-        warm = []
-        for i in range(n):
-            self.wait_for("a ready pool VM", lambda: self.log_count("of 1 ready") > base + i, 300)
-            pod, _, ms = self.runp("peapod")
-            st = self.start_steps(pod) or {}
-            if "adopt_pool_vm" not in st:
-                raise Failed(f"pod {pod} did not start from the pool (see {self.sandboxer_log})")
-            warm.append(ms)
-            self.rmp(pod)
-            log(f"warm start (template pool) {i + 1}/{n}: {ms:.0f} ms")
+        warm, _ = self.runp_series(
+            n, "warm start (template pool)", "adopt_pool_vm",
+            lambda i: self.wait_for("a ready pool VM",
+                                    lambda: self.log_count("of 1 ready") > base + i, 300))
         out["pool_vms_restored"] = self.log_count("pool: restoring pool-")
         runc = self.results.get("cold_start", {}).get("runc", {}).get("median")
         w = stats(warm)

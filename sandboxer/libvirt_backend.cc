@@ -374,6 +374,16 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
     if (server > 0) ::kill(server, SIGKILL);
     return e;
   }
+  // Reaped as soon as it exits, from here on: a QEMU that dies while restoring would otherwise
+  // stay a zombie of ours, and libvirt waits (~15 s) for it to vanish before it fails the
+  // monitor call in flight.
+  VmInfo info{spec.name, 0};
+  if (auto pid = FindQemuPid(spec.name); pid.ok()) {
+    info.pid = *pid;
+    ReapWhenExits(spec.name, *pid);
+  } else {
+    spdlog::warn("libvirt: {}", pid.error().ToString());
+  }
   if (!spec.restore_from.empty()) {
     auto r = RestoreState(spec.name, template_fd.get());
     // Checked again once loaded: a file written while QEMU read it is not what was hashed.
@@ -386,13 +396,6 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
     }
   }
   virDomainFree(dom);
-  VmInfo info{spec.name, 0};
-  if (auto pid = FindQemuPid(spec.name); pid.ok()) {
-    info.pid = *pid;
-    ReapWhenExits(spec.name, *pid);
-  } else {
-    spdlog::warn("libvirt: {}", pid.error().ToString());
-  }
   return info;
 }
 

@@ -304,6 +304,32 @@ TEST_F(LibvirtBackendTest, TwoVmsRestoredFromOneSavedStateRunOnWithTheirOwnRando
   ASSERT_EQ(uuids.size(), 2u);
   EXPECT_EQ(uuids[0].size(), 37u) << uuids[0];
   EXPECT_NE(uuids[0], uuids[1]) << "two VMs from one template drew the same random numbers";
+
+  // A stream QEMU cannot load (it exits): DATA_LOSS, the caller's cue to boot instead, and no
+  // VM left. So is a state that is not the file that was checked.
+  std::string junk = dir_ + "/junk.state";
+  std::ofstream(junk) << std::string(1 << 16, '\x5a');
+  auto bad = Spec("peapod-lvc3");
+  bad.restore_from = junk;
+  auto t_bad = std::chrono::steady_clock::now();
+  auto r = backend_->Start(bad);
+  ASSERT_FALSE(r.ok());
+  std::printf("a stream QEMU cannot load failed the start in %.1f s: %s\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_bad).count(),
+              r.error().ToString().c_str());
+  EXPECT_EQ(r.error().code(), Code::kDataLoss) << r.error().ToString();
+  auto listed = backend_->List();
+  ASSERT_TRUE(listed.ok());
+  std::vector<sandboxer::VmInfo> vms = *listed;
+  for (const auto& vm : vms) {
+    EXPECT_NE(vm.name, "peapod-lvc3") << "a VM that did not restore is left running";
+  }
+  bad.restore_from = state;
+  bad.restore_identity = "0:0:0:0.000000000";
+  r = backend_->Start(bad);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Code::kDataLoss) << r.error().ToString();
+  EXPECT_NE(r.error().message().find("changed since it was checked"), std::string::npos);
 }
 
 TEST_F(LibvirtBackendTest, BadSpecsAreClearErrors) {

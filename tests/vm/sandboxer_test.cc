@@ -723,7 +723,8 @@ TEST_F(SandboxerTest, ATemplateIsRebuiltWhenItsInitrdChangesAndABrokenOneFallsBa
   ASSERT_TRUE(LogShows("is corrupt")) << Log();
   ASSERT_TRUE(LogShows("template: saved ", 3)) << Log();
 
-  // A state file cut short after it was loaded: QEMU cannot restore from it; the pod boots.
+  // A state file cut short after it was loaded: the restore refuses it (it is not the file that
+  // was hashed); the pod boots.
   fs::resize_file(state, fs::file_size(state) / 2);
   PodNetns ns("pp-tplb-" + std::to_string(::getpid() % 100000), "10.97");
   ASSERT_TRUE(ns.ok());
