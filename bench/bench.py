@@ -629,14 +629,15 @@ class Bench:
         base = self.log_count("of 1 ready")
         self.stop("sandboxer")
         self.start_sandboxer(pool_size=1, start_from="template")
-        warm, _ = self.runp_series(
+        warm, wsteps = self.runp_series(
             n, "warm start (template pool)", "adopt_pool_vm",
             lambda i: self.wait_for("a ready pool VM",
                                     lambda: self.log_count("of 1 ready") > base + i, 300))
         out["pool_vms_restored"] = self.log_count("pool: restoring pool-")
         runc = self.results.get("cold_start", {}).get("runc", {}).get("median")
         w = stats(warm)
-        out["warm_pool"] = dict(w, ratio_to_runc=ratio(w["median"], runc) if runc else None)
+        out["warm_pool"] = dict(w, ratio_to_runc=ratio(w["median"], runc) if runc else None,
+                                breakdown=self.breakdown(warm, wsteps))
         log("restarting peapod-sandboxer as before (boot, no pool)")
         self.stop("sandboxer")
         self.start_sandboxer()
