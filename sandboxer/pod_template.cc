@@ -112,9 +112,12 @@ void PodManager::BuildTemplate(const std::string& key) {
           if (name != key) (void)storage_->RemoveTree(TemplatesDir() + "/" + name);
         }
         if (auto r = storage_->RemoveTree(dir); !r.ok()) return done(r);
-        if (auto r = storage_->MakeDirs(dir); !r.ok()) return done(r);
+        // The template's files are the backend's and ours, not a pod's storage: made here.
         // Root's alone: confined QEMUs pass through the state dir.
         for (const std::string& d : {TemplatesDir(), dir}) {
+          if (::mkdir(d.c_str(), 0700) < 0 && errno != EEXIST) {
+            return done(Error::Errno("mkdir " + d));
+          }
           if (::chmod(d.c_str(), 0700) < 0) return done(Error::Errno("chmod " + d));
         }
         if (auto r = storage_->PrepareShare(RunDir(kBuildName)); !r.ok()) return done(r);

@@ -1,6 +1,9 @@
 #include "tests/sandboxer/fakes.h"
 
+#include <sys/stat.h>
+
 #include <filesystem>
+#include <fstream>
 #include <future>
 
 #include "common/agentapi/agent_client.h"
@@ -418,16 +421,36 @@ void FakeVms::Serve(const std::shared_ptr<Vm>& vm) {
         if (!vm || vm->hang) return;  // never answered
         done(v1::CheckResponse());
       });
+  auto note = [this, weak](const char* call) {
+    auto vm = weak.lock();
+    if (!vm) return;
+    std::lock_guard lock(mu_);
+    calls_[vm->name].push_back(call);
+  };
   RegisterTyped<v1::ConfigureNetworkRequest, agentapi::Empty>(
       s, svc, "ConfigureNetwork",
-      [weak](const ttrpc::CallContext&, v1::ConfigureNetworkRequest&& req, auto done) {
+      [weak, note](const ttrpc::CallContext&, v1::ConfigureNetworkRequest&& req, auto done) {
+        note("ConfigureNetwork");
         if (auto vm = weak.lock()) vm->network = std::move(req);
         done(agentapi::Empty());
       });
   RegisterTyped<v1::CreateSandboxRequest, agentapi::Empty>(
       s, svc, "CreateSandbox",
-      [weak](const ttrpc::CallContext&, v1::CreateSandboxRequest&& req, auto done) {
+      [weak, note](const ttrpc::CallContext&, v1::CreateSandboxRequest&& req, auto done) {
+        note("CreateSandbox");
         if (auto vm = weak.lock()) vm->sandbox = std::move(req);
+        done(agentapi::Empty());
+      });
+  RegisterTyped<v1::PrepareTemplateRequest, agentapi::Empty>(
+      s, svc, "PrepareTemplate",
+      [note](const ttrpc::CallContext&, v1::PrepareTemplateRequest&&, auto done) {
+        note("PrepareTemplate");
+        done(agentapi::Empty());
+      });
+  RegisterTyped<v1::ResumedRequest, agentapi::Empty>(
+      s, svc, "Resumed", [note](const ttrpc::CallContext&, v1::ResumedRequest&& req, auto done) {
+        if (req.entropy().size() < 32) return done(Error::Invalid("too little entropy"));
+        note("Resumed");
         done(agentapi::Empty());
       });
   RegisterTyped<v1::ContainerRequest, v1::StatsContainerResponse>(
@@ -447,8 +470,39 @@ void FakeVms::Serve(const std::shared_ptr<Vm>& vm) {
       });
 }
 
+Result<void> FakeVms::SaveState(const std::string& name, const std::string& path) {
+  {
+    std::lock_guard lock(mu_);
+    if (!vms_.count(name)) return Error::NotFound("no domain {}", name);
+  }
+  std::ofstream f(path, std::ios::trunc);
+  f << "the saved state of " << name << "\n";
+  f.close();
+  if (!f) return Error::Errno("write " + path);
+  ::chmod(path.c_str(), 0600);
+  return Ok();
+}
+
+std::vector<std::string> FakeVms::CallsOf(const std::string& name) {
+  std::lock_guard lock(mu_);
+  return calls_[name];
+}
+
+bool FakeVms::Restored(const std::string& name) {
+  std::lock_guard lock(mu_);
+  return restored_.count(name) > 0;
+}
+
 Result<VmInfo> FakeVms::Start(const VmSpec& spec) {
   PP_FAKE_FAULT("Start");
+  if (!spec.restore_from.empty()) {
+    std::ifstream f(spec.restore_from);
+    std::string head;
+    std::getline(f, head);
+    if (!f || head.rfind("bad", 0) == 0) {
+      return Error(Code::kDataLoss, "VM " + spec.name + ": the state does not load");
+    }
+  }
   auto vm = std::make_shared<Vm>();
   vm->name = spec.name;
   {
@@ -472,6 +526,12 @@ Result<VmInfo> FakeVms::Start(const VmSpec& spec) {
   std::lock_guard lock(mu_);
   vms_[spec.name] = vm;
   specs_[spec.name] = spec;
+  calls_[spec.name].clear();
+  if (spec.restore_from.empty()) {
+    restored_.erase(spec.name);
+  } else {
+    restored_.insert(spec.name);
+  }
   disks_[spec.name].clear();
   return VmInfo{spec.name, vm->pid};
 }

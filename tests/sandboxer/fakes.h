@@ -161,8 +161,17 @@ class FakeVms : public VmBackend, public Faults {
   Result<void> DetachDisk(const std::string& name, const DiskSpec& disk) override;
   Result<std::vector<VmInfo>> List() override;
   void SetOnStopped(std::function<void(const std::string& name)> cb) override;
+  // Templates, once EnableTemplates: SaveState writes a small file; a Start whose restore_from
+  // holds a file beginning "bad" fails with DATA_LOSS, as a state QEMU cannot load.
+  bool SupportsTemplates() const override { return templates_; }
+  Result<void> SaveState(const std::string& name, const std::string& path) override;
 
   // Test controls.
+  void EnableTemplates() { templates_ = true; }
+  // The agent calls a VM got, in order (Resumed, ConfigureNetwork, CreateSandbox,
+  // PrepareTemplate), and whether it was restored.
+  std::vector<std::string> CallsOf(const std::string& name);
+  bool Restored(const std::string& name);
   // The next VM started never answers its agent's Check (a guest that does not boot).
   void HangNextBoot();
   // StatsContainer calls go unanswered from now on (a guest that hangs on them).
@@ -191,6 +200,9 @@ class FakeVms : public VmBackend, public Faults {
   std::map<std::string, std::set<unsigned>> disks_;
   std::map<std::string, VmSpec> specs_;
   bool hang_next_ = false;
+  bool templates_ = false;
+  std::map<std::string, std::vector<std::string>> calls_;
+  std::set<std::string> restored_;
   std::atomic<bool> hold_stats_{false};
   size_t start_calls_ = 0;
   int next_pid_ = 100000;

@@ -767,5 +767,67 @@ TEST_F(PodStatesTest, APoolVmIsAdoptedWithItsTapMovedAndThePoolRefills) {
   EXPECT_EQ(net_->taps().size(), 1u);
 }
 
+// The VM template through the PodManager: built once (a VM prepared and saved, then gone),
+// pods with a network restored from it and reseeded before anything else, a start that fails
+// for another reason leaves the template alone, and one whose state does not load boots the
+// pod and has the template built again.
+TEST_F(PodStatesTest, PodsStartFromTheTemplateAndOnlyItsOwnFailureRebuildsIt) {
+  if (::access("/usr/bin/qemu-system-x86_64", F_OK) != 0) {
+    GTEST_SKIP() << "the template key names /usr/bin/qemu-system-x86_64, which is not installed";
+  }
+  std::ofstream(dir_ + "/vmlinux") << "kernel";
+  std::ofstream(dir_ + "/initrd.img") << "initrd";
+  cfg_.kernel = dir_ + "/vmlinux";
+  cfg_.initrd = dir_ + "/initrd.img";
+  cfg_.start_from = "template";
+  DropManager();
+  vms_->EnableTemplates();
+  ASSERT_OK(NewManager());
+  lt_->Sync([&] { pm_->PrepareTemplate(); });
+  auto ready = [&] { return lt_->Sync([&] { return pm_->template_ready(); }); };
+  ASSERT_TRUE(Eventually(ready));
+  EXPECT_EQ(vms_->CallsOf("peapod-template-build"), std::vector<std::string>{"PrepareTemplate"});
+  EXPECT_TRUE(Eventually([&] { return vms_->running().empty(); })) << "the build VM stays";
+  std::vector<std::string> keys;
+  for (const auto& e : fs::directory_iterator(cfg_.state_dir + "/templates")) {
+    keys.push_back(e.path().filename());
+  }
+  ASSERT_EQ(keys.size(), 1u);
+  const std::string state = cfg_.state_dir + "/templates/" + keys[0] + "/state";
+  EXPECT_EQ(fs::status(cfg_.state_dir + "/templates").permissions() & fs::perms::all,
+            fs::perms::owner_all);
+
+  // Restored, and reseeded first.
+  StartPod("p1");
+  const std::string d1 = "peapod-p1";
+  EXPECT_TRUE(vms_->Restored(d1));
+  auto calls = vms_->CallsOf(d1);
+  ASSERT_FALSE(calls.empty());
+  EXPECT_EQ(calls.front(), "Resumed") << "the pod's setup reached a guest with the template's RNG";
+  // The guest's NIC has the template's MAC until the agent gives it the pod's.
+  ASSERT_TRUE(vms_->NetworkOf(d1));
+  auto itf = vms_->NetworkOf(d1)->interfaces(0);
+  EXPECT_NE(itf.current_mac(), itf.mac());
+  EXPECT_FALSE(itf.current_mac().empty());
+  // A pod without a network has no NIC, unlike the template: it boots.
+  StartPod("p2", PodOptions());
+  EXPECT_FALSE(vms_->Restored("peapod-p2"));
+
+  // A start that fails for the pod's own reason (its network) is not the template's.
+  ASSERT_OK(Create("p3", WithNetns()));
+  net_->FailNext("PrepareTap", Error::NotFound("the CNI interface vanished"));
+  EXPECT_FALSE(Start("p3").ok());
+  EXPECT_TRUE(ready()) << "a pod's own failure dropped the template";
+
+  // A state that does not load: the pod boots, and the template is built again.
+  std::ofstream(state, std::ios::trunc) << "bad state\n";
+  auto s = Start("p3");
+  ASSERT_TRUE(s.ok()) << s.error().ToString();
+  EXPECT_FALSE(vms_->Restored("peapod-p3")) << "booted instead";
+  ASSERT_TRUE(Eventually(ready)) << "the template was not built again";
+  StartPod("p4");
+  EXPECT_TRUE(vms_->Restored("peapod-p4"));
+}
+
 }  // namespace
 }  // namespace peapod::sandboxer
