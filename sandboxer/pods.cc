@@ -338,32 +338,18 @@ void PodManager::LaunchOwnVm(const std::string& id, Clock::TimePoint deadline,
   PodRecord rec = pod->rec;
   auto launch = std::make_shared<VmLauncher::Launch>(std::move(l));
   auto vm = std::make_shared<Result<VmInfo>>(Error(Code::kUnknown, "not launched"));
-  auto restore_failed = std::make_shared<std::string>();
   Off(
       vm_workers_,
-      [this, rec, launch, vm, restore_failed]() -> Result<void> {
+      [this, rec, launch, vm]() -> Result<void> {
         // The share QEMU will export must be the read-only one (a run dir from before it, or
         // one a reboot emptied, is laid out again here; one that cannot be is refused, never
         // exported).
         PP_TRY_CTX(PreparePodFiles(rec), "prepare its share");
-        VmSpec spec = launch->spec;
         *vm = launcher_.Run(*launch);
-        if (!vm->ok() && !spec.restore_from.empty() && vm->error().code() == Code::kDataLoss) {
-          // A template that does not load is no reason to fail the pod: it boots. (Any other
-          // failure is the pod's own, and a boot would fail the same way.)
-          *restore_failed = vm->error().ToString();
-          launch->spec = spec;
-          launch->spec.restore_from.clear();
-          launch->spec.restore_identity.clear();
-          launch->steps.clear();
-          launch->net.reset();
-          *vm = launcher_.Run(*launch);
-        }
         return Ok();
       },
-      [this, id, launch, vm, deadline, reply, restore_failed, template_mac,
-       generation](Result<void> files) {
-        if (!restore_failed->empty()) TemplateBroken(generation, *restore_failed);
+      [this, id, launch, vm, deadline, reply, template_mac, generation](Result<void> files) {
+        if (!launch->restore_failed.empty()) TemplateBroken(generation, launch->restore_failed);
         Pod* pod = Find(id);
         if (!pod) return reply(UnknownPod(id));
         pod->start_steps = std::move(launch->steps);

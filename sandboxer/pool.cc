@@ -127,7 +127,7 @@ void PodManager::BootPoolVm() {
   vm_workers_.Run([this, alive, s, name, dir, sdir, deadline, generation, booting = pool_booting_,
                    closed = pool_closed_, tap = s.tap]() mutable {
     Result<VmInfo> vm = Error(Code::kUnknown, "not started");
-    std::string restore_failed;
+    std::string restore_failed;  // the VM booted instead (VmLauncher::Launch)
     auto made = storage_->MakeDirs(sdir);
     if (made.ok()) made = storage_->PrepareShare(dir);
     if (!made.ok()) {
@@ -137,14 +137,7 @@ void PodManager::BootPoolVm() {
       l.spec = s;
       l.tap = VmLauncher::Launch::Tap::kHost;
       vm = launcher_.Run(l);
-      if (!vm.ok() && !s.restore_from.empty() && vm.error().code() == Code::kDataLoss) {
-        restore_failed = vm.error().ToString();
-        l.spec = s;
-        l.spec.restore_from.clear();
-        l.spec.restore_identity.clear();
-        l.steps.clear();
-        vm = launcher_.Run(l);
-      }
+      restore_failed = l.restore_failed;
     }
     if (*closed) {
       // The sandboxer is going away (DestroyPool waits for us): leave nothing behind.

@@ -102,6 +102,14 @@ Result<VmInfo> VmLauncher::Run(Launch& l) {
   }
   step("tap_create");
   Result<VmInfo> vm = backend_->Start(spec);
+  if (!vm.ok() && !spec.restore_from.empty() && vm.error().code() == Code::kDataLoss) {
+    // A template state that does not load is no reason to fail the VM: it boots, with the uid,
+    // disk and TAP it has. (Any other failure is the VM's own; a boot would fail the same way.)
+    l.restore_failed = vm.error().ToString();
+    spec.restore_from.clear();
+    spec.restore_identity.clear();
+    vm = backend_->Start(spec);
+  }
   step("vm_define_start");
   if (vm.ok() && l.net) {
     if (auto a = net_->AttachTap(*l.net); !a.ok()) {

@@ -37,6 +37,9 @@ class VmLauncher {
     std::string pod_id, netns;                          // kPodNetns
     std::optional<PodNetwork> net;                      // out (kPodNetns)
     std::vector<std::pair<std::string, double>> steps;  // out: ms per step
+    // out: why the restore from spec.restore_from failed (DATA_LOSS: the state would not load).
+    // The VM then booted instead, and spec.restore_from is empty.
+    std::string restore_failed;
   };
   Result<VmInfo> Run(Launch& l);
 
