@@ -196,13 +196,11 @@ void PodManager::SaveTemplateVm() {
         auto saved = backend_->SaveState("peapod-" + std::string(kBuildName), dir + "/state.tmp");
         RemoveTemplateVmNow(key);
         if (saved.ok()) saved = storage_->Rename(dir + "/state.tmp", dir + "/state");
-        if (saved.ok()) saved = WriteTemplateManifest(dir, key, mac);
-        if (!saved.ok()) {
+        if (saved.ok()) *info = WriteTemplateManifest(dir, key, mac);
+        if (!saved.ok() || !info->ok()) {
           (void)storage_->RemoveTree(dir);
-          return done(saved);
+          return done(saved.ok() ? Result<void>(info->error()) : saved);
         }
-        // Checked as a restart would load it.
-        *info = LoadTemplate(dir, key);
         return done(Ok());
       },
       [this, info](Result<void> r) {

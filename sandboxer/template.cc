@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <fmt/format.h>
@@ -24,11 +26,6 @@ namespace {
 // Bumped when what a template holds changes meaning (the agent's template calls, the devices).
 constexpr int kTemplateFormat = 1;
 
-struct MdCtx {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  ~MdCtx() { EVP_MD_CTX_free(ctx); }
-};
-
 std::string Hex(const unsigned char* p, unsigned n) {
   static const char* d = "0123456789abcdef";
   std::string out;
@@ -39,10 +36,16 @@ std::string Hex(const unsigned char* p, unsigned n) {
   return out;
 }
 
-std::string Finish(EVP_MD_CTX* ctx) {
+// Hex SHA-256 of what feed gives the digest.
+Result<std::string> Sha256Of(const std::function<Result<void>(EVP_MD_CTX*)>& feed) {
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
+    return Error::Internal("SHA-256 is not available");
+  }
+  PP_TRY(feed(ctx.get()));
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned n = 0;
-  EVP_DigestFinal_ex(ctx, md, &n);
+  EVP_DigestFinal_ex(ctx.get(), md, &n);
   return Hex(md, n);
 }
 
@@ -72,13 +75,31 @@ Result<void> HashFileInto(EVP_MD_CTX* ctx, const std::string& path) {
   return HashFdInto(ctx, fd.get(), path);
 }
 
-Result<std::string> Sha256OfFd(int fd, const std::string& path) {
-  MdCtx c;
-  if (!c.ctx || EVP_DigestInit_ex(c.ctx, EVP_sha256(), nullptr) != 1) {
-    return Error::Internal("SHA-256 is not available");
+// A template's state file hashed through one descriptor opened without following links, and
+// the identity it had while hashed (a file changed meanwhile is an error). want_size: the size
+// it must have, checked before it is read.
+struct HashedState {
+  uint64_t size = 0;
+  std::string sha256, identity;
+};
+Result<HashedState> HashState(const std::string& path, std::optional<uint64_t> want_size = {}) {
+  struct stat st {};
+  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(path, &st));
+  if (want_size && static_cast<uint64_t>(st.st_size) != *want_size) {
+    return Error::Invalid("template state {} has {} bytes, its manifest says {}", path, st.st_size,
+                          *want_size);
   }
-  PP_TRY(HashFdInto(c.ctx, fd, path));
-  return Finish(c.ctx);
+  HashedState h;
+  h.size = static_cast<uint64_t>(st.st_size);
+  PP_ASSIGN_OR_RETURN(h.sha256,
+                      Sha256Of([&](EVP_MD_CTX* ctx) { return HashFdInto(ctx, fd.get(), path); }));
+  struct stat after {};
+  if (::fstat(fd.get(), &after) < 0) return Error::Errno("stat " + path);
+  h.identity = FileIdentity(after);
+  if (h.identity != FileIdentity(st)) {
+    return Error::Invalid("template state {} changed while it was checked", path);
+  }
+  return h;
 }
 
 // A string member of a JSON object, or "" (a manifest is read, never trusted to be well-formed).
@@ -111,20 +132,8 @@ std::string FileIdentity(const struct stat& st) {
                      static_cast<int64_t>(st.st_ctim.tv_sec), st.st_ctim.tv_nsec);
 }
 
-Result<std::string> Sha256OfFile(const std::string& path) {
-  struct stat st {};
-  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(path, &st));
-  return Sha256OfFd(fd.get(), path);
-}
-
 Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
                                 const std::string& qemu_binary) {
-  MdCtx c;
-  if (!c.ctx || EVP_DigestInit_ex(c.ctx, EVP_sha256(), nullptr) != 1) {
-    return Error::Internal("SHA-256 is not available");
-  }
-  PP_TRY(HashFileInto(c.ctx, spec.kernel));
-  PP_TRY(HashFileInto(c.ctx, spec.initrd));
   struct stat st {};
   if (::stat(qemu_binary.c_str(), &st) < 0) return Error::Errno("stat " + qemu_binary);
   bool scratch = false;
@@ -146,8 +155,12 @@ Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
       {"host_cpu", spec.kvm ? HostCpu() : std::string()},
   };
   std::string text = shape.dump();
-  EVP_DigestUpdate(c.ctx, text.data(), text.size());
-  return Finish(c.ctx);
+  return Sha256Of([&](EVP_MD_CTX* ctx) -> Result<void> {
+    PP_TRY(HashFileInto(ctx, spec.kernel));
+    PP_TRY(HashFileInto(ctx, spec.initrd));
+    EVP_DigestUpdate(ctx, text.data(), text.size());
+    return Ok();
+  });
 }
 
 Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key) {
@@ -166,39 +179,28 @@ Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key
   if (bytes == m.end() || !bytes->is_number_unsigned()) {
     return Error::Invalid("{}/manifest.json has no state_bytes", dir);
   }
-  struct stat st {};
-  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(t.state, &st));
-  if (static_cast<uint64_t>(st.st_size) != bytes->get<uint64_t>()) {
-    return Error::Invalid("template state {} has {} bytes, its manifest says {}", t.state,
-                          st.st_size, bytes->get<uint64_t>());
-  }
-  PP_ASSIGN_OR_RETURN(auto sum, Sha256OfFd(fd.get(), t.state));
-  if (sum != Str(m, "state_sha256")) {
+  PP_ASSIGN_OR_RETURN(auto h, HashState(t.state, bytes->get<uint64_t>()));
+  if (h.sha256 != Str(m, "state_sha256")) {
     return Error::Invalid("template state {} is corrupt (SHA-256 {} is not the manifest's)",
-                          t.state, sum);
+                          t.state, h.sha256);
   }
   // What was hashed is what restores must find: the same file, unchanged since.
-  struct stat after {};
-  if (::fstat(fd.get(), &after) < 0) return Error::Errno("stat " + t.state);
-  t.identity = FileIdentity(after);
-  if (t.identity != FileIdentity(st)) {
-    return Error::Invalid("template state {} changed while it was checked", t.state);
-  }
+  t.identity = h.identity;
   return t;
 }
 
-Result<void> WriteTemplateManifest(const std::string& dir, const std::string& key,
-                                   const std::string& mac) {
-  const std::string state = dir + "/state";
-  struct stat st {};
-  PP_ASSIGN_OR_RETURN(auto fd, OpenRegular(state, &st));
-  PP_ASSIGN_OR_RETURN(auto sum, Sha256OfFd(fd.get(), state));
+Result<TemplateInfo> WriteTemplateManifest(const std::string& dir, const std::string& key,
+                                           const std::string& mac) {
+  TemplateInfo t{key, dir + "/state", mac, "", 0};
+  PP_ASSIGN_OR_RETURN(auto h, HashState(t.state));
   nlohmann::json m = {{"format", kTemplateFormat},
                       {"key", key},
-                      {"state_bytes", static_cast<uint64_t>(st.st_size)},
-                      {"state_sha256", sum},
+                      {"state_bytes", h.size},
+                      {"state_sha256", h.sha256},
                       {"mac", mac}};
-  return WriteFileAtomic(dir + "/manifest.json", m.dump(2) + "\n");
+  PP_TRY(WriteFileAtomic(dir + "/manifest.json", m.dump(2) + "\n"));
+  t.identity = h.identity;
+  return t;
 }
 
 Result<std::string> HostRandomBytes(size_t n) {

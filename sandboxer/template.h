@@ -34,18 +34,16 @@ std::string FileIdentity(const struct stat& st);
 Result<std::string> TemplateKey(const VmSpec& spec, uint64_t scratch_size_mib,
                                 const std::string& qemu_binary);
 
-// Hex SHA-256 of the bytes of a regular file, opened without following a symlink.
-Result<std::string> Sha256OfFile(const std::string& path);
-
 // <dir>/manifest.json and <dir>/state: the manifest must name key and the state's exact size
 // and SHA-256 (the file opened once, without following symlinks: what is hashed is what the
 // identity names). Any mismatch (a changed input, a truncated or corrupt file) is an error that
 // says which.
 Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key);
 
-// Writes <dir>/manifest.json for the state file <dir>/state (hashing it), atomically.
-Result<void> WriteTemplateManifest(const std::string& dir, const std::string& key,
-                                   const std::string& mac);
+// Writes <dir>/manifest.json for the state file <dir>/state (hashing it, as LoadTemplate
+// does), atomically; returns the template as LoadTemplate would find it.
+Result<TemplateInfo> WriteTemplateManifest(const std::string& dir, const std::string& key,
+                                           const std::string& mac);
 
 // n bytes from the host's CSPRNG (getrandom).
 Result<std::string> HostRandomBytes(size_t n);
