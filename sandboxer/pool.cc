@@ -1,6 +1,5 @@
 // The warm VM pool: pre-booted VMs with no identity, adopted once by a pod's Start.
 // See PodManager::PoolVm in pods.h and docs/sandboxer.md ("Warm pool").
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +17,7 @@
 #include "sandboxer/pods.h"
 #include "sandboxer/pods_internal.h"
 #include "sandboxer/storage.h"
+#include "sandboxer/template.h"
 
 namespace peapod::sandboxer {
 
@@ -33,9 +33,9 @@ constexpr auto kRetryAfter = 10s;  // after a pool VM failed to boot or died
 }  // namespace
 
 std::string RandomBytesHex(size_t n, const char* sep) {
-  std::string raw(n, '\0');
-  UniqueFd fd(::open("/dev/urandom", O_RDONLY | O_CLOEXEC));
-  if (!fd || ::read(fd.get(), raw.data(), n) != static_cast<ssize_t>(n)) {
+  auto bytes = HostRandomBytes(n);
+  std::string raw = bytes.ok() ? std::move(*bytes) : std::string(n, '\0');
+  if (!bytes.ok()) {
     auto t = std::chrono::steady_clock::now().time_since_epoch().count();
     for (size_t i = 0; i < n; ++i) raw[i] = static_cast<char>((t >> (8 * (i % 8))) ^ ::getpid());
   }
