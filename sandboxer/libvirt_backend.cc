@@ -149,12 +149,6 @@ void OnPidfd(int watch, int, int, void* opaque) {
   virEventRemoveHandle(watch);
 }
 
-// A string member, or "" (QEMU's answers are parsed, not trusted to have the expected shape).
-std::string JsonStr(const nlohmann::json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
-
 // One QMP command on a domain's monitor, through libvirt (the domain is tainted
 // "custom-monitor": libvirt has no API for migrating to or from a file descriptor of ours).
 // fd (if >= 0) travels with the command, for "getfd". Returns QMP's "return" member.
@@ -173,10 +167,17 @@ Result<nlohmann::json> Qmp(virDomainPtr dom, const nlohmann::json& cmd, int fd =
   }
   if (auto e = j.find("error"); e != j.end()) {
     return Error::Internal("QEMU monitor: {}: {}", cmd.value("execute", ""),
-                           e->is_object() ? JsonStr(*e, "desc") : std::string("error"));
+                           e->is_object() ? JsonString(*e, "desc") : std::string("error"));
   }
   auto ret = j.find("return");
   return ret != j.end() && ret->is_object() ? *ret : nlohmann::json::object();
+}
+
+// Hands QEMU fd and runs a migration command ("migrate", "migrate-incoming") through it.
+Result<void> MigrateThroughFd(virDomainPtr dom, const char* command, int fd) {
+  PP_TRY(Qmp(dom, {{"execute", "getfd"}, {"arguments", {{"fdname", "peapod-template"}}}}, fd));
+  PP_TRY(Qmp(dom, {{"execute", command}, {"arguments", {{"uri", "fd:peapod-template"}}}}));
+  return Ok();
 }
 
 // The template state a restore reads is the file that was hashed, unchanged (template.h).
@@ -403,20 +404,18 @@ Result<void> LibvirtBackend::RestoreState(const std::string& name, int fd) {
   virDomainPtr dom = virDomainLookupByName(conn_, name.c_str());
   if (!dom) return LibvirtError("look up VM " + name);
   auto done = [&]() -> Result<void> {
-    PP_TRY(Qmp(dom, {{"execute", "getfd"}, {"arguments", {{"fdname", "peapod-template"}}}}, fd));
-    PP_TRY(Qmp(dom,
-               {{"execute", "migrate-incoming"}, {"arguments", {{"uri", "fd:peapod-template"}}}}));
+    PP_TRY(MigrateThroughFd(dom, "migrate-incoming", fd));
     // QEMU loads the state, then stays paused (libvirt's start-up "cont" came while it was
     // waiting) until we continue it. A bad file makes QEMU exit: the monitor call then fails.
     std::string last;
     for (int i = 0; i < 3000; ++i) {
       PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-status"}}));
-      last = JsonStr(st, "status");
+      last = JsonString(st, "status");
       if (last == "running") return Ok();
       PP_ASSIGN_OR_RETURN(auto mig, Qmp(dom, {{"execute", "query-migrate"}}));
-      std::string m = JsonStr(mig, "status");
+      std::string m = JsonString(mig, "status");
       if (m == "failed" || m == "cancelled") {
-        std::string why = JsonStr(mig, "error-desc");
+        std::string why = JsonString(mig, "error-desc");
         return Error::Internal("loading the state failed: {}", why.empty() ? m : why);
       }
       if (m == "completed" && last == "paused") {
@@ -440,18 +439,16 @@ Result<void> LibvirtBackend::SaveState(const std::string& name, const std::strin
     if (virDomainSuspend(dom) < 0) return LibvirtError("pause VM " + name);
     UniqueFd out(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
     if (!out) return Error::Errno("create " + path);
-    PP_TRY(Qmp(dom, {{"execute", "getfd"}, {"arguments", {{"fdname", "peapod-template"}}}},
-               out.get()));
-    PP_TRY(Qmp(dom, {{"execute", "migrate"}, {"arguments", {{"uri", "fd:peapod-template"}}}}));
+    PP_TRY(MigrateThroughFd(dom, "migrate", out.get()));
     for (int i = 0; i < 12000; ++i) {
       PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-migrate"}}));
-      std::string status = JsonStr(st, "status");
+      std::string status = JsonString(st, "status");
       if (status == "completed") {
         if (::fsync(out.get()) < 0) return Error::Errno("fsync " + path);
         return Ok();
       }
       if (status == "failed" || status == "cancelled") {
-        std::string why = JsonStr(st, "error-desc");
+        std::string why = JsonString(st, "error-desc");
         return Error::Internal("saving the state failed: {}", why.empty() ? status : why);
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -102,12 +102,6 @@ Result<HashedState> HashState(const std::string& path, std::optional<uint64_t> w
   return h;
 }
 
-// A string member of a JSON object, or "" (a manifest is read, never trusted to be well-formed).
-std::string Str(const nlohmann::json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
-
 // The host CPU's feature flags and kernel: a guest saved under KVM with host-passthrough may use
 // any of them.
 std::string HostCpu() {
@@ -169,18 +163,18 @@ Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key
   auto m = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
   if (m.is_discarded() || !m.is_object())
     return Error::Invalid("{}/manifest.json is not JSON", dir);
-  if (Str(m, "key") != key) {
+  if (JsonString(m, "key") != key) {
     return Error::Invalid(
         "template {} was made for other inputs (kernel, initrd, VM size or QEMU changed)", dir);
   }
-  TemplateInfo t{key, dir + "/state", Str(m, "mac"), "", 0};
+  TemplateInfo t{key, dir + "/state", JsonString(m, "mac"), "", 0};
   if (t.mac.empty()) return Error::Invalid("{}/manifest.json names no MAC", dir);
   auto bytes = m.find("state_bytes");
   if (bytes == m.end() || !bytes->is_number_unsigned()) {
     return Error::Invalid("{}/manifest.json has no state_bytes", dir);
   }
   PP_ASSIGN_OR_RETURN(auto h, HashState(t.state, bytes->get<uint64_t>()));
-  if (h.sha256 != Str(m, "state_sha256")) {
+  if (h.sha256 != JsonString(m, "state_sha256")) {
     return Error::Invalid("template state {} is corrupt (SHA-256 {} is not the manifest's)",
                           t.state, h.sha256);
   }
@@ -201,6 +195,11 @@ Result<TemplateInfo> WriteTemplateManifest(const std::string& dir, const std::st
   PP_TRY(WriteFileAtomic(dir + "/manifest.json", m.dump(2) + "\n"));
   t.identity = h.identity;
   return t;
+}
+
+std::string JsonString(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
 Result<std::string> HostRandomBytes(size_t n) {

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <string>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "common/base/result.h"
 #include "sandboxer/vm_backend.h"
 
@@ -44,6 +46,10 @@ Result<TemplateInfo> LoadTemplate(const std::string& dir, const std::string& key
 // does), atomically; returns the template as LoadTemplate would find it.
 Result<TemplateInfo> WriteTemplateManifest(const std::string& dir, const std::string& key,
                                            const std::string& mac);
+
+// A string member of a JSON object, or "": for documents that are read, not trusted to have
+// the expected shape (a template's manifest, QEMU's monitor answers).
+std::string JsonString(const nlohmann::json& j, const char* key);
 
 // n bytes from the host's CSPRNG (getrandom).
 Result<std::string> HostRandomBytes(size_t n);
