@@ -181,6 +181,8 @@ void RegisterAgentService(ttrpc::Server& server, EventLoop* loop, ContainerManag
           return Error::Make(Code::kUnimplemented, "PrepareTemplate is refused in local mode");
         for (const auto& fstype : req.fstypes()) PP_TRY(cm->LoadFilesystemModules(fstype));
         DropCaches();
+        PP_ASSIGN_OR_RETURN(uint64_t cleared, ClearFreeMemory());
+        spdlog::info("agent: template prepared: {} MiB of free memory cleared", cleared >> 20);
         return Empty();
       });
   RegisterSync<v1::ResumedRequest, Empty>(
