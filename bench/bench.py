@@ -528,6 +528,11 @@ class Bench:
                 raise Failed(f"pod {pod} has no '{step}' start step ({what}; see {self.sandboxer_log})")
             times.append(ms)
             steps.append(st)
+            keep = os.environ.get("BENCH_KEEP_CONSOLES")  # a directory: the guests' own logs
+            if keep:
+                os.makedirs(keep, exist_ok=True)
+                for f in glob.glob(f"{self.dir}/state/pods/*/console.log"):
+                    shutil.copy(f, f"{keep}/{os.path.basename(os.path.dirname(f))}.log")
             self.rmp(pod)
             log(f"{what} {i + 1}/{n}: {ms:.0f} ms (sandboxer {st['total']:.0f})")
         return times, steps

@@ -447,12 +447,14 @@ class Report:
                    f"pool VMs restored) | {spread(w)} | runc `crictl runp` "
                    f"{fmt_ms(self.d.get('cold_start', {}).get('runc', {}).get('median'))} | "
                    f"{ratio(w.get('ratio_to_runc'))} |")
-        bd = sg.get("breakdown")
-        if bd:
-            self.w()
-            self.w("Where a template start's time goes (median ms): " + ", ".join(
-                f"{k} {v['median']:.0f}" for k, v in bd.items()
-                if isinstance(v, dict) and "median" in v) + ".")
+        for what, bd in (("a template start", sg.get("breakdown")),
+                         ("a warm start from the template-made pool",
+                          (w or {}).get("breakdown"))):
+            if bd:
+                self.w()
+                self.w(f"Where {what}'s time goes (median ms): " + ", ".join(
+                    f"{k} {v['median']:.0f}" for k, v in bd.items()
+                    if isinstance(v, dict) and "median" in v) + ".")
         self.w()
 
     def ksm(self):

@@ -11,10 +11,13 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <set>
 
 #include <spdlog/spdlog.h>
 
@@ -166,51 +169,154 @@ Result<std::array<uint8_t, 6>> ParseMac(const std::string& mac) {
   return b;
 }
 
+// IPv6 on the NIC: the kernel made its per-interface state (no state without the module, or
+// with IPv6 off for the whole guest).
+bool HasIpv6(const std::string& name) {
+  return ::access(("/proc/sys/net/ipv6/conf/" + name).c_str(), F_OK) == 0;
+}
+
+// How the kernel makes the NIC's IPv6 link-local address when the link comes up:
+// IN6_ADDR_GEN_MODE_EUI64 from its MAC, or IN6_ADDR_GEN_MODE_NONE, none at all.
+Result<void> SetAddrGenMode(int index, const std::string& name, uint8_t mode) {
+  // IFLA_AF_SPEC { AF_INET6 { IFLA_INET6_ADDR_GEN_MODE: u8 } }, each attribute padded.
+  std::vector<char> inner(RTA_SPACE(sizeof(mode)), 0);
+  auto* gen = reinterpret_cast<rtattr*>(inner.data());
+  gen->rta_type = IFLA_INET6_ADDR_GEN_MODE;
+  gen->rta_len = static_cast<unsigned short>(RTA_LENGTH(sizeof(mode)));
+  std::memcpy(RTA_DATA(gen), &mode, sizeof(mode));
+  std::vector<char> af(RTA_SPACE(inner.size()), 0);
+  auto* inet6 = reinterpret_cast<rtattr*>(af.data());
+  inet6->rta_type = AF_INET6;
+  inet6->rta_len = static_cast<unsigned short>(RTA_LENGTH(inner.size()));
+  std::memcpy(RTA_DATA(inet6), inner.data(), inner.size());
+  NlRequest req(RTM_NEWLINK, 0, sizeof(ifinfomsg));
+  auto* ifi = req.body<ifinfomsg>();
+  ifi->ifi_family = AF_UNSPEC;
+  ifi->ifi_index = index;
+  req.Attr(IFLA_AF_SPEC, af.data(), af.size());
+  return Transact(req, fmt::format("set {} IPv6 address generation mode {}", name, mode));
+}
+
+Result<void> AddAddress(int index, const std::string& label, const std::string& cidr, bool nodad) {
+  PP_ASSIGN_OR_RETURN(auto p, ParseAddress(cidr, true));
+  NlRequest req(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, sizeof(ifaddrmsg));
+  auto* ifa = req.body<ifaddrmsg>();
+  ifa->ifa_family = static_cast<unsigned char>(p.family);
+  ifa->ifa_prefixlen = static_cast<unsigned char>(p.prefix);
+  ifa->ifa_index = static_cast<unsigned>(index);
+  bool link_local = p.family == AF_INET6 && p.addr[0] == 0xfe && (p.addr[1] & 0xc0) == 0x80;
+  ifa->ifa_scope = link_local ? RT_SCOPE_LINK : RT_SCOPE_UNIVERSE;
+  req.Attr(IFA_LOCAL, p.addr, p.len);
+  req.Attr(IFA_ADDRESS, p.addr, p.len);
+  if (p.family == AF_INET6 && nodad) req.Attr32(IFA_FLAGS, IFA_F_NODAD);
+  return Transact(req, "add address " + cidr + " to " + label);
+}
+
+// The link-local address the kernel gives a NIC of this MAC (EUI-64, RFC 4291 appendix A).
+std::string LinkLocalOf(const std::array<uint8_t, 6>& m) {
+  return fmt::format("fe80::{:x}:{:x}:{:x}:{:x}/64", ((m[0] ^ 0x02) << 8) | m[1],
+                     (m[2] << 8) | 0xff, (0xfe << 8) | m[3], (m[4] << 8) | m[5]);
+}
+
+bool LinkIsUp(const std::string& name) {
+  std::string flags = ReadSysNet(name, "flags");
+  return !flags.empty() && (std::stoul(flags, nullptr, 16) & IFF_UP) != 0;
+}
+
+// NICs brought up on standby (a pool VM's), by index: they have no link-local address yet.
+std::set<int>& StandbyLinks() {
+  static std::set<int> links;
+  return links;
+}
+
 Result<void> ConfigureInterface(const v1::Interface& itf) {
+  auto t0 = std::chrono::steady_clock::now();
+  std::string marks;
+  auto mark = [&](const char* what) {
+    auto t = std::chrono::steady_clock::now();
+    marks +=
+        fmt::format(" {} {:.1f}", what, std::chrono::duration<double, std::milli>(t - t0).count());
+    t0 = t;
+  };
   bool remac = !itf.current_mac().empty() && itf.current_mac() != itf.mac();
   PP_ASSIGN_OR_RETURN(auto found, FindByMac(remac ? itf.current_mac() : itf.mac()));
   auto [index, name] = found;
   std::string label = itf.name().empty() ? name : itf.name();
+  mark("find");
+  bool ipv6 = HasIpv6(name);
+  if (itf.standby()) {
+    // Up before its pod exists, so the pod's start does not wait for the link: no addresses,
+    // and no link-local address made from a MAC the pod will not have.
+    if (!itf.addresses().empty() || remac || !itf.name().empty()) {
+      return Error::Invalid("a standby interface takes no addresses, name or new MAC");
+    }
+    if (ipv6) PP_TRY(SetAddrGenMode(index, name, IN6_ADDR_GEN_MODE_NONE));
+    PP_TRY(SetLink(index, "bring " + name + " up on standby", IFF_UP, IFF_UP));
+    StandbyLinks().insert(index);
+    spdlog::info("agent: interface {} ({}) up on standby", name, itf.mac());
+    return Ok();
+  }
+  bool standby = StandbyLinks().erase(index) > 0;
+  bool rename = !itf.name().empty() && itf.name() != name;
+  if (rename && itf.name().size() >= IFNAMSIZ) {
+    return Error::Invalid("interface name '{}' is longer than {} bytes", itf.name(), IFNAMSIZ - 1);
+  }
+  bool up = LinkIsUp(name);
+  std::optional<std::array<uint8_t, 6>> mac;
   if (remac) {
-    // The pod's MAC (the CNI interface's): frames the tc redirect hands over are addressed to it.
-    PP_ASSIGN_OR_RETURN(auto mac, ParseMac(itf.mac()));
-    PP_TRY(SetLink(index, "set " + name + " down", 0, IFF_UP));
+    PP_ASSIGN_OR_RETURN(mac, ParseMac(itf.mac()));
+  }
+  // A link on standby keeps running through its new MAC (virtio-net changes it live); anything
+  // else takes it down first.
+  bool live = false;
+  if (mac) {
     NlRequest req(RTM_NEWLINK, 0, sizeof(ifinfomsg));
     auto* ifi = req.body<ifinfomsg>();
     ifi->ifi_family = AF_UNSPEC;
     ifi->ifi_index = index;
-    req.Attr(IFLA_ADDRESS, mac.data(), mac.size());
-    PP_TRY(Transact(req, "set " + name + " MAC " + itf.mac()));
-  }
-  if (!itf.name().empty() && itf.name() != name) {
-    if (itf.name().size() >= IFNAMSIZ) {
-      return Error::Invalid("interface name '{}' is longer than {} bytes", itf.name(),
-                            IFNAMSIZ - 1);
+    req.Attr(IFLA_ADDRESS, mac->data(), mac->size());
+    if (up && standby && !rename) {
+      live = Transact(req, "set " + name + " MAC " + itf.mac() + " live").ok();
+      mark("mac_live");
     }
-    PP_TRY(SetLink(index, "set " + name + " down", 0, IFF_UP));
+    if (!live) {
+      // The pod's MAC (the CNI interface's): frames the tc redirect hands over are addressed to
+      // it.
+      if (up) PP_TRY(SetLink(index, "set " + name + " down", 0, IFF_UP));
+      up = false;
+      PP_TRY(Transact(req, "set " + name + " MAC " + itf.mac()));
+      mark("mac");
+    }
+  }
+  if (rename) {
+    if (up) PP_TRY(SetLink(index, "set " + name + " down", 0, IFF_UP));
+    up = false;
     PP_TRY(SetLink(index, "rename " + name + " to " + itf.name(), 0, 0, itf.name()));
   }
   if (itf.mtu())
     PP_TRY(SetLink(index, fmt::format("set {} mtu {}", label, itf.mtu()), 0, 0, "", itf.mtu()));
-  PP_TRY(SetLink(index, "bring " + label + " up", IFF_UP, IFF_UP));
-  for (const auto& a : itf.addresses()) {
-    PP_ASSIGN_OR_RETURN(auto p, ParseAddress(a, true));
-    NlRequest req(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, sizeof(ifaddrmsg));
-    auto* ifa = req.body<ifaddrmsg>();
-    ifa->ifa_family = static_cast<unsigned char>(p.family);
-    ifa->ifa_prefixlen = static_cast<unsigned char>(p.prefix);
-    ifa->ifa_index = static_cast<unsigned>(index);
-    ifa->ifa_scope = RT_SCOPE_UNIVERSE;
-    req.Attr(IFA_LOCAL, p.addr, p.len);
-    req.Attr(IFA_ADDRESS, p.addr, p.len);
-    if (p.family == AF_INET6) {
-      uint32_t flags = IFA_F_NODAD;  // the host already owns this address: no DAD delay
-      req.Attr32(IFA_FLAGS, flags);
+  mark("name_mtu");
+  if (standby && ipv6) {
+    // The kernel makes the link-local address again from here on; one that stays up gets it
+    // from the agent, as the kernel would have made it from the new MAC.
+    PP_TRY(SetAddrGenMode(index, label, IN6_ADDR_GEN_MODE_EUI64));
+    if (up) {
+      std::array<uint8_t, 6> now{};
+      if (mac) {
+        now = *mac;
+      } else {
+        PP_ASSIGN_OR_RETURN(now, ParseMac(itf.mac()));
+      }
+      PP_TRY(AddAddress(index, label, LinkLocalOf(now), /*nodad=*/false));
     }
-    PP_TRY(Transact(req, "add address " + a + " to " + label));
   }
-  spdlog::info("agent: interface {} ({}) up with {} addresses", label, itf.mac(),
-               itf.addresses_size());
+  if (!up) PP_TRY(SetLink(index, "bring " + label + " up", IFF_UP, IFF_UP));
+  mark("up");
+  // The host already owns these addresses: no DAD delay.
+  for (const auto& a : itf.addresses()) PP_TRY(AddAddress(index, label, a, /*nodad=*/true));
+  mark("addresses");
+  spdlog::info("agent: interface {} ({}) up with {} addresses{}; ms:{}", label, itf.mac(),
+               itf.addresses_size(), live ? ", its MAC changed live" : "", marks);
   return Ok();
 }
 

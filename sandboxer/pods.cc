@@ -314,7 +314,7 @@ void PodManager::Start(const std::string& id, Reply<PodStatus> reply) {
       pod->rec.tap.clear();
       return reply(std::move(r).error().Wrap("start sandbox " + id));
     }
-    if (vm) return AdoptPoolVm(id, std::move(vm), deadline, reply);
+    if (vm) return AdoptPoolVm(id, std::move(vm), reply);
     LaunchOwnVm(id, deadline, reply);
   });
 }
@@ -382,6 +382,7 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
   std::string tap = TapOf(p->rec);
   bool has_tap = HasTap(p->rec);
   p->net.reset();
+  p->net_call.reset();
   p->resume_pending = false;
   p->busy = false;
   p->rec.phase = Phase::kCreated;
@@ -451,7 +452,7 @@ void PodManager::WaitForAgent(const std::string& id, Clock::TimePoint deadline,
                              [](const auto& st) { return st.first == "boot_to_agent"; })) {
               pod->Step("boot_to_agent");  // the first answer: kernel, initrd, agent start
             }
-            if (!pod->resume_pending) return SetUpGuest(id, deadline, reply);
+            if (!pod->resume_pending) return SetUpGuest(id, reply);
             // Restored from the template: its own randomness and clock before anything of
             // the pod's reaches it.
             SendResumed(pod->agent, [this, alive, id, deadline, reply, fail](Result<void> r) {
@@ -461,33 +462,54 @@ void PodManager::WaitForAgent(const std::string& id, Clock::TimePoint deadline,
               if (!r.ok()) return fail(std::move(r).error());
               pod->resume_pending = false;
               pod->Step("resumed");
-              SetUpGuest(id, deadline, reply);
+              SetUpGuest(id, reply);
             });
           },
           1s);
 }
 
-void PodManager::SetUpGuest(const std::string& id, Clock::TimePoint deadline,
-                            Reply<PodStatus> reply) {
+void PodManager::SetUpGuest(const std::string& id, Reply<PodStatus> reply) {
   Pod* pod = Find(id);
   if (!pod || !pod->agent) return reply(UnknownPod(id));
   auto fail = [this, id, reply](Error e) { FailStart(id, std::move(e), true, reply); };
   std::weak_ptr<bool> alive = alive_;
   auto agent = agentapi::AgentClient::Over(pod->agent);
-  if (pod->net) {
-    // Addresses and routes first: containers must find the pod network up.
+  // The agent answers a channel's calls one after the other, in the order they came: the
+  // network (containers must find it up) goes first and CreateSandbox right behind it, without
+  // a round trip between them. The pod is set up when both have answered; the first error
+  // wins, and FailStart takes the VM with whatever the second call did.
+  struct Joined {
+    int pending = 1;
+    std::optional<Error> error;
+  };
+  auto join = std::make_shared<Joined>();
+  auto done = [this, alive, id, reply, fail, join](std::optional<Error> e, const char* step) {
+    if (alive.expired()) return;
+    if (e && !join->error) join->error = std::move(e);
+    Pod* pod = Find(id);
+    if (!join->error && pod) pod->Step(step);
+    if (--join->pending > 0) return;
+    if (join->error) return fail(std::move(*join->error));
+    if (!pod) return reply(UnknownPod(id));
+    GuestSetUp(id, reply);
+  };
+  if (pod->net_call) {
+    ++join->pending;
+    std::exchange(pod->net_call, nullptr)->Then([done](std::optional<Error> e) {
+      done(std::move(e), "guest_network");
+    });
+  } else if (pod->net) {
     v1::ConfigureNetworkRequest net = pod->net->guest;
     pod->net.reset();
+    ++join->pending;
     agent.ConfigureNetwork(
         net,
-        [this, alive, id, deadline, reply, fail](Result<Empty> r) {
-          if (alive.expired()) return;
-          if (!r.ok()) return fail(std::move(r).error().Wrap("configure guest network"));
-          if (Pod* p = Find(id)) p->Step("guest_network");
-          WaitForAgent(id, deadline, reply);  // Check again, then set up
+        [done](Result<Empty> r) {
+          done(r.ok() ? std::nullopt
+                      : std::optional<Error>(std::move(r).error().Wrap("configure guest network")),
+               "guest_network");
         },
         30s);
-    return;
   }
   v1::CreateSandboxRequest sb;
   sb.set_sandbox_id(id);
@@ -499,35 +521,38 @@ void PodManager::SetUpGuest(const std::string& id, Clock::TimePoint deadline,
   AddPodStorages(sb, pod->rec.scratch);
   agent.CreateSandbox(
       sb,
-      [this, alive, id, reply, fail](Result<Empty> r) {
-        if (alive.expired()) return;
-        Pod* pod = Find(id);
-        if (!pod) return reply(UnknownPod(id));
-        if (!r.ok()) return fail(std::move(r).error().Wrap("set up guest"));
-        PlaceVm(*pod);
-        pod->Step("guest_setup");
-        // Running (in memory, to Status, Start and Stop) once the record says so: a restart
-        // then re-adopts what containerd was told runs.
-        PodRecord running = pod->rec;
-        running.phase = Phase::kRunning;
-        SaveRecordThen(running, [this, id, reply](Result<void> r) {
-          Pod* pod = Find(id);
-          if (!pod) return reply(UnknownPod(id));
-          if (!r.ok()) {
-            UnplaceVm(*pod);
-            return FailStart(id, std::move(r).error(), /*vm_started=*/true, reply);
-          }
-          pod->rec.phase = Phase::kRunning;
-          pod->busy = false;
-          pod->Step("record");
-          StartPortForwarder(*pod);
-          pod->Step("port_forwarder");
-          LogStartSteps(*pod);
-          spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
-          reply(StatusOf(*pod));
-        });
+      [done](Result<Empty> r) {
+        done(
+            r.ok() ? std::nullopt : std::optional<Error>(std::move(r).error().Wrap("set up guest")),
+            "guest_setup");
       },
       30s);
+}
+
+void PodManager::GuestSetUp(const std::string& id, Reply<PodStatus> reply) {
+  Pod* pod = Find(id);
+  if (!pod) return reply(UnknownPod(id));
+  PlaceVm(*pod);
+  // Running (in memory, to Status, Start and Stop) once the record says so: a restart then
+  // re-adopts what containerd was told runs.
+  PodRecord running = pod->rec;
+  running.phase = Phase::kRunning;
+  SaveRecordThen(running, [this, id, reply](Result<void> r) {
+    Pod* pod = Find(id);
+    if (!pod) return reply(UnknownPod(id));
+    if (!r.ok()) {
+      UnplaceVm(*pod);
+      return FailStart(id, std::move(r).error(), /*vm_started=*/true, reply);
+    }
+    pod->rec.phase = Phase::kRunning;
+    pod->busy = false;
+    pod->Step("record");
+    StartPortForwarder(*pod);
+    pod->Step("port_forwarder");
+    LogStartSteps(*pod);
+    spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
+    reply(StatusOf(*pod));
+  });
 }
 
 void AddPodStorages(v1::CreateSandboxRequest& sb, bool scratch) {

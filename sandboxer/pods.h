@@ -219,12 +219,12 @@ class PodManager {
   void DestroyPoolVm(std::unique_ptr<PoolVm> vm);
   // Takes a ready pool VM for pod if one fits it (the default VM size); else null.
   std::unique_ptr<PoolVm> TakePoolVm(const Pod& pod);
-  void AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm, Clock::TimePoint deadline,
-                   Reply<PodStatus> reply);
-  // Adoption's host side (a worker): the TAP joined to the pod network, the pool VM's run dir,
-  // console log and scratch disk renamed to the pod's, the pod files written.
-  Result<void> AdoptOnHost(const PodRecord& rec, const std::string& name, const std::string& tap,
-                           const std::string& mac, std::optional<PodNetwork>& net);
+  void AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm, Reply<PodStatus> reply);
+  // Adoption's host side (a worker): the TAP joined to the pod network (net, read before),
+  // the pool VM's run dir, console log and scratch disk renamed to the pod's, the pod files
+  // written.
+  Result<void> AdoptOnHost(const PodRecord& rec, const std::string& name,
+                           const std::optional<PodNetwork>& net);
   // Destroys pool VMs a previous sandboxer left (they have no pod record) and their TAPs.
   void CleanPoolLeftovers();
   // The template (pod_template.cc).
@@ -265,9 +265,11 @@ class PodManager {
   // Undoes a Start that failed (destroying the VM and TAP if they exist) and answers reply.
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
   void WaitForAgent(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
-  // Once the agent answers: the pod network into the guest (then Check again), or the pod's
-  // hostname, DNS, sysctls and mounts, after which the pod is running.
-  void SetUpGuest(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
+  // Once the agent answers: the pod network, then its hostname, DNS, sysctls and mounts, sent
+  // one behind the other; then GuestSetUp.
+  void SetUpGuest(const std::string& id, Reply<PodStatus> reply);
+  // The guest is set up: the record says running, and the Start is answered.
+  void GuestSetUp(const std::string& id, Reply<PodStatus> reply);
   // The pod stopped: records, waiters, Stops and Metrics in flight answered.
   void MarkStopped(Pod& pod, uint32_t status);
   void AnswerStops(Pod& pod, Result<void> r);

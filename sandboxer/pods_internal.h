@@ -17,6 +17,26 @@
 
 namespace peapod::sandboxer {
 
+// The outcome of an agent call sent before the code that needs it runs: whichever comes
+// first, the answer or Then, waits for the other. Loop thread.
+class PendingAnswer {
+ public:
+  void Set(std::optional<Error> e) {
+    if (then_) return std::exchange(then_, nullptr)(std::move(e));
+    answered_ = true;
+    error_ = std::move(e);
+  }
+  void Then(std::function<void(std::optional<Error>)> fn) {
+    if (answered_) return fn(std::move(error_));
+    then_ = std::move(fn);
+  }
+
+ private:
+  bool answered_ = false;
+  std::optional<Error> error_;
+  std::function<void(std::optional<Error>)> then_;
+};
+
 struct PodManager::Pod {
   PodRecord rec;
   bool busy = false;      // Create, Start or Shutdown in progress
@@ -29,8 +49,9 @@ struct PodManager::Pod {
   std::vector<Reply<void>> stop_replies;                  // the Stops the stop in flight answers
   std::map<uint64_t, Reply<std::string>> metric_replies;  // Metrics calls in flight
   uint64_t metric_calls = 0;
-  std::optional<PodNetwork> net;  // set while starting, for the agent's ConfigureNetwork
-  bool resume_pending = false;    // restored from the template: Resumed goes first
+  std::optional<PodNetwork> net;            // set while starting, for the agent's ConfigureNetwork
+  std::shared_ptr<PendingAnswer> net_call;  // or that call, already sent (a pool VM's adoption)
+  bool resume_pending = false;              // restored from the template: Resumed goes first
   std::deque<std::function<void(std::function<void()>)>> ops;  // storage ops, in order
   bool op_running = false;
   // Where a Start's time went (milliseconds per step, in order), logged when the pod is ready.

@@ -384,6 +384,7 @@ struct FakeVms::Vm {
   std::unique_ptr<ttrpc::Server> server;  // guest loop
   std::optional<v1::CreateSandboxRequest> sandbox;
   std::optional<v1::ConfigureNetworkRequest> network;
+  std::function<void()> held_network_answer;  // HoldNetworkUntilSandbox
 };
 
 FakeVms::FakeVms() {
@@ -429,16 +430,26 @@ void FakeVms::Serve(const std::shared_ptr<Vm>& vm) {
   };
   RegisterTyped<v1::ConfigureNetworkRequest, agentapi::Empty>(
       s, svc, "ConfigureNetwork",
-      [weak, note](const ttrpc::CallContext&, v1::ConfigureNetworkRequest&& req, auto done) {
-        note("ConfigureNetwork");
-        if (auto vm = weak.lock()) vm->network = std::move(req);
+      [this, weak, note](const ttrpc::CallContext&, v1::ConfigureNetworkRequest&& req, auto done) {
+        bool standby = req.interfaces_size() == 1 && req.interfaces(0).standby();
+        note(standby ? "ConfigureNetwork(standby)" : "ConfigureNetwork");
+        if (standby) return done(agentapi::Empty());  // a pool VM's NIC, up ahead of its pod
+        if (auto e = Take("ConfigureNetwork")) return done(std::move(*e));
+        auto vm = weak.lock();
+        if (vm) vm->network = std::move(req);
+        if (vm && hold_network_) {
+          vm->held_network_answer = [done] { done(agentapi::Empty()); };
+          return;
+        }
         done(agentapi::Empty());
       });
   RegisterTyped<v1::CreateSandboxRequest, agentapi::Empty>(
       s, svc, "CreateSandbox",
       [weak, note](const ttrpc::CallContext&, v1::CreateSandboxRequest&& req, auto done) {
         note("CreateSandbox");
-        if (auto vm = weak.lock()) vm->sandbox = std::move(req);
+        auto vm = weak.lock();
+        if (vm) vm->sandbox = std::move(req);
+        if (vm && vm->held_network_answer) std::exchange(vm->held_network_answer, nullptr)();
         done(agentapi::Empty());
       });
   RegisterTyped<v1::PrepareTemplateRequest, agentapi::Empty>(

@@ -149,7 +149,8 @@ class FakeClock : public Clock {
 // A VM backend whose guests are fake agents on a loop thread of its own: each "VM" serves the
 // agent API on its spec's agent socket, with what the pod code needs (Check, ConfigureNetwork,
 // CreateSandbox, DestroySandbox, which powers it off, StatsContainer). Disks are recorded per
-// VM. Ops: Start, Destroy, AttachDisk, DetachDisk.
+// VM. Ops: Start, Destroy, AttachDisk, DetachDisk, ConfigureNetwork (the agent's answer to a
+// pod's, not to a pool VM's standby one).
 class FakeVms : public VmBackend, public Faults {
  public:
   FakeVms();
@@ -174,6 +175,9 @@ class FakeVms : public VmBackend, public Faults {
   bool Restored(const std::string& name);
   // The next VM started never answers its agent's Check (a guest that does not boot).
   void HangNextBoot();
+  // From now on ConfigureNetwork is answered only once the same VM's CreateSandbox arrives: a
+  // start that waits for the first answer before sending the second never ends.
+  void HoldNetworkUntilSandbox() { hold_network_ = true; }
   // StatsContainer calls go unanswered from now on (a guest that hangs on them).
   void HoldStats() { hold_stats_ = true; }
   // The VM dies (the stop callback fires); false if it was not running.
@@ -204,6 +208,7 @@ class FakeVms : public VmBackend, public Faults {
   std::map<std::string, std::vector<std::string>> calls_;
   std::set<std::string> restored_;
   std::atomic<bool> hold_stats_{false};
+  std::atomic<bool> hold_network_{false};
   size_t start_calls_ = 0;
   int next_pid_ = 100000;
   std::mutex cb_mu_;

@@ -758,6 +758,15 @@ TEST_F(PodStatesTest, APoolVmIsAdoptedWithItsTapMovedAndThePoolRefills) {
                         [&](const auto& t) { return t.second == "" && t.first != tap; }) ||
            taps.size() <= 2;
   }));
+  // Started again, its network reaches the VM it runs on now: nothing of the failed adoption's
+  // (its guest network call was answered by the VM that went) is taken for it.
+  auto again = Start("p2");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  auto vm2 = storage_->records()["p2"].domain;
+  EXPECT_NE(vm2, second);
+  ASSERT_TRUE(vms_->NetworkOf(vm2)) << "p2's guest never got its network";
+  EXPECT_EQ(vms_->NetworkOf(vm2)->interfaces(0).mac(), "0a:58:0a:00:00:07");
+  ASSERT_OK(Shutdown("p2"));
 
   // The sandboxer going away removes the pool and only the pool.
   std::promise<void> gone;
@@ -765,6 +774,46 @@ TEST_F(PodStatesTest, APoolVmIsAdoptedWithItsTapMovedAndThePoolRefills) {
   ASSERT_EQ(gone.get_future().wait_for(10s), std::future_status::ready);
   EXPECT_EQ(vms_->running(), std::set<std::string>{pool_vm});
   EXPECT_EQ(net_->taps().size(), 1u);
+}
+
+// The guest's network and its sandbox set-up go one behind the other, without waiting for the
+// first answer, for a pool VM and for a VM of the pod's own; a network the guest refuses fails
+// the start with what failed, leaves the pod created and its VM gone.
+TEST_F(PodStatesTest, GuestSetUpIsPipelinedAndARefusedNetworkFailsTheStartCleanly) {
+  cfg_.pool_size = 1;
+  Fresh();
+  vms_->HoldNetworkUntilSandbox();
+  lt_->Sync([&] { pm_->FillPool(); });
+  ASSERT_TRUE(Eventually([&] { return lt_->Sync([&] { return pm_->pool_ready(); }) == 1; }));
+  auto pool_vm = *vms_->running().begin();
+  StartPod("p1");
+  EXPECT_EQ(storage_->records()["p1"].domain, pool_vm);
+  // The pool's own first: its NIC up on standby, its storage mounted while it waits.
+  EXPECT_EQ(vms_->CallsOf(pool_vm),
+            (std::vector<std::string>{"ConfigureNetwork(standby)", "CreateSandbox",
+                                      "ConfigureNetwork", "CreateSandbox"}));
+  ASSERT_TRUE(Eventually([&] { return lt_->Sync([&] { return pm_->pool_ready(); }) == 1; }));
+
+  // The pool's second VM, then (the pool not refilled yet) one of the pod's own.
+  for (const char* id : {"p2", "p3"}) {
+    SCOPED_TRACE(id);
+    ASSERT_OK(Create(id, WithNetns()));
+    vms_->FailNext("ConfigureNetwork", Error::Internal("netlink: add address: File exists"));
+    auto s = Start(id);
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.error().ToString().find("configure guest network: netlink"), std::string::npos)
+        << s.error().ToString();
+    EXPECT_EQ(Status(id)->phase, "created");
+    // Left running: p1's VM and at most the pool's one (refilled).
+    EXPECT_TRUE(Eventually([&] {
+      auto vms = vms_->running();
+      return vms.count(pool_vm) &&
+             std::all_of(vms.begin(), vms.end(),
+                         [&](const auto& n) { return n == pool_vm || n.find("pool") != n.npos; }) &&
+             vms.size() <= 2;
+    })) << "the failed start's VM was left";
+  }
+  StartPod("p4");
 }
 
 // The VM template through the PodManager: built once (a VM prepared and saved, then gone),

@@ -60,6 +60,18 @@ class SandboxerTest : public AgentVmTest {
   }
 
   void TearDown() override {
+    // PEAPOD_TEST_CONSOLES=<dir>: the guests' console logs (the agent's own log) are copied
+    // there, as <pod>.log, before the pods go.
+    if (const char* to = std::getenv("PEAPOD_TEST_CONSOLES")) {
+      std::error_code ec;
+      fs::create_directories(to, ec);
+      for (const auto& e : fs::recursive_directory_iterator(dir_, ec)) {
+        if (e.path().filename() != "console.log") continue;
+        fs::copy_file(e.path(),
+                      fs::path(to) / (e.path().parent_path().filename().string() + ".log"),
+                      fs::copy_options::overwrite_existing, ec);
+      }
+    }
     if (stub_) {
       for (const char* id : {"pod1", "pod2", "pod3", "pod4", "pod5", "pod6"}) {
         grpc::ClientContext ctx;

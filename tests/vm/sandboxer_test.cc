@@ -667,12 +667,38 @@ TEST_F(SandboxerTest, PodsFromTheTemplateAreTheirOwnVmsWithTheirOwnRandomness) {
     sbv1::ControllerStartResponse started;
     ASSERT_TRUE(Start("pod3", &started).ok()) << Log();
     EXPECT_NE(Log().find("pod pod3: adopting pool VM pool-"), std::string::npos) << Log();
+    // The pool VM's NIC waited up, on standby; it took the pod's MAC without going down, and
+    // its one IPv6 link-local address is the pod MAC's, as a NIC of that MAC gets at boot.
+    std::string cni_mac =
+        Capture("ip netns exec " + ns.path().substr(15) + " cat /sys/class/net/eth0/address");
     auto out = RunInPod("pod3", "c1", layer,
-                        {"sh", "-c", "ip -4 -o addr show eth0; cat /proc/sys/kernel/random/uuid"});
+                        {"sh", "-c",
+                         "ip -4 -o addr show eth0; cat /sys/class/net/eth0/address; "
+                         "grep '^fe80.* eth0$' /proc/net/if_inet6; "
+                         "cat /proc/sys/kernel/random/uuid"});
     ASSERT_TRUE(out.ok()) << out.error().ToString() << "\nlog:\n" << Log();
     EXPECT_NE(out->find(ns.pod_ip() + "/24"), std::string::npos) << *out;
+    EXPECT_NE(out->find(cni_mac), std::string::npos) << *out << " vs CNI MAC " << cni_mac;
+    unsigned m[6] = {};
+    ASSERT_EQ(
+        std::sscanf(cni_mac.c_str(), "%x:%x:%x:%x:%x:%x", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5]),
+        6);
+    char eui64[40];
+    std::snprintf(eui64, sizeof(eui64), "fe80000000000000%02x%02x%02xfffe%02x%02x%02x", m[0] ^ 2u,
+                  m[1], m[2], m[3], m[4], m[5]);
+    auto first = out->find("fe80");
+    ASSERT_NE(first, std::string::npos) << "no link-local address: " << *out;
+    EXPECT_EQ(out->substr(first, 32), eui64) << *out;
+    EXPECT_EQ(out->find("fe80", first + 1), std::string::npos) << "two link-locals: " << *out;
     std::string u = out->substr(out->size() - 37, 36);
     EXPECT_EQ((uuids["pod1"] + uuids["pod2"]).find(u), std::string::npos) << u;
+    std::ifstream console(dir_ + "/state/pods/pod3/console.log");
+    std::string agent_log((std::istreambuf_iterator<char>(console)), {});
+    EXPECT_NE(agent_log.find("its MAC changed live"), std::string::npos) << agent_log;
+    std::string flush = "ip netns exec " + ns.path().substr(15) + " ip addr flush dev eth0";
+    ASSERT_EQ(std::system(flush.c_str()), 0);
+    std::string ping = "ping -c 2 -W 5 -i 0.3 " + ns.pod_ip() + " >/dev/null";
+    EXPECT_EQ(std::system(ping.c_str()), 0) << "the pod's address does not answer";
     ASSERT_TRUE(Shutdown("pod3").ok());
   }
   // Nothing of the template build is left running: only its files.
