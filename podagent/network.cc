@@ -250,22 +250,24 @@ Result<void> ConfigureInterface(const v1::Interface& itf) {
     if (!itf.addresses().empty() || remac || !itf.name().empty()) {
       return Error::Invalid("a standby interface takes no addresses, name or new MAC");
     }
+    // Noted before the first change: whatever of it fails, the pod's call turns address
+    // generation back on.
+    StandbyLinks().insert(index);
     if (ipv6) PP_TRY(SetAddrGenMode(index, name, IN6_ADDR_GEN_MODE_NONE));
     PP_TRY(SetLink(index, "bring " + name + " up on standby", IFF_UP, IFF_UP));
-    StandbyLinks().insert(index);
     spdlog::info("agent: interface {} ({}) up on standby", name, itf.mac());
     return Ok();
   }
-  bool standby = StandbyLinks().erase(index) > 0;
   bool rename = !itf.name().empty() && itf.name() != name;
   if (rename && itf.name().size() >= IFNAMSIZ) {
     return Error::Invalid("interface name '{}' is longer than {} bytes", itf.name(), IFNAMSIZ - 1);
   }
-  bool up = LinkIsUp(name);
   std::optional<std::array<uint8_t, 6>> mac;
   if (remac) {
     PP_ASSIGN_OR_RETURN(mac, ParseMac(itf.mac()));
   }
+  bool standby = StandbyLinks().count(index) > 0;
+  bool up = LinkIsUp(name);
   // A link on standby keeps running through its new MAC (virtio-net changes it live); anything
   // else takes it down first.
   bool live = false;
@@ -276,7 +278,9 @@ Result<void> ConfigureInterface(const v1::Interface& itf) {
     ifi->ifi_index = index;
     req.Attr(IFLA_ADDRESS, mac->data(), mac->size());
     if (up && standby && !rename) {
-      live = Transact(req, "set " + name + " MAC " + itf.mac() + " live").ok();
+      auto r = Transact(req, "set " + name + " MAC " + itf.mac() + " live");
+      if (!r.ok()) spdlog::info("agent: {}; taking the link down for it", r.error().ToString());
+      live = r.ok();
       mark("mac_live");
     }
     if (!live) {
@@ -310,6 +314,7 @@ Result<void> ConfigureInterface(const v1::Interface& itf) {
       PP_TRY(AddAddress(index, label, LinkLocalOf(now), /*nodad=*/false));
     }
   }
+  StandbyLinks().erase(index);
   if (!up) PP_TRY(SetLink(index, "bring " + label + " up", IFF_UP, IFF_UP));
   mark("up");
   // The host already owns these addresses: no DAD delay.

@@ -411,6 +411,12 @@ void PodManager::FailStart(const std::string& id, Error e, bool vm_started,
         (void)backend_->Destroy(domain);
         if (has_tap) net_->RemoveTap(tap, netns);
         launcher_.DiscardVmFiles(domain, scratch, uid);
+        // A pool VM whose adoption failed: what is still under its pool name.
+        if (domain.rfind("peapod-pool-", 0) == 0) {
+          std::string name = domain.substr(std::string("peapod-").size());
+          for (const auto& dir : {RunDir(name), PoolStateDir(name)})
+            (void)storage_->RemoveTree(dir);
+        }
         return Ok();
       },
       [this, id, why, reply](Result<void>) {
@@ -498,6 +504,8 @@ void PodManager::SetUpGuest(const std::string& id, Reply<PodStatus> reply) {
     std::exchange(pod->net_call, nullptr)->Then([done](std::optional<Error> e) {
       done(std::move(e), "guest_network");
     });
+    // Refused already: the VM goes, with no sandbox set up in it first.
+    if (join->error) return done(std::nullopt, "guest_setup");
   } else if (pod->net) {
     v1::ConfigureNetworkRequest net = pod->net->guest;
     pod->net.reset();

@@ -121,6 +121,10 @@ std::map<std::string, PodRecord> FakeStorage::records() {
   std::lock_guard lock(mu_);
   return records_;
 }
+std::set<std::string> FakeStorage::dirs() {
+  std::lock_guard lock(mu_);
+  return dirs_;
+}
 std::set<std::string> FakeStorage::scratch_disks() {
   std::lock_guard lock(mu_);
   return scratch_;

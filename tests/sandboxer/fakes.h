@@ -74,6 +74,7 @@ class FakeStorage : public Storage, public Faults {
   explicit FakeStorage(std::string state_dir) : state_dir_(std::move(state_dir)) {}
 
   std::map<std::string, PodRecord> records();
+  std::set<std::string> dirs();  // made by MakeDirs and not removed since
   std::set<std::string> scratch_disks();
   // Share paths bound, <run_dir>/share/<rel>.
   std::set<std::string> binds();

@@ -758,6 +758,10 @@ TEST_F(PodStatesTest, APoolVmIsAdoptedWithItsTapMovedAndThePoolRefills) {
                         [&](const auto& t) { return t.second == "" && t.first != tap; }) ||
            taps.size() <= 2;
   }));
+  for (const auto& d : storage_->dirs()) {
+    EXPECT_EQ(d.find(second.substr(std::string("peapod-").size())), std::string::npos)
+        << d << ": the failed adoption left its pool VM's directory";
+  }
   // Started again, its network reaches the VM it runs on now: nothing of the failed adoption's
   // (its guest network call was answered by the VM that went) is taken for it.
   auto again = Start("p2");
