@@ -839,7 +839,9 @@ TEST_F(PodStatesTest, PodsStartFromTheTemplateAndOnlyItsOwnFailureRebuildsIt) {
   lt_->Sync([&] { pm_->PrepareTemplate(); });
   auto ready = [&] { return lt_->Sync([&] { return pm_->template_ready(); }); };
   ASSERT_TRUE(Eventually(ready));
-  EXPECT_EQ(vms_->CallsOf("peapod-template-build"), std::vector<std::string>{"PrepareTemplate"});
+  // Its NIC up on standby, then prepared.
+  EXPECT_EQ(vms_->CallsOf("peapod-template-build"),
+            (std::vector<std::string>{"ConfigureNetwork(standby)", "PrepareTemplate"}));
   EXPECT_TRUE(Eventually([&] { return vms_->running().empty(); })) << "the build VM stays";
   std::vector<std::string> keys;
   for (const auto& e : fs::directory_iterator(cfg_.state_dir + "/templates")) {

@@ -87,6 +87,28 @@ class SandboxerTest : public AgentVmTest {
     AgentVmTest::TearDown();
   }
 
+  // out holds /proc/net/if_inet6 lines: exactly one link-local address, the EUI-64 one of mac.
+  static void ExpectOneLinkLocalOf(const std::string& mac, const std::string& out) {
+    unsigned m[6] = {};
+    ASSERT_EQ(
+        std::sscanf(mac.c_str(), "%x:%x:%x:%x:%x:%x", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5]), 6)
+        << mac;
+    char eui64[40];
+    std::snprintf(eui64, sizeof(eui64), "fe80000000000000%02x%02x%02xfffe%02x%02x%02x", m[0] ^ 2u,
+                  m[1], m[2], m[3], m[4], m[5]);
+    auto first = out.find("fe80");
+    ASSERT_NE(first, std::string::npos) << "no link-local address: " << out;
+    EXPECT_EQ(out.substr(first, 32), eui64) << out;
+    EXPECT_EQ(out.find("fe80", first + 1), std::string::npos) << "two link-locals: " << out;
+  }
+
+  // The pod's agent changed its NIC's MAC with the link up (its console log says so).
+  void ExpectMacChangedLive(const std::string& pod) {
+    std::ifstream console(dir_ + "/state/pods/" + pod + "/console.log");
+    std::string agent_log((std::istreambuf_iterator<char>(console)), {});
+    EXPECT_NE(agent_log.find("its MAC changed live"), std::string::npos) << agent_log;
+  }
+
   void StartSandboxer() {
     pid_ = ::fork();
     if (pid_ == 0) {
