@@ -497,7 +497,7 @@ void PodManager::SetUpGuest(const std::string& id, Reply<PodStatus> reply) {
     if (--join->pending > 0) return;
     if (join->error) return fail(std::move(*join->error));
     if (!pod) return reply(UnknownPod(id));
-    GuestSetUp(id, reply);
+    FinishStart(id, reply);
   };
   if (pod->net_call) {
     ++join->pending;
@@ -537,7 +537,7 @@ void PodManager::SetUpGuest(const std::string& id, Reply<PodStatus> reply) {
       30s);
 }
 
-void PodManager::GuestSetUp(const std::string& id, Reply<PodStatus> reply) {
+void PodManager::FinishStart(const std::string& id, Reply<PodStatus> reply) {
   Pod* pod = Find(id);
   if (!pod) return reply(UnknownPod(id));
   PlaceVm(*pod);

@@ -266,10 +266,10 @@ class PodManager {
   void FailStart(const std::string& id, Error e, bool vm_started, Reply<PodStatus> reply);
   void WaitForAgent(const std::string& id, Clock::TimePoint deadline, Reply<PodStatus> reply);
   // Once the agent answers: the pod network, then its hostname, DNS, sysctls and mounts, sent
-  // one behind the other; then GuestSetUp.
+  // one behind the other; then FinishStart.
   void SetUpGuest(const std::string& id, Reply<PodStatus> reply);
   // The guest is set up: the record says running, and the Start is answered.
-  void GuestSetUp(const std::string& id, Reply<PodStatus> reply);
+  void FinishStart(const std::string& id, Reply<PodStatus> reply);
   // The pod stopped: records, waiters, Stops and Metrics in flight answered.
   void MarkStopped(Pod& pod, uint32_t status);
   void AnswerStops(Pod& pod, Result<void> r);
