@@ -175,20 +175,22 @@ bool HasIpv6(const std::string& name) {
   return ::access(("/proc/sys/net/ipv6/conf/" + name).c_str(), F_OK) == 0;
 }
 
+// One attribute, padded, as bytes: the payload of an attribute that nests it.
+std::vector<char> PackAttr(uint16_t type, const void* data, size_t len) {
+  std::vector<char> out(RTA_SPACE(len), 0);
+  auto* rta = reinterpret_cast<rtattr*>(out.data());
+  rta->rta_type = type;
+  rta->rta_len = static_cast<unsigned short>(RTA_LENGTH(len));
+  std::memcpy(RTA_DATA(rta), data, len);
+  return out;
+}
+
 // How the kernel makes the NIC's IPv6 link-local address when the link comes up:
 // IN6_ADDR_GEN_MODE_EUI64 from its MAC, or IN6_ADDR_GEN_MODE_NONE, none at all.
 Result<void> SetAddrGenMode(int index, const std::string& name, uint8_t mode) {
-  // IFLA_AF_SPEC { AF_INET6 { IFLA_INET6_ADDR_GEN_MODE: u8 } }, each attribute padded.
-  std::vector<char> inner(RTA_SPACE(sizeof(mode)), 0);
-  auto* gen = reinterpret_cast<rtattr*>(inner.data());
-  gen->rta_type = IFLA_INET6_ADDR_GEN_MODE;
-  gen->rta_len = static_cast<unsigned short>(RTA_LENGTH(sizeof(mode)));
-  std::memcpy(RTA_DATA(gen), &mode, sizeof(mode));
-  std::vector<char> af(RTA_SPACE(inner.size()), 0);
-  auto* inet6 = reinterpret_cast<rtattr*>(af.data());
-  inet6->rta_type = AF_INET6;
-  inet6->rta_len = static_cast<unsigned short>(RTA_LENGTH(inner.size()));
-  std::memcpy(RTA_DATA(inet6), inner.data(), inner.size());
+  // IFLA_AF_SPEC { AF_INET6 { IFLA_INET6_ADDR_GEN_MODE: u8 } }.
+  auto gen = PackAttr(IFLA_INET6_ADDR_GEN_MODE, &mode, sizeof(mode));
+  auto af = PackAttr(AF_INET6, gen.data(), gen.size());
   NlRequest req(RTM_NEWLINK, 0, sizeof(ifinfomsg));
   auto* ifi = req.body<ifinfomsg>();
   ifi->ifi_family = AF_UNSPEC;

@@ -163,26 +163,25 @@ void PodManager::TemplateVmUp(Clock::TimePoint deadline) {
         // Its NIC is saved up, on standby (no addresses, no link-local), as a pool VM's
         // waits: every restored pod's network then changes the MAC live instead of raising
         // the link, the costliest netlink path a restored guest would run cold.
-        v1::ConfigureNetworkRequest standby;
-        auto* itf = standby.add_interfaces();
-        itf->set_mac(tmpl_.build_mac);
-        itf->set_standby(true);
-        agent.ConfigureNetwork(standby, [this, alive, agent](Result<Empty> r) {
-          if (alive.expired()) return;
-          if (!r.ok()) return TemplateBuildFailed(r.error().Wrap("NIC on standby"));
-          v1::PrepareTemplateRequest prep;
-          for (const char* fs : kPodFilesystems) prep.add_fstypes(fs);
-          agent.PrepareTemplate(prep, [this, alive](Result<Empty> r) {
-            if (alive.expired()) return;
-            if (!r.ok()) return TemplateBuildFailed(r.error().Wrap("prepare"));
-            // The host leaves the channel before the save: a restored VM's agent waits for a
-            // new host, as after a sandboxer restart.
-            tmpl_.build_channel = {};
-            clock_->After(200ms, [this, alive] {
-              if (!alive.expired()) SaveTemplateVm();
-            });
-          });
-        });
+        agent.ConfigureNetwork(StandbyNetwork(tmpl_.build_mac),
+                               [this, alive, agent](Result<Empty> r) {
+                                 if (alive.expired()) return;
+                                 if (!r.ok())
+                                   return TemplateBuildFailed(r.error().Wrap("NIC on standby"));
+                                 v1::PrepareTemplateRequest prep;
+                                 for (const char* fs : kPodFilesystems) prep.add_fstypes(fs);
+                                 agent.PrepareTemplate(prep, [this, alive](Result<Empty> r) {
+                                   if (alive.expired()) return;
+                                   if (!r.ok())
+                                     return TemplateBuildFailed(r.error().Wrap("prepare"));
+                                   // The host leaves the channel before the save: a restored VM's
+                                   // agent waits for a new host, as after a sandboxer restart.
+                                   tmpl_.build_channel = {};
+                                   clock_->After(200ms, [this, alive] {
+                                     if (!alive.expired()) SaveTemplateVm();
+                                   });
+                                 });
+                               });
       },
       1s);
 }

@@ -499,6 +499,11 @@ void PodManager::SetUpGuest(const std::string& id, Reply<PodStatus> reply) {
     if (!pod) return reply(UnknownPod(id));
     FinishStart(id, reply);
   };
+  // An adopted pool VM has its network call in flight already.
+  if (pod->net) {
+    pod->net_call = SendPodNetwork(pod->agent, pod->net->guest);
+    pod->net.reset();
+  }
   if (pod->net_call) {
     ++join->pending;
     std::exchange(pod->net_call, nullptr)->Then([done](std::optional<Error> e) {
@@ -506,18 +511,6 @@ void PodManager::SetUpGuest(const std::string& id, Reply<PodStatus> reply) {
     });
     // Refused already: the VM goes, with no sandbox set up in it first.
     if (join->error) return done(std::nullopt, "guest_setup");
-  } else if (pod->net) {
-    v1::ConfigureNetworkRequest net = pod->net->guest;
-    pod->net.reset();
-    ++join->pending;
-    agent.ConfigureNetwork(
-        net,
-        [done](Result<Empty> r) {
-          done(r.ok() ? std::nullopt
-                      : std::optional<Error>(std::move(r).error().Wrap("configure guest network")),
-               "guest_network");
-        },
-        30s);
   }
   v1::CreateSandboxRequest sb;
   sb.set_sandbox_id(id);
@@ -561,6 +554,27 @@ void PodManager::FinishStart(const std::string& id, Reply<PodStatus> reply) {
     spdlog::info("pod {}: ready (QEMU pid {})", id, pod->rec.pid);
     reply(StatusOf(*pod));
   });
+}
+
+v1::ConfigureNetworkRequest StandbyNetwork(const std::string& mac) {
+  v1::ConfigureNetworkRequest req;
+  auto* itf = req.add_interfaces();
+  itf->set_mac(mac);
+  itf->set_standby(true);
+  return req;
+}
+
+std::shared_ptr<PendingAnswer> SendPodNetwork(const std::shared_ptr<ttrpc::Client>& agent,
+                                              const v1::ConfigureNetworkRequest& req) {
+  auto answer = std::make_shared<PendingAnswer>();
+  agentapi::AgentClient::Over(agent).ConfigureNetwork(
+      req,
+      [answer](Result<Empty> r) {
+        if (r.ok()) return answer->Set(std::nullopt);
+        answer->Set(std::move(r).error().Wrap("configure guest network"));
+      },
+      30s);
+  return answer;
 }
 
 void AddPodStorages(v1::CreateSandboxRequest& sb, bool scratch) {

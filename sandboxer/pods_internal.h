@@ -75,6 +75,15 @@ std::string RandomBytesHex(size_t n, const char* sep = "");
 // The share and (if the VM has one) the scratch disk, as CreateSandbox mounts them.
 void AddPodStorages(peapod::agent::v1::CreateSandboxRequest& sb, bool scratch);
 
+// A NIC brought up ahead of its pod (Interface.standby): the template's and a pool VM's.
+peapod::agent::v1::ConfigureNetworkRequest StandbyNetwork(const std::string& mac);
+
+// Sends a pod's network to its guest; the answer ("configure guest network: …" if refused)
+// lands in the PendingAnswer returned, which SetUpGuest awaits.
+std::shared_ptr<PendingAnswer> SendPodNetwork(
+    const std::shared_ptr<ttrpc::Client>& agent,
+    const peapod::agent::v1::ConfigureNetworkRequest& req);
+
 // The pod's TAP: a pool VM's own name, else the one named for the pod (if it has a netns).
 inline std::string TapOf(const PodRecord& r) { return r.tap.empty() ? TapName(r.id) : r.tap; }
 inline bool HasTap(const PodRecord& r) { return !r.tap.empty() || !r.netns.empty(); }

@@ -191,13 +191,11 @@ void PodManager::PoolVmUp(const std::string& name, Clock::TimePoint deadline) {
         // instead of mounting again.
         // Its NIC comes up now too, on standby (no addresses): the adopting pod's network then
         // changes its MAC live instead of taking the link down and up (~40 ms under TCG). A
-        // guest that cannot just gets the usual down and up at adoption.
+        // guest that cannot just gets the usual down and up at adoption. A VM restored from
+        // the template has its NIC on standby already; the call, repeated, still runs in this
+        // QEMU the netlink paths the pod's call will take, before the pod waits on them.
         auto mount = [this, alive, name, agent, mac = pv->mac] {
-          v1::ConfigureNetworkRequest standby;
-          auto* itf = standby.add_interfaces();
-          itf->set_mac(mac);
-          itf->set_standby(true);
-          agent.ConfigureNetwork(standby, [this, alive, name, agent](Result<Empty> r) {
+          agent.ConfigureNetwork(StandbyNetwork(mac), [this, alive, name, agent](Result<Empty> r) {
             if (alive.expired()) return;
             if (!r.ok()) spdlog::warn("pool: {}: NIC on standby: {}", name, r.error().ToString());
             v1::CreateSandboxRequest sb;
@@ -295,17 +293,7 @@ void PodManager::AdoptPoolVm(const std::string& id, std::unique_ptr<PoolVm> vm_i
         }
         // FailStart destroys the VM (the record names it) and the TAP wherever it went.
         if (!read.ok()) return FailStart(id, read.error().Wrap("adopt pool VM"), true, reply);
-        if (*net) {
-          auto call = std::make_shared<PendingAnswer>();
-          pod->net_call = call;
-          agentapi::AgentClient::Over(vm->channel.agent)
-              .ConfigureNetwork((*net)->guest,
-                                [call](Result<Empty> r) {
-                                  if (r.ok()) return call->Set(std::nullopt);
-                                  call->Set(std::move(r).error().Wrap("configure guest network"));
-                                },
-                                30s);
-        }
+        if (*net) pod->net_call = SendPodNetwork(vm->channel.agent, (*net)->guest);
         Off(
             vm_workers_,
             [this, rec = pod->rec, name = vm->name, net] { return AdoptOnHost(rec, name, *net); },
