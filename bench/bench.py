@@ -528,11 +528,7 @@ class Bench:
                 raise Failed(f"pod {pod} has no '{step}' start step ({what}; see {self.sandboxer_log})")
             times.append(ms)
             steps.append(st)
-            keep = os.environ.get("BENCH_KEEP_CONSOLES")  # a directory: the guests' own logs
-            if keep:
-                os.makedirs(keep, exist_ok=True)
-                for f in glob.glob(f"{self.dir}/state/pods/*/console.log"):
-                    shutil.copy(f, f"{keep}/{os.path.basename(os.path.dirname(f))}.log")
+            self.keep_consoles()
             self.rmp(pod)
             log(f"{what} {i + 1}/{n}: {ms:.0f} ms (sandboxer {st['total']:.0f})")
         return times, steps
@@ -929,8 +925,19 @@ class Bench:
         self.results["memory"] = m
         log(f"memory: peapod {m['peapod']['total_mib']['median']:.0f} MiB/pod "
             f"(QEMU {m['peapod']['qemu_pss_mib']['median']:.0f}), runc {m['runc']['total_mib']['median']:.1f} MiB")
+        self.keep_consoles()
         for h, (pod, _) in pods.items():
             self.rmp(pod)
+
+    def keep_consoles(self):
+        """With BENCH_KEEP_CONSOLES=<dir>: the running pods' guest console logs (the agent's
+        own lines, with its timings) copied there before the pods go."""
+        keep = os.environ.get("BENCH_KEEP_CONSOLES")
+        if not keep:
+            return
+        os.makedirs(keep, exist_ok=True)
+        for f in glob.glob(f"{self.dir}/state/pods/*/console.log"):
+            shutil.copy(f, f"{keep}/{os.path.basename(os.path.dirname(f))}.log")
 
     def peapod_memory(self, pod, cids):
         table = proc_table()

@@ -19,6 +19,7 @@
 
 #include "common/base/files.h"
 #include "common/base/ids.h"
+#include "common/log/log.h"
 #include "common/oci/spec.h"
 #include "podagent/cgroup_stats.h"
 
@@ -27,6 +28,7 @@ namespace peapod::agent {
 namespace fs = std::filesystem;
 using google::protobuf::Timestamp;
 using google::protobuf::util::TimeUtil;
+using log::MsSince;
 
 struct ContainerManager::Process {
   std::string exec_id;
@@ -385,6 +387,7 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   auto parsed = oci::Spec::Parse(req.oci_spec(), "container " + id + " config.json");
   if (!parsed.ok()) return reply(std::move(parsed).error().Wrap("create container " + id));
   oci::Spec spec = std::move(*parsed);
+  const auto t0 = std::chrono::steady_clock::now();
   auto c = std::make_shared<Container>();
   c->id = id;
   c->dir = opts_.run_dir + "/containers/" + id;
@@ -448,13 +451,14 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   if (auto r = PrepareStdio(c->init, console, req.stdin(), terminal, child_fds); !r.ok()) {
     return fail(r.error());
   }
+  const auto t1 = std::chrono::steady_clock::now();
   const std::string pid_file = c->dir + "/init.pid";
   std::vector<std::string> args = {"create", "--bundle=" + c->dir, "--pid-file=" + pid_file};
   if (opts_.no_pivot) args.push_back("--no-pivot");
   if (terminal) args.push_back("--console-socket=" + console);
   args.push_back(id);
   RunCrun(std::move(args), c->dir + "/crun.log", child_fds,
-          [this, c, console, pid_file, reply](Result<std::string> r) mutable {
+          [this, c, console, pid_file, reply, t0, t1](Result<std::string> r) mutable {
             auto fail = [&](Error e) {
               CleanupFailedCreate(c);
               reply(std::move(e).Wrap("create container " + c->id));
@@ -470,7 +474,9 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
             c->status = Container::Status::kCreated;
             Track(c, &c->init);
             WatchOOM(c);
-            spdlog::info("agent: created container {} pid {}", c->id, *pid);
+            spdlog::info(
+                "agent: created container {} pid {} (ms: rootfs and spec {}, crun create {})",
+                c->id, *pid, MsSince(t0, t1), MsSince(t1));
             v1::CreateContainerResponse resp;
             resp.set_pid(static_cast<uint32_t>(*pid));
             reply(std::move(resp));
@@ -478,27 +484,58 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   // The child's ends are the child's now.
 }
 
+// crun create leaves the container's init blocked on its exec fifo, <crun root>/<id>/exec.fifo.
+// All `crun start` does then (crun 1.8: libcrun_container_start) is run the poststart hooks, which
+// RewriteSpec removed, and release the init: open the fifo for writing, unlink it (crun's own
+// "created" test is that the fifo exists) and write one byte. The agent does those three steps
+// itself, since a `crun start` is a whole crun process, which under TCG costs 240-520 ms of
+// start-up for no work. False when this crun keeps no fifo there (the caller then runs crun start);
+// an error (ENXIO) when nothing reads it: the init is gone.
+Result<bool> ContainerManager::ReleaseInit(const std::string& id) {
+  const std::string fifo = opts_.run_dir + "/crun/" + id + "/exec.fifo";
+  // Non-blocking: with no reader the open fails at once instead of waiting for one.
+  UniqueFd fd(::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+  if (!fd && errno == ENOENT) return false;
+  if (!fd) return Error::Errno("open " + fifo);
+  if (::unlink(fifo.c_str()) < 0) return Error::Errno("unlink " + fifo);
+  const char byte = 0;
+  if (::write(fd.get(), &byte, 1) != 1) return Error::Errno("write to " + fifo);
+  return true;
+}
+
 void ContainerManager::Start(const std::string& id, Reply<v1::StartContainerResponse> reply) {
   auto c = Find(id);
   if (!c.ok()) return reply(c.error());
-  auto& ct = *c;
+  auto ct = *c;
   if (ct->status != Container::Status::kCreated || ct->busy) {
     return reply(Error::Make(Code::kFailedPrecondition,
                              "container {} cannot be started: it is not in the created state", id));
   }
-  ct->busy = true;
-  RunCommand(loop_, reaper_, {.argv = CrunArgs({"start", id})}, [ct, reply](Result<std::string> r) {
-    ct->busy = false;
-    if (!r.ok()) return reply(std::move(r).error().Wrap("start container " + ct->id));
+  auto started = [ct, reply]() {
     // It may already have exited (and been reaped) by now.
-    if (ct->status == Container::Status::kCreated) {
-      ct->status = Container::Status::kRunning;
-    }
+    if (ct->status == Container::Status::kCreated) ct->status = Container::Status::kRunning;
     ct->init.started = std::chrono::steady_clock::now();
     v1::StartContainerResponse resp;
     resp.set_pid(static_cast<uint32_t>(ct->init.pid));
     reply(std::move(resp));
-  });
+  };
+  auto released = ReleaseInit(id);
+  if (!released.ok()) {
+    return reply(std::move(released).error().Wrap(
+        fmt::format("start container {} (its init, pid {}, has exited)", id, ct->init.pid)));
+  }
+  if (*released) return started();
+  spdlog::warn("agent: container {} has no exec fifo where crun 1.8 keeps it: using crun start",
+               id);
+  ct->busy = true;
+  const auto t0 = std::chrono::steady_clock::now();
+  RunCommand(loop_, reaper_, {.argv = CrunArgs({"start", id})},
+             [ct, reply, started, t0](Result<std::string> r) {
+               ct->busy = false;
+               spdlog::info("agent: crun start {} took {} ms", ct->id, MsSince(t0));
+               if (!r.ok()) return reply(std::move(r).error().Wrap("start container " + ct->id));
+               started();
+             });
 }
 
 void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessResponse> reply) {
@@ -535,9 +572,11 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
   if (proc->terminal) args.push_back("--console-socket=" + console);
   args.push_back(ct->id);
   ct->pending_execs.insert(eid);
+  const auto t0 = std::chrono::steady_clock::now();
   RunCrun(std::move(args), base + ".log", child_fds,
-          [this, ct, p, base, console, eid, reply](Result<std::string> r) {
+          [this, ct, p, base, console, eid, reply, t0](Result<std::string> r) {
             ct->pending_execs.erase(eid);
+            spdlog::info("agent: crun exec {} in {} took {} ms", eid, ct->id, MsSince(t0));
             auto fail = [&](Error e) {
               ::unlink(console.c_str());
               reply(std::move(e).Wrap("exec " + eid + " in container " + ct->id));

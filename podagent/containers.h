@@ -104,6 +104,8 @@ class ContainerManager {
   Result<void> FinishStdio(Process& p, const std::string& console_socket);
   void Track(const ContainerPtr& c, Process* p);
   void CleanupFailedCreate(const ContainerPtr& c);
+  // What `crun start` does, done in the agent (see containers.cc); false: no fifo to do it with.
+  Result<bool> ReleaseInit(const std::string& id);
   std::vector<std::string> CrunArgs(std::initializer_list<std::string> args) const;
   // Runs a crun command that starts a process (create, exec) with child_fds as its stdio and
   // crun's --log at log; on failure the error carries what crun logged.

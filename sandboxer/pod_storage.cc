@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/base/ids.h"
+#include "common/log/log.h"
 #include "peapod/agent/v1/agent.pb.h"
 #include "sandboxer/pods.h"
 #include "sandboxer/pods_internal.h"
@@ -180,6 +181,7 @@ void PodManager::AttachImages(const std::string& id, const std::string& containe
     units.push_back(unit);
   }
   std::string domain = pod->rec.domain;
+  const auto t0 = std::chrono::steady_clock::now();
   Off(
       vm_workers_,
       [this, domain, fresh]() -> Result<void> {
@@ -194,7 +196,7 @@ void PodManager::AttachImages(const std::string& id, const std::string& containe
         }
         return Ok();
       },
-      [this, id, container, units, fresh, reply](Result<void> r) {
+      [this, id, container, units, fresh, reply, t0](Result<void> r) {
         Pod* pod = Find(id);
         if (!r.ok() || !pod) {
           for (const auto& d : fresh) {
@@ -205,8 +207,8 @@ void PodManager::AttachImages(const std::string& id, const std::string& containe
         }
         for (const auto& d : fresh) pod->rec.disks.push_back(d);
         pod->rec.rootfs[container] = units;
-        spdlog::info("pod {}: container {} rootfs: {} layer(s), {} newly attached", id, container,
-                     units.size(), fresh.size());
+        spdlog::info("pod {}: container {} rootfs: {} layer(s), {} newly attached in {} ms", id,
+                     container, units.size(), fresh.size(), log::MsSince(t0));
         // Answered once recorded: a restart then knows the disks the container stacks.
         SaveThen(*pod, [this, id, container, reply](Result<void>) {
           Pod* pod = Find(id);

@@ -17,6 +17,7 @@
 #include "common/agentapi/agent_client.h"
 #include "common/base/files.h"
 #include "common/base/ids.h"
+#include "common/log/log.h"
 #include "common/oci/spec.h"
 #include "containerd/events/task.pb.h"
 #include "containerd/runtime/task/v2/shim.pb.h"
@@ -402,6 +403,9 @@ struct TaskService::Impl {
     std::optional<oci::Spec> spec;
     std::vector<size_t> binds;  // indexes in the spec's mounts of the volumes to share
     Done<uint32_t> done;
+    // For the log line that says where a create's time went.
+    std::chrono::steady_clock::time_point began = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point prepared;
   };
 
   // The spec is read and parsed once, here; the role and the volumes come from it.
@@ -468,6 +472,7 @@ struct TaskService::Impl {
             }
             return job->done(std::move(r).error());
           }
+          job->prepared = std::chrono::steady_clock::now();
           vm_pid = r->pod().pid();
           ConnectAgent();
           if (auto edited = UseSharedVolumes(*job, r->volumes()); !edited.ok()) {
@@ -503,7 +508,11 @@ struct TaskService::Impl {
     c.set_stdin(!job->req.stdin().empty());
     c.set_terminal(job->req.terminal());
     agent.CreateContainer(c, [this, job](Result<av1::CreateContainerResponse> r) {
-      if (r.ok()) return job->done(r->pid());
+      if (r.ok()) {
+        spdlog::info("shim: created {} (ms: sandboxer {}, agent {})", opts.id,
+                     log::MsSince(job->began, job->prepared), log::MsSince(job->prepared));
+        return job->done(r->pid());
+      }
       ReleaseFromPod([job, e = std::move(r).error()] { job->done(e); });
     });
   }
@@ -568,8 +577,9 @@ struct TaskService::Impl {
       return reply(resp);
     }
     p->starting = true;
-    auto started = [this, p, reply](Result<uint32_t> pid) {
+    auto started = [this, p, reply, t0 = std::chrono::steady_clock::now()](Result<uint32_t> pid) {
       p->starting = false;
+      spdlog::info("shim: start {} took {} ms", p->Name(opts.id), log::MsSince(t0));
       if (!pid.ok()) return reply(std::move(pid).error());
       Started(p, *pid);
       task::StartResponse resp;

@@ -160,6 +160,44 @@ TEST_F(LocalAgentTest, ExecWithAndWithoutATerminal) {
   EXPECT_TRUE(agent_->Remove("svc", true).ok());
 }
 
+// The agent starts a created container itself, as `crun start` would: afterwards crun's own
+// view of it must be the same, since crun exec, kill and delete rely on it.
+TEST_F(LocalAgentTest, StartingLeavesTheContainerAsCrunStartWould) {
+  ASSERT_TRUE(agent_->Create("svc", Spec({"sleep", "100"})).ok());
+  const std::string fifo = dir_ + "/run/crun/svc/exec.fifo";
+  ASSERT_TRUE(fs::exists(fifo)) << "crun create keeps no exec fifo where the agent looks for it";
+  ASSERT_TRUE(agent_->Start("svc").ok());
+  EXPECT_FALSE(fs::exists(fifo));
+  std::string cmd = "/usr/bin/crun --root=" + dir_ + "/run/crun state svc";
+  std::string state;
+  if (FILE* f = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), f)) > 0;) state.append(buf, n);
+    ::pclose(f);
+  }
+  EXPECT_NE(state.find("\"status\": \"running\""), std::string::npos) << state;
+  EXPECT_EQ(agent_->State("svc"), v1::StateContainerResponse::RUNNING);
+  // The init really runs its process: an exec sees it.
+  ASSERT_TRUE(agent_->Exec("svc", "ps", {"sh", "-c", "cat /proc/1/cmdline"}).ok());
+  EXPECT_EQ(agent_->ReadAll("svc", "ps"), std::string("sleep\0"
+                                                      "100\0",
+                                                      10));
+  EXPECT_EQ(*agent_->Wait("svc", "ps"), 0u);
+  EXPECT_TRUE(agent_->Remove("svc", true).ok());
+
+  // A container whose init died before its start: a clear error, not a hang.
+  auto pid = agent_->Create("gone", Spec({"sleep", "100"}));
+  ASSERT_TRUE(pid.ok());
+  ::kill(static_cast<pid_t>(*pid), SIGKILL);
+  for (int i = 0; i < 200 && agent_->State("gone") != v1::StateContainerResponse::STOPPED; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  auto start = agent_->Start("gone");
+  ASSERT_FALSE(start.ok());
+  EXPECT_NE(start.error().message().find("gone"), std::string::npos) << start.error().ToString();
+  EXPECT_TRUE(agent_->Remove("gone", true).ok());
+}
+
 TEST_F(LocalAgentTest, BadRequestsGetClearErrorsAndChangeNothing) {
   auto bad_json = agent_->Create("bad", "{not json");
   ASSERT_FALSE(bad_json.ok());
