@@ -173,19 +173,20 @@ Result<void> ContainerManager::Init() {
   return Ok();
 }
 
-std::vector<std::string> ContainerManager::CrunArgs(std::initializer_list<std::string> args) const {
-  std::vector<std::string> v = {opts_.crun, "--root=" + opts_.run_dir + "/crun"};
-  v.push_back(opts_.cgroup_root.empty() ? "--cgroup-manager=disabled"
-                                        : "--cgroup-manager=cgroupfs");
-  v.insert(v.end(), args);
-  return v;
+SpawnOptions ContainerManager::Crun(std::initializer_list<std::string> args) const {
+  SpawnOptions so;
+  so.argv = {opts_.crun, "--root=" + opts_.run_dir + "/crun"};
+  so.argv.push_back(opts_.cgroup_root.empty() ? "--cgroup-manager=disabled"
+                                              : "--cgroup-manager=cgroupfs");
+  so.argv.insert(so.argv.end(), args);
+  so.fixed_addresses = opts_.fixed_helper_addresses;
+  return so;
 }
 
 void ContainerManager::RunCrun(std::vector<std::string> args, const std::string& log,
                                const std::vector<UniqueFd>& child_fds,
                                std::function<void(Result<std::string>)> done) {
-  SpawnOptions so;
-  so.argv = CrunArgs({"--log=" + log});
+  SpawnOptions so = Crun({"--log=" + log});
   so.argv.insert(so.argv.end(), args.begin(), args.end());
   // Pipes from PrepareStdio; none for a terminal process (crun passes the pty over the
   // console socket instead).
@@ -251,6 +252,11 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
     if (!d.contains("linux")) d["linux"] = oci::Json::object();
     auto& linux_doc = d["linux"];
     linux_doc.erase("mountLabel");
+    // crun may run at fixed addresses (ContainerOptions::fixed_helper_addresses), and a child
+    // keeps its parent's persona. crun sets the spec's persona right before it execs the
+    // container's process (the init and every exec), and setting one clears ADDR_NO_RANDOMIZE:
+    // the container's processes get address randomization back. A spec's own persona does too.
+    if (!linux_doc.contains("personality")) linux_doc["personality"] = {{"domain", "LINUX"}};
     if (linux_doc.contains("namespaces")) {
       oci::Json kept = oci::Json::array();
       for (auto ns : linux_doc["namespaces"]) {
@@ -529,13 +535,12 @@ void ContainerManager::Start(const std::string& id, Reply<v1::StartContainerResp
                id);
   ct->busy = true;
   const auto t0 = std::chrono::steady_clock::now();
-  RunCommand(loop_, reaper_, {.argv = CrunArgs({"start", id})},
-             [ct, reply, started, t0](Result<std::string> r) {
-               ct->busy = false;
-               spdlog::info("agent: crun start {} took {} ms", ct->id, MsSince(t0));
-               if (!r.ok()) return reply(std::move(r).error().Wrap("start container " + ct->id));
-               started();
-             });
+  RunCommand(loop_, reaper_, Crun({"start", id}), [ct, reply, started, t0](Result<std::string> r) {
+    ct->busy = false;
+    spdlog::info("agent: crun start {} took {} ms", ct->id, MsSince(t0));
+    if (!r.ok()) return reply(std::move(r).error().Wrap("start container " + ct->id));
+    started();
+  });
 }
 
 void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessResponse> reply) {
@@ -691,7 +696,7 @@ void ContainerManager::Pause(const std::string& id, Reply<void> reply) {
   }
   if (ct->status != Container::Status::kRunning || ct->busy) return reply(NotRunning(id, "pause"));
   ct->busy = true;
-  RunCommand(loop_, reaper_, {.argv = CrunArgs({"pause", id})}, [ct, reply](Result<std::string> r) {
+  RunCommand(loop_, reaper_, Crun({"pause", id}), [ct, reply](Result<std::string> r) {
     ct->busy = false;
     if (!r.ok()) return reply(std::move(r).error().Wrap("pause container " + ct->id));
     if (ct->status == Container::Status::kRunning) ct->status = Container::Status::kPaused;
@@ -707,14 +712,12 @@ void ContainerManager::Resume(const std::string& id, Reply<void> reply) {
     return reply(Error::Make(Code::kFailedPrecondition, "container {} is not paused", id));
   }
   ct->busy = true;
-  RunCommand(loop_, reaper_, {.argv = CrunArgs({"resume", id})},
-             [ct, reply](Result<std::string> r) {
-               ct->busy = false;
-               if (!r.ok()) return reply(std::move(r).error().Wrap("resume container " + ct->id));
-               if (ct->status == Container::Status::kPaused)
-                 ct->status = Container::Status::kRunning;
-               reply(Ok());
-             });
+  RunCommand(loop_, reaper_, Crun({"resume", id}), [ct, reply](Result<std::string> r) {
+    ct->busy = false;
+    if (!r.ok()) return reply(std::move(r).error().Wrap("resume container " + ct->id));
+    if (ct->status == Container::Status::kPaused) ct->status = Container::Status::kRunning;
+    reply(Ok());
+  });
 }
 
 namespace {
@@ -793,7 +796,7 @@ void ContainerManager::Update(const std::string& id, const std::string& resource
   const std::string file = ct->dir + "/resources.json";
   if (auto r = WriteFile(file, resources_json); !r.ok()) return reply(r.error());
   ct->busy = true;
-  RunCommand(loop_, reaper_, {.argv = CrunArgs({"update", "--resources=" + file, id})},
+  RunCommand(loop_, reaper_, Crun({"update", "--resources=" + file, id}),
              [ct, reply](Result<std::string> r) {
                ct->busy = false;
                if (!r.ok()) return reply(std::move(r).error().Wrap("update container " + ct->id));
@@ -887,7 +890,7 @@ void ContainerManager::Remove(const std::string& id, bool force, Reply<void> rep
                              "container {} is running: kill it first, or remove with force", id));
   }
   ct->busy = true;
-  RunCommand(loop_, reaper_, {.argv = CrunArgs({"delete", "--force", id})},
+  RunCommand(loop_, reaper_, Crun({"delete", "--force", id}),
              [this, ct, reply](Result<std::string> r) {
                ct->busy = false;
                if (!r.ok()) {

@@ -43,6 +43,9 @@ struct ContainerOptions {
   std::string cgroup_parent = "/peapod";
   // crun --no-pivot: needed when the agent's root is the initramfs itself (see pid1.h).
   bool no_pivot = false;
+  // crun runs without address randomization (SpawnOptions::fixed_addresses); the containers'
+  // processes get it back (RewriteSpec sets a personality crun applies before their exec).
+  bool fixed_helper_addresses = false;
 };
 
 class ContainerManager {
@@ -106,7 +109,8 @@ class ContainerManager {
   void CleanupFailedCreate(const ContainerPtr& c);
   // What `crun start` does, done in the agent (see containers.cc); false: no fifo to do it with.
   Result<bool> ReleaseInit(const std::string& id);
-  std::vector<std::string> CrunArgs(std::initializer_list<std::string> args) const;
+  // A crun command line (crun's root and cgroup manager, then args), run as a helper.
+  SpawnOptions Crun(std::initializer_list<std::string> args) const;
   // Runs a crun command that starts a process (create, exec) with child_fds as its stdio and
   // crun's --log at log; on failure the error carries what crun logged.
   void RunCrun(std::vector<std::string> args, const std::string& log,

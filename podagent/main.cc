@@ -27,14 +27,18 @@ constexpr char kModuleList[] = "/etc/peapod/modules";
 void Usage() {
   std::fprintf(stderr,
                "usage: peapod-agent [--listen SOCKET] [--run-dir DIR] [--cgroup-root DIR]\n"
-               "                    [--crun PATH] [--log-level LEVEL]\n"
+               "                    [--crun PATH] [--fixed-helper-addresses auto|on|off]\n"
+               "                    [--log-level LEVEL]\n"
                "  As PID 1 of a peapod guest it mounts the basics, loads modules and serves\n"
                "  peapod.agent.v1 on the virtio-serial port %s.\n"
                "  --listen SOCKET    serve on a unix socket instead (local test mode)\n"
                "  --run-dir DIR      bundles and sockets (default /run/peapod)\n"
                "  --cgroup-root DIR  cgroup v2 mount for container cgroups; empty: none\n"
                "                     (default /sys/fs/cgroup in a VM, none in local mode)\n"
-               "  --crun PATH        the OCI runtime (default /usr/bin/crun)\n",
+               "  --crun PATH        the OCI runtime (default /usr/bin/crun)\n"
+               "  --fixed-helper-addresses auto|on|off\n"
+               "                     run crun without address randomization, so TCG reuses\n"
+               "                     its translated code (auto: on when the CPU is QEMU's TCG)\n",
                peapod::agent::kPortName);
 }
 
@@ -58,6 +62,7 @@ int main(int argc, char** argv) {
   std::string level = "info";
   agent::ContainerOptions copts;
   std::optional<std::string> cgroup_root;
+  std::string fixed_addresses = "auto";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--listen" && i + 1 < argc) {
@@ -68,6 +73,12 @@ int main(int argc, char** argv) {
       cgroup_root = argv[++i];
     } else if (a == "--crun" && i + 1 < argc) {
       copts.crun = argv[++i];
+    } else if (a == "--fixed-helper-addresses" && i + 1 < argc) {
+      fixed_addresses = argv[++i];
+      if (fixed_addresses != "auto" && fixed_addresses != "on" && fixed_addresses != "off") {
+        std::fprintf(stderr, "peapod-agent: --fixed-helper-addresses takes auto, on or off\n");
+        return 2;
+      }
     } else if (a == "--log-level" && i + 1 < argc) {
       level = argv[++i];
     } else if (a == "--version") {
@@ -102,6 +113,14 @@ int main(int argc, char** argv) {
     if (::prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) Fatal(pid1, Error::Errno("PR_SET_CHILD_SUBREAPER"));
   }
   copts.cgroup_root = cgroup_root.value_or(pid1 ? "/sys/fs/cgroup" : "");
+  copts.fixed_helper_addresses =
+      fixed_addresses == "on" || (fixed_addresses == "auto" && agent::UnderTcg());
+  if (copts.fixed_helper_addresses) {
+    spdlog::info(
+        "agent: crun runs at fixed addresses (--fixed-helper-addresses {}); containers "
+        "keep address randomization",
+        fixed_addresses);
+  }
 
   auto loop_or = EventLoop::Create();
   if (!loop_or.ok()) Fatal(pid1, loop_or.error());

@@ -1,12 +1,16 @@
 #include "podagent/process.h"
 
+#include <cpuid.h>
 #include <fcntl.h>
+#include <sys/personality.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <csignal>
+#include <cstring>
 #include <memory>
+#include <string_view>
 
 #include <spdlog/spdlog.h>
 
@@ -49,6 +53,18 @@ uint32_t ExitCodeFromWaitStatus(int wait_status) {
   return 255;
 }
 
+bool UnderTcg() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  // Leaf 1, ECX bit 31: a hypervisor is present; only then does leaf 0x40000000 name it.
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 31))) return false;
+  __cpuid(0x40000000, a, b, c, d);
+  char vendor[13] = {};
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &c, 4);
+  std::memcpy(vendor + 8, &d, 4);
+  return std::string_view(vendor) == "TCGTCGTCGTCG";
+}
+
 Result<pid_t> Spawn(const SpawnOptions& opts) {
   if (opts.argv.empty()) return Error::Invalid("spawn: empty argv");
   // Everything the child touches is prepared before fork: after it, only async-signal-safe calls.
@@ -60,6 +76,11 @@ Result<pid_t> Spawn(const SpawnOptions& opts) {
   const int src[3] = {opts.stdin_fd >= 0 ? opts.stdin_fd : devnull.get(),
                       opts.stdout_fd >= 0 ? opts.stdout_fd : devnull.get(),
                       opts.stderr_fd >= 0 ? opts.stderr_fd : devnull.get()};
+
+  // The persona to run with, computed here: 0xffffffff only reads the current one.
+  const int persona = ::personality(0xffffffff);
+  const unsigned long fixed =
+      static_cast<unsigned long>(persona < 0 ? 0 : persona) | ADDR_NO_RANDOMIZE;
 
   pid_t pid = ::fork();
   if (pid < 0) return Error::Errno("fork");
@@ -78,6 +99,7 @@ Result<pid_t> Spawn(const SpawnOptions& opts) {
       if (::dup2(high[i], i) < 0) ::_exit(127);
     }
     ::syscall(SYS_close_range, 3u, ~0u, 0u);
+    if (opts.fixed_addresses && ::personality(fixed) < 0) ::_exit(127);
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }

@@ -47,7 +47,16 @@ struct SpawnOptions {
   int stdin_fd = -1;
   int stdout_fd = -1;
   int stderr_fd = -1;
+  // Run the program without address space randomization (ADDR_NO_RANDOMIZE). Under TCG (QEMU
+  // 7.2) a translated block is found again only at the same virtual address, so a helper that
+  // maps its libraries where the last run had them reuses that run's translated code instead of
+  // translating it all again: crun exec 230-730 -> 65-170 ms in a guest. For the agent's own
+  // helpers only; whatever they exec in turn must reset the personality.
+  bool fixed_addresses = false;
 };
+
+// True when the CPU is QEMU's TCG, the emulator (its hypervisor CPUID leaf says "TCGTCGTCGTCG").
+bool UnderTcg();
 
 // fork+exec. The child starts with every signal unblocked and default dispositions, and only
 // fds 0-2 open (everything else is close-on-exec or closed).

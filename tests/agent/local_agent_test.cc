@@ -34,8 +34,10 @@ class LocalAgentTest : public ::testing::Test {
       int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       ::dup2(fd, 1);
       ::dup2(fd, 2);
+      // crun at fixed addresses, as in a TCG guest: the containers must not inherit that.
       ::execl(PEAPOD_AGENT_BINARY, PEAPOD_AGENT_BINARY, "--listen", sock.c_str(), "--run-dir",
-              (dir_ + "/run").c_str(), "--log-level", "debug", nullptr);
+              (dir_ + "/run").c_str(), "--fixed-helper-addresses", "on", "--log-level", "debug",
+              nullptr);
       ::_exit(127);
     }
     std::shared_ptr<ttrpc::Client> client;
@@ -158,6 +160,22 @@ TEST_F(LocalAgentTest, ExecWithAndWithoutATerminal) {
             Code::kNotFound);
   EXPECT_EQ(agent_->Signal("svc", "long", SIGTERM).error().code(), Code::kNotFound);
   EXPECT_TRUE(agent_->Remove("svc", true).ok());
+}
+
+// crun runs at fixed addresses (--fixed-helper-addresses on), which its children would inherit;
+// a container's init and its execs must still have address randomization.
+TEST_F(LocalAgentTest, ContainersKeepAddressRandomizationWhileCrunRunsWithout) {
+  ASSERT_TRUE(
+      agent_->Create("c", Spec({"sh", "-c", "cat /proc/self/personality; sleep 100"})).ok());
+  ASSERT_TRUE(agent_->Start("c").ok());
+  auto first = agent_->ReadOnce("c");
+  ASSERT_TRUE(first.ok()) << first.error().ToString();
+  EXPECT_EQ(first->data(), "00000000\n");
+  ASSERT_TRUE(agent_->Exec("c", "e", {"cat", "/proc/self/personality"}).ok());
+  EXPECT_EQ(agent_->ReadAll("c", "e"), "00000000\n");
+  EXPECT_EQ(*agent_->Wait("c", "e"), 0u);
+  EXPECT_TRUE(agent_->Remove("c", true).ok());
+  EXPECT_NE(Log().find("crun runs at fixed addresses"), std::string::npos) << Log();
 }
 
 // The agent starts a created container itself, as `crun start` would: afterwards crun's own

@@ -332,6 +332,26 @@ TEST(ReaperTest, ExitCodesAndExitsThatArriveBeforeAnyoneAsks) {
   EXPECT_EQ(ExitCodeFromWaitStatus(f2.get()), 128u + SIGTERM);
 }
 
+// A helper asked to run at fixed addresses has ADDR_NO_RANDOMIZE (0x0040000) in its persona;
+// any other child does not.
+TEST(RunCommandTest, AHelperRunsAtFixedAddressesOnlyWhenAsked) {
+  ReaperThread rt;
+  std::promise<Result<std::string>> fixed, plain;
+  rt.lt.Sync([&] {
+    RunCommand(rt.lt.loop(), &rt.reaper,
+               {.argv = {"/bin/cat", "/proc/self/personality"}, .fixed_addresses = true},
+               [&](Result<std::string> r) { fixed.set_value(std::move(r)); });
+    RunCommand(rt.lt.loop(), &rt.reaper, {.argv = {"/bin/cat", "/proc/self/personality"}},
+               [&](Result<std::string> r) { plain.set_value(std::move(r)); });
+  });
+  auto f = fixed.get_future().get();
+  ASSERT_TRUE(f.ok()) << f.error().ToString();
+  EXPECT_EQ(std::stoul(*f, nullptr, 16) & 0x0040000, 0x0040000u) << *f;
+  auto p = plain.get_future().get();
+  ASSERT_TRUE(p.ok()) << p.error().ToString();
+  EXPECT_EQ(std::stoul(*p, nullptr, 16) & 0x0040000, 0u) << *p;
+}
+
 TEST(RunCommandTest, OutputOnSuccessAndStderrInTheError) {
   ReaperThread rt;
   std::promise<Result<std::string>> ok, bad, missing;
