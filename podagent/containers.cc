@@ -235,6 +235,7 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
   PP_TRY(spec.SetRootPath(rootfs));
   const bool cgroups = !opts_.cgroup_root.empty();
   const std::string cgroup_path = opts_.cgroup_parent + "/" + id;
+  std::string personality_error;
   PP_TRY(spec.Edit([&](oci::Json& d) {
     // Host-side things that mean nothing (or harm) in the guest.
     d.erase("hooks");
@@ -256,7 +257,18 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
     // keeps its parent's persona. crun sets the spec's persona right before it execs the
     // container's process (the init and every exec), and setting one clears ADDR_NO_RANDOMIZE:
     // the container's processes get address randomization back. A spec's own persona does too.
-    if (!linux_doc.contains("personality")) linux_doc["personality"] = {{"domain", "LINUX"}};
+    // crun 1.8 silently skips a persona that is not an object, and crashes on one without a
+    // domain: either would leave the flag on, so both are refused.
+    if (!linux_doc.contains("personality") || linux_doc["personality"].is_null()) {
+      linux_doc["personality"] = {{"domain", "LINUX"}};
+    }
+    const auto& persona = linux_doc["personality"];
+    if (!persona.is_object() || !persona.contains("domain") ||
+        (persona["domain"] != "LINUX" && persona["domain"] != "LINUX32")) {
+      personality_error =
+          fmt::format("linux.personality is {}: it must be an object with domain LINUX or LINUX32",
+                      persona.dump());
+    }
     if (linux_doc.contains("namespaces")) {
       oci::Json kept = oci::Json::array();
       for (auto ns : linux_doc["namespaces"]) {
@@ -288,6 +300,7 @@ Result<void> ContainerManager::RewriteSpec(const std::string& id, oci::Spec& spe
       linux_doc.erase("resources");
     }
   }));
+  if (!personality_error.empty()) return Error::Invalid("{}", personality_error);
   return Ok();
 }
 
@@ -499,12 +512,20 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
 // an error (ENXIO) when nothing reads it: the init is gone.
 Result<bool> ContainerManager::ReleaseInit(const std::string& id) {
   const std::string fifo = opts_.run_dir + "/crun/" + id + "/exec.fifo";
-  // Non-blocking: with no reader the open fails at once instead of waiting for one.
-  UniqueFd fd(::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+  // Non-blocking: with no reader the open fails at once (ENXIO) instead of waiting for one.
+  // Never through a symlink, and only a fifo: anything else there is not crun's.
+  UniqueFd fd(::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC));
   if (!fd && errno == ENOENT) return false;
+  if (!fd && errno == ENXIO) {
+    return Error::Make(Code::kFailedPrecondition, "its init has exited: nothing reads {}", fifo);
+  }
   if (!fd) return Error::Errno("open " + fifo);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) < 0) return Error::Errno("stat " + fifo);
+  if (!S_ISFIFO(st.st_mode)) return Error::Internal("{} is not a fifo", fifo);
   if (::unlink(fifo.c_str()) < 0) return Error::Errno("unlink " + fifo);
   const char byte = 0;
+  // EPIPE (SIGPIPE is ignored): the init exited since the open.
   if (::write(fd.get(), &byte, 1) != 1) return Error::Errno("write to " + fifo);
   return true;
 }
@@ -528,7 +549,7 @@ void ContainerManager::Start(const std::string& id, Reply<v1::StartContainerResp
   auto released = ReleaseInit(id);
   if (!released.ok()) {
     return reply(std::move(released).error().Wrap(
-        fmt::format("start container {} (its init, pid {}, has exited)", id, ct->init.pid)));
+        fmt::format("start container {} (init pid {})", id, ct->init.pid)));
   }
   if (*released) return started();
   spdlog::warn("agent: container {} has no exec fifo where crun 1.8 keeps it: using crun start",

@@ -174,6 +174,10 @@ void PowerOff() {
 }
 
 Result<void> WatchSignals(EventLoop* loop, bool pid1, Reaper* reaper) {
+  // A write to a pipe or fifo whose reader is gone (a container's exec fifo, its stdin) is an
+  // EPIPE error to handle, not a signal that ends the agent (in local mode; PID 1 ignores it).
+  // Children get default dispositions back (Spawn).
+  ::signal(SIGPIPE, SIG_IGN);
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGCHLD);
