@@ -22,6 +22,7 @@
 #include "common/log/log.h"
 #include "common/oci/spec.h"
 #include "podagent/cgroup_stats.h"
+#include "podagent/exec.h"
 
 namespace peapod::agent {
 
@@ -86,6 +87,7 @@ struct ContainerManager::Container {
   // False when it shares the VM's PID namespace (CRI POD/NODE): its init's exit then does not
   // end the processes it started, so they are killed with it, as containerd's runc shim does.
   bool own_pid_ns = true;
+  std::optional<oci::Spec> spec;  // as given to crun (after RewriteSpec)
 };
 
 namespace {
@@ -463,6 +465,7 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
     }
   }
   if (auto r = WriteFile(c->dir + "/config.json", spec.Dump(2)); !r.ok()) return fail(r.error());
+  c->spec = spec;
   const bool terminal = spec.process() && spec.process()->terminal;
 
   const std::string console = fmt::format("{}/sock/{}.sock", opts_.run_dir, id.substr(0, 64));
@@ -593,33 +596,54 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
   if (auto r = PrepareStdio(*p, console, req.stdin(), proc->terminal, child_fds); !r.ok()) {
     return reply(r.error());
   }
+  ct->pending_execs.insert(eid);
+  const auto t0 = std::chrono::steady_clock::now();
+  // Both ways end here: with the process's pid once it runs, or with what stopped it.
+  auto started = [this, ct, p, console, eid, reply](Result<pid_t> pid) {
+    ct->pending_execs.erase(eid);
+    auto fail = [&](Error e) {
+      ::unlink(console.c_str());
+      reply(std::move(e).Wrap("exec " + eid + " in container " + ct->id));
+    };
+    if (!pid.ok()) return fail(pid.error());
+    p->pid = *pid;
+    if (auto s = FinishStdio(*p, console); !s.ok()) {
+      ::kill(*pid, SIGKILL);
+      return fail(s.error());
+    }
+    ct->execs[eid] = p;
+    Track(ct, p.get());
+    v1::ExecProcessResponse resp;
+    resp.set_pid(static_cast<uint32_t>(*pid));
+    reply(std::move(resp));
+  };
+
+  // The agent starts it itself where it can (exec.h); crun where it cannot.
+  std::string why;
+  auto plan = opts_.agent_exec ? PlanExec(*ct->spec, *proc, req.process(), ct->init.pid,
+                                          opts_.run_dir + "/crun/" + ct->id,
+                                          opts_.cgroup_root.empty() ? "" : CgroupDir(ct->id), &why)
+                               : Result<std::optional<ExecPlan>>(std::optional<ExecPlan>());
+  if (!plan.ok()) return started(std::move(plan).error());
+  if (*plan) {
+    std::array<int, 3> stdio = {child_fds[0].get(), child_fds[1].get(), child_fds[2].get()};
+    return StartExec(loop_, reaper_, std::move(**plan), stdio,
+                     [started, eid, ct, t0](Result<pid_t> pid) {
+                       spdlog::info("agent: exec {} in {} {} by the agent in {} ms", eid, ct->id,
+                                    pid.ok() ? "started" : "failed", MsSince(t0));
+                       started(std::move(pid));
+                     });
+  }
+  if (opts_.agent_exec) spdlog::info("agent: exec {} in {} goes to crun: {}", eid, ct->id, why);
   std::vector<std::string> args = {"exec", "--detach", "--pid-file=" + base + ".pid",
                                    "--process=" + base + ".json"};
   if (proc->terminal) args.push_back("--console-socket=" + console);
   args.push_back(ct->id);
-  ct->pending_execs.insert(eid);
-  const auto t0 = std::chrono::steady_clock::now();
   RunCrun(std::move(args), base + ".log", child_fds,
-          [this, ct, p, base, console, eid, reply, t0](Result<std::string> r) {
-            ct->pending_execs.erase(eid);
+          [started, base, eid, ct, t0](Result<std::string> r) {
             spdlog::info("agent: crun exec {} in {} took {} ms", eid, ct->id, MsSince(t0));
-            auto fail = [&](Error e) {
-              ::unlink(console.c_str());
-              reply(std::move(e).Wrap("exec " + eid + " in container " + ct->id));
-            };
-            if (!r.ok()) return fail(r.error());
-            auto pid = ReadPidFile(base + ".pid");
-            if (!pid.ok()) return fail(pid.error());
-            p->pid = *pid;
-            if (auto s = FinishStdio(*p, console); !s.ok()) {
-              ::kill(*pid, SIGKILL);
-              return fail(s.error());
-            }
-            ct->execs[eid] = p;
-            Track(ct, p.get());
-            v1::ExecProcessResponse resp;
-            resp.set_pid(static_cast<uint32_t>(*pid));
-            reply(std::move(resp));
+            if (!r.ok()) return started(std::move(r).error());
+            started(ReadPidFile(base + ".pid"));
           });
 }
 

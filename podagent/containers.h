@@ -46,6 +46,8 @@ struct ContainerOptions {
   // crun runs without address randomization (SpawnOptions::fixed_addresses); the containers'
   // processes get it back (RewriteSpec sets a personality crun applies before their exec).
   bool fixed_helper_addresses = false;
+  // Exec processes are started by the agent where it can (exec.h), by crun otherwise.
+  bool agent_exec = true;
 };
 
 class ContainerManager {

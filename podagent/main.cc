@@ -28,7 +28,7 @@ void Usage() {
   std::fprintf(stderr,
                "usage: peapod-agent [--listen SOCKET] [--run-dir DIR] [--cgroup-root DIR]\n"
                "                    [--crun PATH] [--fixed-helper-addresses auto|on|off]\n"
-               "                    [--log-level LEVEL]\n"
+               "                    [--exec-with agent|crun] [--log-level LEVEL]\n"
                "  As PID 1 of a peapod guest it mounts the basics, loads modules and serves\n"
                "  peapod.agent.v1 on the virtio-serial port %s.\n"
                "  --listen SOCKET    serve on a unix socket instead (local test mode)\n"
@@ -38,7 +38,10 @@ void Usage() {
                "  --crun PATH        the OCI runtime (default /usr/bin/crun)\n"
                "  --fixed-helper-addresses auto|on|off\n"
                "                     run crun without address randomization, so TCG reuses\n"
-               "                     its translated code (auto: on when the CPU is QEMU's TCG)\n",
+               "                     its translated code (auto: on when the CPU is QEMU's TCG)\n"
+               "  --exec-with agent|crun\n"
+               "                     who starts exec processes (default agent: crun only for\n"
+               "                     what the agent does not do itself, e.g. a terminal)\n",
                peapod::agent::kPortName);
 }
 
@@ -79,6 +82,13 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "peapod-agent: --fixed-helper-addresses takes auto, on or off\n");
         return 2;
       }
+    } else if (a == "--exec-with" && i + 1 < argc) {
+      std::string with = argv[++i];
+      if (with != "agent" && with != "crun") {
+        std::fprintf(stderr, "peapod-agent: --exec-with takes agent or crun\n");
+        return 2;
+      }
+      copts.agent_exec = with == "agent";
     } else if (a == "--log-level" && i + 1 < argc) {
       level = argv[++i];
     } else if (a == "--version") {

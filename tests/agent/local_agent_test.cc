@@ -201,6 +201,95 @@ TEST_F(LocalAgentTest, ContainersKeepAddressRandomizationWhileCrunRunsWithout) {
   EXPECT_TRUE(fs::is_empty(dir_ + "/run/containers"));
 }
 
+// The agent starts exec processes itself (podagent/exec.h), which must give the process crun
+// exec would have given it. The same processes, once through the agent and once through a crun
+// exec run by hand on the same container, print their identity, capabilities, limits,
+// namespaces, environment, directory, umask, persona and seccomp: the two must match.
+TEST_F(LocalAgentTest, AnExecTheAgentStartsIsTheOneCrunWouldStart) {
+  std::ofstream(dir_ + "/busybox/etc/passwd")
+      << "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n";
+  auto spec = nlohmann::json::parse(Spec({"sleep", "100"}));
+  spec["linux"]["seccomp"] = nlohmann::json::parse(R"({"defaultAction": "SCMP_ACT_ALLOW",
+      "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]})");
+  ASSERT_TRUE(agent_->Create("svc", spec.dump()).ok());
+  ASSERT_TRUE(agent_->Start("svc").ok());
+  const std::string probe =
+      "b=busybox; $b id; pwd; umask; $b env | $b sort; "
+      "$b grep -E '^(Cap|NoNewPrivs|Seccomp|Groups|Uid|Gid)' /proc/self/status; "
+      "cat /proc/self/personality; $b grep -E 'open files|processes' /proc/self/limits; "
+      "for n in mnt pid ipc uts net cgroup; do readlink /proc/self/ns/$n; done; "
+      "$b mkdir /tmp/probe-dir 2>/dev/null || echo mkdir refused; "
+      "$b stat -L -c 'stdout owner %u' /proc/self/fd/1";
+  auto user = nlohmann::json::parse(ProcessJson({"sh", "-c", probe}));
+  user["user"] = {{"uid", 1000}, {"gid", 1000}, {"umask", 23}, {"additionalGids", {5, 10}}};
+  user["cwd"] = "/bin";
+  user["env"] = {"PATH=/bin", "A=1", "B=b", "A=2"};  // no HOME: from the container's passwd
+  user["capabilities"] = {{"bounding", {"CAP_KILL", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"}},
+                          {"effective", {"CAP_KILL", "CAP_CHOWN"}},
+                          {"permitted", {"CAP_KILL", "CAP_CHOWN"}},
+                          {"inheritable", {"CAP_CHOWN"}},
+                          {"ambient", {"CAP_CHOWN"}}};
+  user["rlimits"] = {{{"type", "RLIMIT_NOFILE"}, {"hard", 1000}, {"soft", 900}},
+                     {{"type", "RLIMIT_NPROC"}, {"hard", 500}, {"soft", 500}}};
+  user["noNewPrivileges"] = true;
+  auto root = nlohmann::json::parse(ProcessJson({"sh", "-c", probe}));
+  root.erase("capabilities");  // the container's then
+  root["noNewPrivileges"] = false;
+  root["env"] = {"PATH=/usr/bin:/bin", "HOME=/custom"};
+
+  int n = 0;
+  for (const auto& process : {user, root}) {
+    const std::string eid = "probe" + std::to_string(++n);
+    v1::ExecProcessRequest req;
+    req.set_container_id("svc");
+    req.set_exec_id(eid);
+    req.set_process(process.dump());
+    auto started = agent_->Sync(&agentapi::AgentClient::ExecProcess, req);
+    ASSERT_TRUE(started.ok()) << started.error().ToString();
+    std::string by_agent = agent_->ReadAll("svc", eid);
+    EXPECT_EQ(*agent_->Wait("svc", eid), 0u);
+
+    const std::string file = dir_ + "/" + eid + ".json";
+    std::ofstream(file) << process.dump();
+    std::string cmd = "/usr/bin/crun --root=" + dir_ +
+                      "/run/crun --cgroup-manager=disabled exec --process=" + file + " svc";
+    std::string by_crun;
+    if (FILE* f = ::popen(cmd.c_str(), "r")) {
+      char buf[4096];
+      for (size_t k; (k = std::fread(buf, 1, sizeof(buf), f)) > 0;) by_crun.append(buf, k);
+      EXPECT_EQ(::pclose(f), 0) << cmd;
+    }
+    EXPECT_EQ(by_agent, by_crun) << "agent:\n" << by_agent << "\ncrun:\n" << by_crun;
+    EXPECT_NE(by_agent.find("mkdir refused"), std::string::npos) << by_agent;
+    EXPECT_NE(by_agent.find("Seccomp:\t2"), std::string::npos) << by_agent;
+    if (n == 1) {
+      for (const char* want :
+           {"uid=1000(user) gid=1000 groups=5,10", "\n/bin\n", "\n0027\n", "A=2\n",
+            "HOME=/home/user\n", "NoNewPrivs:\t1", "CapAmb:\t0000000000000001",
+            "CapBnd:\t0000000000000421", "stdout owner 1000", "Max open files            900"}) {
+        EXPECT_NE(by_agent.find(want), std::string::npos) << want << " in\n" << by_agent;
+      }
+    } else {
+      EXPECT_NE(by_agent.find("uid=0(root) gid=0"), std::string::npos) << by_agent;
+      EXPECT_NE(by_agent.find("HOME=/custom\n"), std::string::npos) << by_agent;
+    }
+  }
+  EXPECT_NE(Log().find("exec probe1 in svc started by the agent"), std::string::npos) << Log();
+  EXPECT_NE(Log().find("exec probe2 in svc started by the agent"), std::string::npos) << Log();
+
+  // What the agent cannot start goes wrong the same way crun's would: clearly.
+  auto missing = agent_->Exec("svc", "nope", {"no-such-program"});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error().message().find("executable file `no-such-program` not found in $PATH"),
+            std::string::npos)
+      << missing.error().ToString();
+  // The exec id is free again, and the container runs on.
+  ASSERT_TRUE(agent_->Exec("svc", "nope", {"true"}).ok());
+  EXPECT_EQ(*agent_->Wait("svc", "nope"), 0u);
+  EXPECT_EQ(agent_->State("svc"), v1::StateContainerResponse::RUNNING);
+  EXPECT_TRUE(agent_->Remove("svc", true).ok());
+}
+
 // The agent starts a created container itself, as `crun start` would: afterwards crun's own
 // view of it must be the same, since crun exec, kill and delete rely on it.
 TEST_F(LocalAgentTest, StartingLeavesTheContainerAsCrunStartWould) {

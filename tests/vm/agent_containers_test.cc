@@ -168,6 +168,39 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   ASSERT_TRUE(agent_->Exec("svc", "e1", {"sh", "-c", "echo hello-from-exec; exit 7"}).ok());
   EXPECT_EQ(agent_->ReadAll("svc", "e1"), "hello-from-exec\n");
   EXPECT_EQ(*agent_->Wait("svc", "e1"), 7u);
+  // The agent starts execs itself (exec.h): the process is in the container's cgroup, and its
+  // PID and mount namespaces, as one crun exec starts would be.
+  ASSERT_TRUE(
+      agent_
+          ->Exec("svc", "where",
+                 {"sh", "-c",
+                  "cat /proc/self/cgroup; for n in self/ns/pid 1/ns/pid self/ns/mnt 1/ns/mnt; do "
+                  "readlink /proc/$n; done; "
+                  "cat /proc/1/cmdline"})
+          .ok());
+  auto where = agenttest::Lines(agent_->ReadAll("svc", "where"));
+  EXPECT_EQ(*agent_->Wait("svc", "where"), 0u);
+  ASSERT_EQ(where.size(), 6u) << ::testing::PrintToString(where);
+  // In its cgroup namespace the container's own cgroup is the root.
+  EXPECT_EQ(where[0], "0::/");
+  EXPECT_EQ(where[1], where[2]);
+  EXPECT_EQ(where[3], where[4]);
+  EXPECT_EQ(where[5], std::string("sleep\0"
+                                  "1000\0",
+                                  11));
+  EXPECT_NE(vm_->Console().find("exec where in svc started by the agent"), std::string::npos)
+      << vm_->Console();
+  // From the guest's side: the exec's process is in the container's cgroup.
+  ASSERT_TRUE(agent_->Exec("svc", "cg", {"sleep", "1000"}).ok());
+  auto in_cgroup = agent_->Sync(&agentapi::AgentClient::ListProcesses, [] {
+    v1::ContainerRequest r;
+    r.set_container_id("svc");
+    return r;
+  }());
+  ASSERT_TRUE(in_cgroup.ok()) << in_cgroup.error().ToString();
+  EXPECT_EQ(in_cgroup->processes_size(), 2) << in_cgroup->DebugString();
+  ASSERT_TRUE(agent_->Signal("svc", "cg", SIGKILL).ok());
+  EXPECT_EQ(*agent_->Wait("svc", "cg"), 128u + SIGKILL);
   // For the record: the guest's memory with one idle container.
   ASSERT_TRUE(agent_->Exec("svc", "mem", {"head", "-3", "/proc/meminfo"}).ok());
   std::printf("guest /proc/meminfo with one idle container:\n%s",
