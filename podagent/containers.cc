@@ -88,6 +88,7 @@ struct ContainerManager::Container {
   // end the processes it started, so they are killed with it, as containerd's runc shim does.
   bool own_pid_ns = true;
   std::optional<oci::Spec> spec;  // as given to crun (after RewriteSpec)
+  bool may_ptrace = false;        // an exec crun started had CAP_SYS_PTRACE (see Exec)
 };
 
 namespace {
@@ -587,7 +588,6 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
 
   int seq = ++ct->exec_seq;
   const std::string base = fmt::format("{}/exec-{}", ct->dir, seq);
-  if (auto r = WriteFile(base + ".json", req.process()); !r.ok()) return reply(r.error());
   auto p = std::make_shared<Process>();
   p->exec_id = eid;
   const std::string console =
@@ -621,7 +621,7 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
   // The agent starts it itself where it can (exec.h); crun where it cannot.
   std::string why;
   auto plan = opts_.agent_exec ? PlanExec(*ct->spec, *proc, req.process(), ct->init.pid,
-                                          opts_.run_dir + "/crun/" + ct->id,
+                                          ct->may_ptrace, opts_.run_dir + "/crun/" + ct->id,
                                           opts_.cgroup_root.empty() ? "" : CgroupDir(ct->id), &why)
                                : Result<std::optional<ExecPlan>>(std::optional<ExecPlan>());
   if (!plan.ok()) return started(std::move(plan).error());
@@ -635,6 +635,14 @@ void ContainerManager::Exec(v1::ExecProcessRequest req, Reply<v1::ExecProcessRes
                      });
   }
   if (opts_.agent_exec) spdlog::info("agent: exec {} in {} goes to crun: {}", eid, ct->id, why);
+  if (auto r = WriteFile(base + ".json", req.process()); !r.ok()) return started(r.error());
+  // A process crun starts with CAP_SYS_PTRACE could read the agent's children before their
+  // exec: from now on crun starts every exec of this container.
+  if (proc->capabilities &&
+      std::find(proc->capabilities->bounding.begin(), proc->capabilities->bounding.end(),
+                "CAP_SYS_PTRACE") != proc->capabilities->bounding.end()) {
+    ct->may_ptrace = true;
+  }
   std::vector<std::string> args = {"exec", "--detach", "--pid-file=" + base + ".pid",
                                    "--process=" + base + ".json"};
   if (proc->terminal) args.push_back("--console-socket=" + console);

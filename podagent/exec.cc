@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
-#include <linux/openat2.h>
 #include <linux/seccomp.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
@@ -12,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <map>
@@ -101,40 +101,6 @@ std::optional<int> RlimitOf(std::string_view name) {
   return it->second;
 }
 
-// The home directory of uid in the container's /etc/passwd, "/" when there is none, as crun
-// sets HOME. The file is the container's to write: it is opened inside the container's root
-// (symlinks resolved there, never out of it), non-blocking (a fifo there cannot hold the agent)
-// and read only if it is a regular file, at most 1 MiB of it.
-std::string HomeOf(uid_t uid, pid_t init_pid) {
-  UniqueFd root(
-      ::open(fmt::format("/proc/{}/root", init_pid).c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
-  if (!root) return "/";
-  open_how how{};
-  how.flags = O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY;
-  how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
-  UniqueFd f(static_cast<int>(::syscall(SYS_openat2, root.get(), "etc/passwd", &how, sizeof(how))));
-  struct stat st {};
-  if (!f || ::fstat(f.get(), &st) < 0 || !S_ISREG(st.st_mode)) return "/";
-  std::string text;
-  char buf[8192];
-  for (ssize_t n; text.size() < (1u << 20) && (n = ::read(f.get(), buf, sizeof(buf))) > 0;) {
-    text.append(buf, static_cast<size_t>(n));
-  }
-  std::istringstream lines(text);
-  for (std::string line; std::getline(lines, line);) {
-    // name:password:uid:gid:gecos:home:shell
-    std::vector<std::string> f7;
-    std::istringstream fields(line);
-    for (std::string field; std::getline(fields, field, ':');) f7.push_back(field);
-    if (f7.size() < 6 || f7[2].empty() ||
-        f7[2].find_first_not_of("0123456789") != std::string::npos) {
-      continue;
-    }
-    if (std::strtoull(f7[2].c_str(), nullptr, 10) == uid && !f7[5].empty()) return f7[5];
-  }
-  return "/";
-}
-
 // What the child reports on the status pipe: the pid it forked into the container's PID
 // namespace, or the step that failed and its errno. Fixed size, so a read gets whole messages.
 struct Message {
@@ -208,6 +174,8 @@ struct ChildArgs {
   char* const* argv;
   char* const* envp;
   const std::vector<const char*>* candidates;
+  char* home;  // "HOME=" and room after it, the last entry of envp; null: HOME is set
+  size_t home_size;
   std::array<int, 3> stdio;
   std::array<bool, 3> own_stdio;  // given by the caller (not /dev/null)
   int status_fd;
@@ -215,6 +183,71 @@ struct ChildArgs {
   const sock_fprog* seccomp;
   const __user_cap_data_struct* cap_data;  // [2]
 };
+
+// The home directory of uid in /etc/passwd, into slot (after its "HOME="), or "/" as crun
+// has it. Runs in the child, inside the container's root and still as root (as crun's lookup):
+// the file is the container's, so it is read with a fixed buffer, at most 1 MiB of it, only if
+// it is a regular file, and without blocking on it; a line longer than the buffer is skipped.
+void FindHome(uid_t uid, char* slot, size_t slot_size) {
+  const size_t at = 5;  // after "HOME="
+  slot[at] = '/';
+  slot[at + 1] = 0;
+  int fd = ::open("/etc/passwd", O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) return;
+  struct stat sb {};
+  if (::fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
+    ::close(fd);
+    return;
+  }
+  char buf[4096];
+  size_t have = 0, total = 0;
+  bool eof = false, skipping = false;  // skipping: in the rest of an over-long line
+  for (;;) {
+    if (!eof && have < sizeof(buf)) {
+      ssize_t n = total < (1u << 20) ? ::read(fd, buf + have, sizeof(buf) - have) : 0;
+      if (n <= 0) {
+        eof = true;
+      } else {
+        have += static_cast<size_t>(n);
+        total += static_cast<size_t>(n);
+      }
+    }
+    if (have == 0) break;
+    char* nl = static_cast<char*>(std::memchr(buf, '\n', have));
+    if (!nl && !eof && have < sizeof(buf)) continue;  // read more of this line
+    size_t len = nl ? static_cast<size_t>(nl - buf) : have;
+    if (!skipping && (nl || eof)) {
+      // name:password:uid:gid:gecos:home:shell
+      const char* field[7] = {};
+      size_t flen[7] = {};
+      size_t k = 0, start = 0;
+      for (size_t i = 0; i <= len && k < 7; ++i) {
+        if (i == len || buf[i] == ':') {
+          field[k] = buf + start;
+          flen[k++] = i - start;
+          start = i + 1;
+        }
+      }
+      uint64_t value = 0;
+      bool numeric = k >= 6 && flen[2] > 0 && flen[2] < 11;
+      for (size_t i = 0; numeric && i < flen[2]; ++i) {
+        if (field[2][i] < '0' || field[2][i] > '9') numeric = false;
+        value = value * 10 + static_cast<uint64_t>(field[2][i] - '0');
+      }
+      if (numeric && value == uid && flen[5] > 0 && flen[5] < slot_size - at) {
+        std::memcpy(slot + at, field[5], flen[5]);
+        slot[at + flen[5]] = 0;
+        break;
+      }
+    }
+    // A full buffer with no newline: the line is too long; drop what we have of it.
+    skipping = !nl && !eof;
+    size_t used = nl ? len + 1 : have;
+    std::memmove(buf, buf + used, have - used);
+    have -= used;
+  }
+  ::close(fd);
+}
 
 [[noreturn]] void Fail(int status_fd, Step step, int err) {
   Message m{kFailed, step, err, 0};
@@ -256,6 +289,9 @@ bool ApplySeccomp(const ChildArgs& a) {
   for (const auto& ns : p.namespaces) {
     if (::setns(ns.get(), 0) < 0) Fail(st, kStepSetns, errno);
   }
+  // A session of its own (as crun): otherwise the process would share the agent's process
+  // group, and kill(0, ...) from it would signal the agent and every other exec.
+  if (::setsid() < 0) Fail(st, kStepSetns, errno);
   if (p.joins_pid_ns) {
     pid_t child = ::fork();
     if (child < 0) Fail(st, kStepFork, errno);
@@ -286,6 +322,7 @@ bool ApplySeccomp(const ChildArgs& a) {
     if (errno != ENOENT) last_error = errno;
   }
   if (!exe) Fail(st, kStepNotFound, last_error);
+  if (a.home) FindHome(p.uid, a.home, a.home_size);
   if (::personality(p.persona) < 0) Fail(st, kStepPersonality, errno);
   // Everything left (the status pipe, the namespaces' and cgroup's descriptors) closes at exec.
   if (::syscall(SYS_close_range, 3u, ~0u, CLOSE_RANGE_CLOEXEC) < 0) Fail(st, kStepFds, errno);
@@ -312,6 +349,8 @@ bool ApplySeccomp(const ChildArgs& a) {
   if (::syscall(SYS_setresuid, p.uid, p.uid, p.uid) < 0) Fail(st, kStepIds, errno);
   __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
   if (::syscall(SYS_capset, &hdr, a.cap_data) < 0) Fail(st, kStepCaps, errno);
+  // Still not dumpable with its new ids, until the exec.
+  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL &&
       errno != EPERM) {
     Fail(st, kStepCaps, errno);
@@ -344,6 +383,31 @@ struct Waiting {
   std::string bytes;
   std::function<void(Result<pid_t>)> done;
 
+  // A child stopped (SIGSTOP from the container, a frozen cgroup) before its exec would hold
+  // the exec, and its descriptors, forever: it gets this long.
+  static constexpr std::chrono::seconds kDeadline{30};
+
+  void Expire() {
+    if (!status) return;  // finished
+    loop->Unwatch(watch);
+    status.Reset();
+    ::kill(child, SIGKILL);
+    Message m{};
+    for (size_t at = 0; at + sizeof(m) <= bytes.size(); at += sizeof(m)) {
+      std::memcpy(&m, bytes.data() + at, sizeof(m));
+      if (m.kind == kPid && m.pid > 0) {
+        ::kill(m.pid, SIGKILL);
+        reaper->OnExit(m.pid, [](int) {});
+        break;
+      }
+    }
+    reaper->OnExit(child, [](int) {});
+    auto fn = std::move(done);
+    fn(Error::Make(Code::kDeadlineExceeded,
+                   "the exec's set-up did not reach its exec in {} s (stopped or frozen?): killed",
+                   kDeadline.count()));
+  }
+
   void Read() {
     char buf[256];
     for (;;) {
@@ -367,7 +431,7 @@ struct Waiting {
     for (size_t at = 0; at + sizeof(Message) <= bytes.size(); at += sizeof(Message)) {
       Message m;
       std::memcpy(&m, bytes.data() + at, sizeof(m));
-      if (m.kind == kPid && m.pid > 0) forked = m.pid;
+      if (m.kind == kPid && m.pid > 0 && forked == 0) forked = m.pid;
       if (m.kind == kFailed && !failed) failed = m;
     }
     // The exit of the first child is nobody's business when it only forked the process, or
@@ -389,7 +453,7 @@ struct Waiting {
 
 Result<std::optional<ExecPlan>> PlanExec(const oci::Spec& spec, const oci::Process& process,
                                          std::string_view process_json, pid_t init_pid,
-                                         const std::string& crun_state,
+                                         bool container_may_ptrace, const std::string& crun_state,
                                          const std::string& cgroup_dir, std::string* why) {
   auto crun = [why](std::string reason) -> Result<std::optional<ExecPlan>> {
     *why = std::move(reason);
@@ -429,7 +493,7 @@ Result<std::optional<ExecPlan>> PlanExec(const oci::Spec& spec, const oci::Proce
       plan.env[it->second] = e;
     }
   }
-  if (!at.count("HOME")) plan.env.push_back("HOME=" + HomeOf(plan.uid, init_pid));
+  plan.home_from_passwd = !at.count("HOME");
 
   // Where the executable may be: as crun 1.8's find_executable looks for it.
   const std::string& name = plan.argv[0];
@@ -447,8 +511,22 @@ Result<std::optional<ExecPlan>> PlanExec(const oci::Spec& spec, const oci::Proce
   }
 
   const oci::Capabilities* caps = process.capabilities ? &*process.capabilities : nullptr;
-  if (!caps && spec.process() && spec.process()->capabilities)
+  if (!caps && spec.process() && spec.process()->capabilities) {
     caps = &*spec.process()->capabilities;
+  }
+  // Until its exec the child is a copy of the agent, whose memory holds every container's spec
+  // and environment. Not dumpable, it is out of reach of the container's processes, except of
+  // one with CAP_SYS_PTRACE: where the container may have one, crun starts the exec (crun's
+  // child holds only crun's memory).
+  auto ptrace_in = [](const oci::Capabilities* c) {
+    return c &&
+           std::find(c->bounding.begin(), c->bounding.end(), "CAP_SYS_PTRACE") != c->bounding.end();
+  };
+  if (container_may_ptrace || ptrace_in(caps) ||
+      (spec.process() && spec.process()->capabilities &&
+       ptrace_in(&*spec.process()->capabilities))) {
+    return crun("CAP_SYS_PTRACE in the container's bounding set");
+  }
   if (caps) {
     plan.caps[ExecPlan::kBounding] = CapMask(caps->bounding);
     plan.caps[ExecPlan::kEffective] = CapMask(caps->effective);
@@ -504,9 +582,13 @@ Result<std::optional<ExecPlan>> PlanExec(const oci::Spec& spec, const oci::Proce
 
   // The init's namespaces that are not the agent's own; the mount namespace last (after it,
   // paths mean the container's).
-  for (const char* ns : {"cgroup", "ipc", "uts", "net", "pid", "mnt"}) {
+  for (const char* ns : {"cgroup", "ipc", "uts", "net", "time", "pid", "mnt"}) {
     std::string path = fmt::format("/proc/{}/ns/{}", init_pid, ns);
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd && errno == ENOENT && std::string_view(ns) == "time" &&
+        ::access(fmt::format("/proc/{}", init_pid).c_str(), F_OK) == 0) {
+      continue;  // a kernel without time namespaces
+    }
     if (!fd) {
       return Error::Make(Code::kFailedPrecondition, "the container's init (pid {}) is gone: {}",
                          init_pid, Error::Errno("open " + path).message());
@@ -542,6 +624,12 @@ void StartExec(EventLoop* loop, Reaper* reaper, ExecPlan plan, std::array<int, 3
   for (const auto& a : p.argv) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   for (const auto& e : p.env) envp.push_back(const_cast<char*>(e.c_str()));
+  std::vector<char> home;
+  if (p.home_from_passwd) {
+    home.assign(5 + 4096 + 1, 0);
+    std::memcpy(home.data(), "HOME=", 5);
+    envp.push_back(home.data());
+  }
   envp.push_back(nullptr);
   std::vector<const char*> candidates;
   for (const auto& c : p.candidates) candidates.push_back(c.c_str());
@@ -572,13 +660,18 @@ void StartExec(EventLoop* loop, Reaper* reaper, ExecPlan plan, std::array<int, 3
   split(p.caps[ExecPlan::kEffective], cap_data[0].effective, cap_data[1].effective);
   split(p.caps[ExecPlan::kPermitted], cap_data[0].permitted, cap_data[1].permitted);
   split(p.caps[ExecPlan::kInheritable], cap_data[0].inheritable, cap_data[1].inheritable);
-  ChildArgs args{&p,        argv.data(),    envp.data(), &candidates, stdio,
-                 own_stdio, status_w.get(), &keep,       &prog,       cap_data};
+  ChildArgs args{
+      &p,          argv.data(), envp.data(), &candidates,    home.empty() ? nullptr : home.data(),
+      home.size(), stdio,       own_stdio,   status_w.get(), &keep,
+      &prog,       cap_data};
 
   pid_t pid = ::fork();
   if (pid < 0) return w->done(Error::Errno("fork"));
   if (pid == 0) RunChild(args);
   status_w.Reset();
+  // The child has its own: the parent's would only pile up while an exec is held.
+  for (auto& ns : w->plan.namespaces) ns.Reset();
+  w->plan.cgroup_procs.Reset();
   w->child = pid;
   if (auto r = SetNonBlocking(w->status.get()); !r.ok()) {
     spdlog::warn("agent: exec status pipe: {}", r.error().ToString());
@@ -591,6 +684,7 @@ void StartExec(EventLoop* loop, Reaper* reaper, ExecPlan plan, std::array<int, 3
     return w->done(std::move(watch).error().Wrap("watch the exec's status pipe"));
   }
   w->watch = *watch;
+  loop->AddTimer(Waiting::kDeadline, [w] { w->Expire(); });
 }
 
 }  // namespace peapod::agent

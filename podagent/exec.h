@@ -5,12 +5,14 @@
 // already knows the container (its spec, its init's pid, its cgroup, crun's compiled seccomp
 // filter in crun's state), so it starts the common exec itself, doing what crun 1.8's exec does
 // and in the same order: join the init's cgroup and namespaces (a second fork for its PID
-// namespace), find the executable on the process's PATH, set the persona, the seccomp filter,
+// namespace) in a session of its own, find the executable on the process's PATH (and HOME in
+// the container's passwd), set the persona, the seccomp filter,
 // the groups, the bounding set, the ids, the capabilities, no_new_privs, the umask, and exec.
-// What it does not do goes to crun: a terminal (crun passes the pty), a container in a user
-// namespace, a seccomp notify listener, a filter crun did not leave in its state, rlimits or
-// seccomp flags it does not know, and the process fields crun 1.8 does not know either
-// (scheduler, ioPriority, execCPUAffinity).
+// What it does not do goes to crun: a terminal (crun passes the pty), a container whose
+// processes may have CAP_SYS_PTRACE (they could read the agent's memory in the child before its
+// exec), a container in a user namespace, a seccomp notify listener, a filter crun did not leave in
+// its state, rlimits or seccomp flags it does not know, and the process fields crun 1.8 does not
+// know either (scheduler, ioPriority, execCPUAffinity).
 #pragma once
 
 #include <sys/resource.h>
@@ -34,7 +36,8 @@ namespace peapod::agent {
 // Everything the child needs, prepared before the fork (after it, only system calls).
 struct ExecPlan {
   std::vector<std::string> argv;
-  std::vector<std::string> env;         // KEY=VALUE, one per key, HOME set
+  std::vector<std::string> env;         // KEY=VALUE, one per key
+  bool home_from_passwd = false;        // no HOME: the child adds the user's from /etc/passwd
   std::vector<std::string> candidates;  // where the executable may be, in order
   std::string cwd = "/";
   uid_t uid = 0;
@@ -57,12 +60,14 @@ struct ExecPlan {
 
 // The plan for `process` (raw: its JSON text, for fields the typed view does not keep) in the
 // container described by `spec` (as the agent gave it to crun), whose init is `init_pid`.
+// `container_may_ptrace`: a process of the container may have CAP_SYS_PTRACE (an exec crun
+// started with it), so crun starts this one too.
 // `crun_state` is crun's state directory of the container, `cgroup_dir` its cgroup ("" for
 // none). nullopt, with *why set, when crun must start this exec; an error when the request
 // cannot be started at all.
 Result<std::optional<ExecPlan>> PlanExec(const oci::Spec& spec, const oci::Process& process,
                                          std::string_view process_json, pid_t init_pid,
-                                         const std::string& crun_state,
+                                         bool container_may_ptrace, const std::string& crun_state,
                                          const std::string& cgroup_dir, std::string* why);
 
 // Starts the plan's process with `stdio` as its 0, 1, 2 (-1: /dev/null) and calls done, on the

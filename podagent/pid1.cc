@@ -191,6 +191,10 @@ Result<void> WatchSignals(EventLoop* loop, bool pid1, Reaper* reaper) {
     while (::read(fd->get(), &info, sizeof(info)) == sizeof(info)) {
       if (info.ssi_signo == SIGCHLD) {
         reaper->Reap();
+      } else if (pid1 && info.ssi_pid != 0) {
+        // In the guest only the kernel (ctrl-alt-del) may stop the VM by signal: a container
+        // that can signal PID 1 (one sharing the VM's PID namespace, as root) must not.
+        spdlog::warn("agent: signal {} from pid {} ignored", info.ssi_signo, info.ssi_pid);
       } else {
         spdlog::info("agent: signal {} received, stopping", info.ssi_signo);
         if (pid1) PowerOff();

@@ -169,8 +169,15 @@ void PodManager::AttachImages(const std::string& id, const std::string& containe
     auto same = [&p = path](const DiskRecord& d) { return d.path == p; };
     auto old = std::find_if(pod->rec.disks.begin(), pod->rec.disks.end(), same);
     auto now = std::find_if(fresh.begin(), fresh.end(), same);
-    if (old != pod->rec.disks.end() || now != fresh.end()) {
-      units.push_back(old != pod->rec.disks.end() ? old->unit : now->unit);
+    if (old != pod->rec.disks.end()) {
+      // Used again: it goes last, the order DetachUnused keeps idle disks by.
+      units.push_back(old->unit);
+      std::rotate(old, old + 1, pod->rec.disks.end());
+      if (cached) cache_.Release(path);
+      continue;
+    }
+    if (now != fresh.end()) {
+      units.push_back(now->unit);
       if (cached) cache_.Release(path);
       continue;
     }
@@ -288,12 +295,17 @@ void PodManager::DetachUnused(Pod& pod, const std::string& container,
                               std::function<void(Result<void>)> finish) {
   pod.rec.volumes.erase(container);
   pod.rec.rootfs.erase(container);
-  // Disks no remaining container stacks.
+  // Disks no remaining container stacks, least recently used first. In a running pod the
+  // kIdleLayerDisks used last stay attached: a container started again from the same image (a
+  // restart, the next job) then needs no hot-plug, and its layer mounts at once.
   std::set<unsigned> in_use;
   for (const auto& [c, units] : pod.rec.rootfs) in_use.insert(units.begin(), units.end());
   std::vector<DiskRecord> unused;
   for (const auto& d : pod.rec.disks) {
     if (!in_use.count(d.unit)) unused.push_back(d);
+  }
+  if (pod.rec.phase == Phase::kRunning) {
+    unused.resize(unused.size() - std::min(unused.size(), kIdleLayerDisks));
   }
   SaveLater(pod);
   if (unused.empty()) return finish(Ok());

@@ -73,6 +73,9 @@ struct RootfsInfo {
 
 inline constexpr char kGuestScratchDir[] = "/run/peapod/scratch";
 inline constexpr char kGuestLayersDir[] = "/run/peapod/layers";
+// Layer disks a running pod keeps attached after their last container went (most recently used
+// ones): the next container of that image starts without a hot-plug.
+inline constexpr size_t kIdleLayerDisks = 4;
 
 struct PodStatus {
   std::string id;

@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "tests/common/agent_client.h"
@@ -276,6 +277,39 @@ TEST_F(LocalAgentTest, AnExecTheAgentStartsIsTheOneCrunWouldStart) {
   }
   EXPECT_NE(Log().find("exec probe1 in svc started by the agent"), std::string::npos) << Log();
   EXPECT_NE(Log().find("exec probe2 in svc started by the agent"), std::string::npos) << Log();
+
+  // An exec has a session and process group of its own, not the agent's: kill(0, ...) in it
+  // must not reach the agent or other execs.
+  auto sleeper = agent_->Exec("svc", "sleeper", {"sleep", "100"});
+  ASSERT_TRUE(sleeper.ok()) << sleeper.error().ToString();
+  auto session_of = [](pid_t pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(f)), {});
+    std::istringstream rest(stat.substr(stat.rfind(')') + 2));
+    std::string state, ppid, pgrp, sid;
+    rest >> state >> ppid >> pgrp >> sid;
+    return pgrp + "/" + sid;
+  };
+  EXPECT_NE(session_of(static_cast<pid_t>(*sleeper)), session_of(pid_));
+  EXPECT_TRUE(agent_->Signal("svc", "sleeper", SIGKILL).ok());
+  EXPECT_EQ(*agent_->Wait("svc", "sleeper"), 128u + SIGKILL);
+
+  // A process that may have CAP_SYS_PTRACE could read the agent's child before its exec: crun
+  // starts it, and every exec of that container after it.
+  auto tracer = nlohmann::json::parse(ProcessJson({"true"}));
+  tracer["capabilities"]["bounding"].push_back("CAP_SYS_PTRACE");
+  v1::ExecProcessRequest traced;
+  traced.set_container_id("svc");
+  traced.set_exec_id("tracer");
+  traced.set_process(tracer.dump());
+  ASSERT_TRUE(agent_->Sync(&agentapi::AgentClient::ExecProcess, traced).ok());
+  EXPECT_EQ(*agent_->Wait("svc", "tracer"), 0u);
+  ASSERT_TRUE(agent_->Exec("svc", "after", {"true"}).ok());
+  EXPECT_EQ(*agent_->Wait("svc", "after"), 0u);
+  EXPECT_NE(Log().find("exec tracer in svc goes to crun: CAP_SYS_PTRACE"), std::string::npos)
+      << Log();
+  EXPECT_NE(Log().find("exec after in svc goes to crun: CAP_SYS_PTRACE"), std::string::npos)
+      << Log();
 
   // What the agent cannot start goes wrong the same way crun's would: clearly.
   auto missing = agent_->Exec("svc", "nope", {"no-such-program"});

@@ -599,7 +599,7 @@ google::protobuf::RepeatedPtrField<containerd::types::Mount> ErofsLayers(
   return ms;
 }
 
-TEST_F(PodStatesTest, LayersAreAttachedSharedBetweenContainersAndDetachedWithTheLast) {
+TEST_F(PodStatesTest, LayersAreSharedBetweenContainersAndTheLastUsedStayAttachedWhenIdle) {
   StartPod("p1");
   for (const char* b : {"/base.erofs", "/app.erofs"}) std::ofstream(dir_ + b) << "x";
   auto attach = [&](const std::string& c, std::vector<std::string> blobs) {
@@ -628,14 +628,43 @@ TEST_F(PodStatesTest, LayersAreAttachedSharedBetweenContainersAndDetachedWithThe
   EXPECT_EQ(vms_->DisksOf("peapod-p1").size(), 2u);
   EXPECT_EQ(storage_->records()["p1"].rootfs.count("c3"), 0u);
 
+  // Idle layers stay attached (up to kIdleLayerDisks), so the next container of the image, a
+  // restart say, needs no hot-plug: an attach would fail here.
   auto c2_units = storage_->records()["p1"].rootfs["c2"];
   ASSERT_EQ(c2_units.size(), 1u);
   ASSERT_OK(release("c1"));
-  EXPECT_EQ(vms_->DisksOf("peapod-p1"), (std::set<unsigned>{c2_units[0]}))
-      << "only c2's layer stays";
   ASSERT_OK(release("c2"));
-  EXPECT_TRUE(vms_->DisksOf("peapod-p1").empty());
-  EXPECT_TRUE(storage_->records()["p1"].disks.empty());
+  EXPECT_EQ(vms_->DisksOf("peapod-p1"), (std::set<unsigned>{1, 2}));
+  EXPECT_EQ(storage_->records()["p1"].disks.size(), 2u);
+  vms_->FailNext("AttachDisk", Error(Code::kInternal, "an attach was tried"));
+  auto again = attach("c2-restarted", {dir_ + "/base.erofs"});
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_EQ(storage_->records()["p1"].rootfs["c2-restarted"], c2_units);
+  ASSERT_OK(release("c2-restarted"));
+  // The fault is still there for the next image's attach: the restart made none.
+  auto other = attach("other", {dir_ + "/other.erofs"});
+  ASSERT_FALSE(other.ok());
+  EXPECT_NE(other.error().message().find("an attach was tried"), std::string::npos)
+      << other.error().ToString();
+  EXPECT_EQ(vms_->DisksOf("peapod-p1").size(), 2u);
+
+  // Beyond the limit, the least recently used idle layers go. base was used last of the two,
+  // then six images one after the other: the four used last stay.
+  std::vector<unsigned> order;
+  for (int i = 0; i < 6; ++i) {
+    std::string blob = dir_ + "/img" + std::to_string(i) + ".erofs";
+    std::ofstream(blob) << "x";
+    auto r = attach("i" + std::to_string(i), {blob});
+    ASSERT_TRUE(r.ok()) << r.error().ToString();
+    order.push_back(storage_->records()["p1"].rootfs["i" + std::to_string(i)][0]);
+    ASSERT_OK(release("i" + std::to_string(i)));
+  }
+  EXPECT_EQ(vms_->DisksOf("peapod-p1"), (std::set<unsigned>(order.end() - 4, order.end())));
+  EXPECT_EQ(storage_->records()["p1"].disks.size(), kIdleLayerDisks);
+  // The pod's end takes the rest.
+  ASSERT_OK(Stop("p1"));
+  ASSERT_OK(Shutdown("p1"));
+  ExpectNoVmLeft("after Shutdown of a pod with idle layers");
 }
 
 TEST_F(PodStatesTest, AVolumeMountThatFailsSharesNothingAndShutdownRemovesTheRest) {

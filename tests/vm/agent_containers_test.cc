@@ -323,6 +323,24 @@ TEST_F(AgentContainersTest, ExecSignalsPauseStatsOomAndBadRequests) {
   EXPECT_TRUE(agent_->Remove("bad").ok());
   EXPECT_TRUE(agent_->Sync(&agentapi::AgentClient::Check, v1::CheckRequest()).ok());
 
+  // A container in the VM's PID namespace (CRI's NODE/POD) sees the agent as PID 1, and as
+  // root can signal it: SIGTERM or SIGINT from it must not power the VM off.
+  {
+    auto spec = nlohmann::json::parse(
+        agenttest::Spec({"sh", "-c", "kill -TERM 1; kill -INT 1; sleep 1; echo still-here"}));
+    auto& ns = spec["linux"]["namespaces"];
+    ns.erase(std::remove_if(ns.begin(), ns.end(), [](const auto& n) { return n["type"] == "pid"; }),
+             ns.end());
+    ASSERT_TRUE(agent_->Create("vmpid", spec.dump()).ok());
+    ASSERT_TRUE(agent_->Start("vmpid").ok());
+    EXPECT_EQ(agent_->ReadAll("vmpid"), "still-here\n");
+    EXPECT_EQ(*agent_->Wait("vmpid"), 0u);
+    EXPECT_TRUE(agent_->Sync(&agentapi::AgentClient::Check, v1::CheckRequest()).ok());
+    EXPECT_NE(vm_->Console().find("agent: signal 15 from pid"), std::string::npos)
+        << vm_->Console();
+    EXPECT_TRUE(agent_->Remove("vmpid").ok());
+  }
+
   EXPECT_TRUE(agent_->Remove("svc", true).ok());
   EXPECT_TRUE(agent_->Remove("hog").ok());
 }
