@@ -307,8 +307,9 @@ void PodManager::DetachUnused(Pod& pod, const std::string& container,
   if (pod.rec.phase == Phase::kRunning) {
     unused.resize(unused.size() - std::min(unused.size(), kIdleLayerDisks));
   }
+  // Answered once recorded, detaching or not: a restart then knows the container is gone.
+  if (unused.empty()) return SaveThen(pod, [finish](Result<void>) { finish(Ok()); });
   SaveLater(pod);
-  if (unused.empty()) return finish(Ok());
   std::string id = pod.rec.id, domain = pod.rec.domain;
   bool running = pod.rec.phase == Phase::kRunning;
   auto results = std::make_shared<std::vector<Result<void>>>();
