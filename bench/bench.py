@@ -289,6 +289,8 @@ class Bench:
                "image_dir": self.img_dir, "accel": self.a.accel,
                "boot_timeout_seconds": boot_timeout, "pool_size": pool_size,
                "start_from": start_from}
+        # BENCH_SANDBOXER_CONFIG='{"key": value, ...}': settings to try (merged over these).
+        cfg.update(json.loads(os.environ.get("BENCH_SANDBOXER_CONFIG") or "{}"))
         path = f"{self.dir}/sandboxer.json"
         with open(path, "w") as f:
             json.dump(cfg, f)

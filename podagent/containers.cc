@@ -413,6 +413,7 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   if (containers_.count(id)) {
     return reply(Error::Make(Code::kAlreadyExists, "container {} already exists", id));
   }
+  const auto t_parse = std::chrono::steady_clock::now();
   auto parsed = oci::Spec::Parse(req.oci_spec(), "container " + id + " config.json");
   if (!parsed.ok()) return reply(std::move(parsed).error().Wrap("create container " + id));
   oci::Spec spec = std::move(*parsed);
@@ -488,7 +489,8 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
   if (terminal) args.push_back("--console-socket=" + console);
   args.push_back(id);
   RunCrun(std::move(args), c->dir + "/crun.log", child_fds,
-          [this, c, console, pid_file, reply, t0, t1](Result<std::string> r) mutable {
+          [this, c, console, pid_file, reply, t_parse, t0, t1](Result<std::string> r) mutable {
+            const auto t2 = std::chrono::steady_clock::now();
             auto fail = [&](Error e) {
               CleanupFailedCreate(c);
               reply(std::move(e).Wrap("create container " + c->id));
@@ -505,8 +507,9 @@ void ContainerManager::Create(v1::CreateContainerRequest req,
             Track(c, &c->init);
             WatchOOM(c);
             spdlog::info(
-                "agent: created container {} pid {} (ms: rootfs and spec {}, crun create {})",
-                c->id, *pid, MsSince(t0, t1), MsSince(t1));
+                "agent: created container {} pid {} (ms: spec parse {}, rootfs and spec {}, crun "
+                "create {}, after {})",
+                c->id, *pid, MsSince(t_parse, t0), MsSince(t0, t1), MsSince(t1, t2), MsSince(t2));
             v1::CreateContainerResponse resp;
             resp.set_pid(static_cast<uint32_t>(*pid));
             reply(std::move(resp));

@@ -115,6 +115,12 @@ int main(int argc, char** argv) {
     if (!loaded.ok()) Fatal(pid1, loaded.error());
     spdlog::info("agent: loaded {} modules", *loaded);
     if (auto r = agent::LoopbackUp(); !r.ok()) spdlog::warn("agent: {}", r.error().ToString());
+    if (auto r = agent::MountReadOnly(copts.crun); r.ok()) {
+      spdlog::info("agent: {} is mounted read-only: crun runs without copying itself first",
+                   copts.crun);
+    } else {
+      spdlog::warn("agent: {}; crun copies itself before each command", r.error().ToString());
+    }
   } else {
     if (!cgroup_root && ::geteuid() == 0) {
       if (auto r = agent::PrivateCgroup2(); !r.ok()) Fatal(pid1, r.error());

@@ -140,6 +140,19 @@ Result<void> LeaveInitramfs() {
   return Ok();
 }
 
+Result<void> MountReadOnly(const std::string& path) {
+  if (::mount(path.c_str(), path.c_str(), nullptr, MS_BIND, nullptr) < 0) {
+    return Error::Errno(fmt::format("bind-mount {} onto itself", path));
+  }
+  if (::mount(nullptr, path.c_str(), nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV,
+              nullptr) < 0) {
+    auto err = Error::Errno(fmt::format("make the bind mount of {} read-only", path));
+    ::umount2(path.c_str(), MNT_DETACH);
+    return err;
+  }
+  return Ok();
+}
+
 Result<void> PrivateCgroup2() {
   struct statfs st {};
   if (::statfs("/sys/fs/cgroup", &st) == 0 && st.f_type == CGROUP2_SUPER_MAGIC) return Ok();

@@ -44,6 +44,13 @@ Result<void> LoopbackUp();
 // before anything else is mounted.
 Result<void> LeaveInitramfs();
 
+// crun (1.8) copies itself into a sealed memfd, or binds itself somewhere read-only, and
+// execs that copy before every command, so a container cannot write the binary through
+// /proc/<crun>/exe (CVE-2019-5736) — unless the binary is already on a read-only mount. The
+// agent bind-mounts `path` onto itself read-only: the binary is no more writable than the copy
+// was, and each crun command is one exec instead of two (a second dynamic link under TCG).
+Result<void> MountReadOnly(const std::string& path);
+
 // Routes exit statuses of every exited child (PID 1 inherits all orphans; a local agent is a
 // child subreaper) to reaper, from a signalfd on the loop; stops (powers off as PID 1) on
 // SIGTERM/SIGINT. Blocks SIGCHLD/SIGTERM/SIGINT for the process.
