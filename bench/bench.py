@@ -174,6 +174,29 @@ class Failed(Exception):
     pass
 
 
+# What each figure sets itself in the sandboxer's configuration: not to be overridden.
+BENCH_OWN_KEYS = {"listen", "shim_listen", "state_dir", "run_dir", "libvirt_root", "cri_root",
+                  "image_dir", "accel", "boot_timeout_seconds", "pool_size", "start_from"}
+
+
+def sandboxer_overrides():
+    """BENCH_SANDBOXER_CONFIG='{"key": value, ...}': sandboxer settings to try, merged over the
+    bench's own; refused at start when it is not a JSON object or names a key a figure sets."""
+    text = os.environ.get("BENCH_SANDBOXER_CONFIG") or "{}"
+    try:
+        o = json.loads(text)
+    except ValueError as e:
+        sys.exit(f"BENCH_SANDBOXER_CONFIG is not JSON ({e}): give an object, e.g. "
+                 "'{\"tcg_tb_cache_mib\": 32}'")
+    if not isinstance(o, dict):
+        sys.exit("BENCH_SANDBOXER_CONFIG must be a JSON object of sandboxer settings")
+    own = sorted(BENCH_OWN_KEYS & set(o))
+    if own:
+        sys.exit(f"BENCH_SANDBOXER_CONFIG sets {', '.join(own)}, which the figures set "
+                 "themselves; leave those out")
+    return o
+
+
 class Bench:
     def __init__(self, a):
         self.a = a
@@ -181,6 +204,7 @@ class Bench:
         self.rundir = a.rundir
         self.procs = {}  # name -> Popen
         self.results = {}
+        self.overrides = sandboxer_overrides()
         self.t_start = now()
         self.netns_16 = set()  # containerd 1.6 puts pod netns in /run/netns: removed at the end
         self.cri_yaml = f"{self.dir}/crictl.yaml"
@@ -289,8 +313,7 @@ class Bench:
                "image_dir": self.img_dir, "accel": self.a.accel,
                "boot_timeout_seconds": boot_timeout, "pool_size": pool_size,
                "start_from": start_from}
-        # BENCH_SANDBOXER_CONFIG='{"key": value, ...}': settings to try (merged over these).
-        cfg.update(json.loads(os.environ.get("BENCH_SANDBOXER_CONFIG") or "{}"))
+        cfg.update(self.overrides)  # BENCH_SANDBOXER_CONFIG, checked in sandboxer_overrides()
         path = f"{self.dir}/sandboxer.json"
         with open(path, "w") as f:
             json.dump(cfg, f)
@@ -1260,7 +1283,8 @@ class Bench:
         self.results.update({"schema": 1, "date": a.date, "host": self.host,
                              "config": {"repeat": a.repeat, "quick": a.quick,
                                         "density_max": a.density, "exec_count": a.exec_count,
-                                        "stdio_mib": a.stdio_mib, "figures": figures}})
+                                        "stdio_mib": a.stdio_mib, "figures": figures,
+                                        "sandboxer_overrides": self.overrides}})
         log(f"starting peapod-sandboxer (libvirt root {a.libvirt_root})")
         self.start_sandboxer()
         log("starting containerd 2.x with handlers peapod and runc")

@@ -131,6 +131,10 @@ class Report:
                f"{v.get('runc', '?')}; peapod {h.get('peapod', '?')}")
         self.w(f"* repeats {c.get('repeat')}{' (--quick)' if c.get('quick') else ''}; "
                f"figures {', '.join(c.get('figures', []))}; wall time {d.get('wall_s', 0) / 60:.1f} min")
+        if c.get("sandboxer_overrides"):
+            self.w("* **sandboxer settings changed for this run** (`BENCH_SANDBOXER_CONFIG`): "
+                   f"`{json.dumps(c['sandboxer_overrides'])}`; its figures measure those, not "
+                   "the defaults")
         if d.get("error"):
             self.w(f"* **the run did not finish:** {d['error']}")
         self.w()

@@ -44,11 +44,12 @@ Result<void> LoopbackUp();
 // before anything else is mounted.
 Result<void> LeaveInitramfs();
 
-// crun (1.8) copies itself into a sealed memfd, or binds itself somewhere read-only, and
-// execs that copy before every command, so a container cannot write the binary through
-// /proc/<crun>/exe (CVE-2019-5736) — unless the binary is already on a read-only mount. The
-// agent bind-mounts `path` onto itself read-only: the binary is no more writable than the copy
-// was, and each crun command is one exec instead of two (a second dynamic link under TCG).
+// crun (1.8) binds its binary read-only onto a temporary file (or, failing that, copies it into
+// a sealed memfd) and execs that before every command, so a container cannot write the binary
+// through /proc/<crun>/exe (CVE-2019-5736) — unless the binary is already on a read-only
+// mount. The agent bind-mounts `path` onto itself read-only: the binary is no more writable
+// through crun than before, and each crun command is one exec instead of two (a second dynamic
+// link under TCG).
 Result<void> MountReadOnly(const std::string& path);
 
 // Routes exit statuses of every exited child (PID 1 inherits all orphans; a local agent is a
