@@ -48,6 +48,7 @@ void ForEachKey(Config& c, F f) {
   f("start_from", &c.start_from);
   f("ksm", &c.ksm);
   f("tcg_tb_cache_mib", &c.tcg_tb_cache_mib);
+  f("guest_huge_pages", &c.guest_huge_pages);
   f("mkfs_erofs", &c.mkfs_erofs);
   f("mkfs_ext4", &c.mkfs_ext4);
   f("vm_uid_base", &c.vm_uid_base);
@@ -87,6 +88,10 @@ Result<Config> Config::Load(const std::string& path, bool required) {
   }
   if (c.accel != "auto" && c.accel != "kvm" && c.accel != "tcg") {
     return Error::Invalid("{}: accel must be auto, kvm or tcg, not \"{}\"", path, c.accel);
+  }
+  if (c.guest_huge_pages != "auto" && c.guest_huge_pages != "on" && c.guest_huge_pages != "off") {
+    return Error::Invalid("{}: guest_huge_pages must be auto, on or off, not \"{}\"", path,
+                          c.guest_huge_pages);
   }
   if (c.start_from != "template" && c.start_from != "boot") {
     return Error::Invalid("{}: start_from must be template or boot, not \"{}\"", path,

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -215,6 +216,19 @@ Result<std::unique_ptr<LibvirtBackend>> LibvirtBackend::Open(const LibvirtOption
     PP_ASSIGN_OR_RETURN(b->emulator_, WriteQemuWrapper(b->embed_root_));
     // QEMU is our child with the embedded driver: adopt what it leaves so we can reap it.
     if (::prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) return Error::Errno("PR_SET_CHILD_SUBREAPER");
+  }
+  if (!opts.guest_huge_pages) {
+    if (b->embed_root_.empty()) {
+      spdlog::warn(
+          "libvirt: guest_huge_pages off does not reach the QEMUs of {} (they are libvirtd's "
+          "children); set transparent huge pages there",
+          b->uri_);
+    } else if (::prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) < 0) {
+      spdlog::warn("libvirt: PR_SET_THP_DISABLE: {}; guest RAM may use huge pages",
+                   std::strerror(errno));
+    } else {
+      spdlog::info("libvirt: guest RAM in 4 KiB pages (no transparent huge pages)");
+    }
   }
   b->conn_ = virConnectOpen(b->uri_.c_str());
   if (!b->conn_) {

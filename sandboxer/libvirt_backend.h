@@ -29,6 +29,10 @@ struct LibvirtOptions {
   std::string embed_root = "/var/lib/peapod/libvirt";
   // The 9p server of confined VMs (share_server.h).
   std::string share_server = "/usr/lib/qemu/virtfs-proxy-helper";
+  // False: the QEMUs the embedded driver starts (our children) get no transparent huge pages
+  // (PR_SET_THP_DISABLE, which a child inherits across fork and exec; it covers this process
+  // too). Cannot apply to a libvirtd's QEMUs (uri set), which is logged.
+  bool guest_huge_pages = true;
 };
 
 class LibvirtBackend : public VmBackend {

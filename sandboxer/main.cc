@@ -164,9 +164,12 @@ int main(int argc, char** argv) {
   if (flags.check) return sandboxer::CheckNode(*cfg, stdout);
   const sigset_t signals = BlockSignals();
 
+  const bool kvm = cfg->accel == "kvm" || (cfg->accel == "auto" && sandboxer::KvmWorks());
+  const bool huge_pages = cfg->guest_huge_pages == "on" || (cfg->guest_huge_pages == "auto" && kvm);
   auto backend = sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri,
                                                   .embed_root = cfg->libvirt_root,
-                                                  .share_server = cfg->share_server});
+                                                  .share_server = cfg->share_server,
+                                                  .guest_huge_pages = huge_pages});
   if (!backend.ok()) {
     spdlog::critical("sandboxer: {}", backend.error().ToString());
     return 1;

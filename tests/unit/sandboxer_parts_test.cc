@@ -343,6 +343,14 @@ TEST(ConfigTest, ReadsKeysAndRefusesUnknownOnes) {
   auto from = Config::Load(path, true);
   ASSERT_FALSE(from.ok());
   EXPECT_NE(from.error().message().find("start_from must be template or boot"), std::string::npos);
+  EXPECT_EQ(Config::Load(t.path() + "/missing.json", false)->guest_huge_pages, "auto");
+  std::ofstream(path) << R"({"guest_huge_pages": "off"})";
+  EXPECT_EQ(Config::Load(path, true)->guest_huge_pages, "off");
+  std::ofstream(path) << R"({"guest_huge_pages": "never"})";
+  auto thp = Config::Load(path, true);
+  ASSERT_FALSE(thp.ok());
+  EXPECT_NE(thp.error().message().find("guest_huge_pages must be auto, on or off"),
+            std::string::npos);
 }
 
 // The template's files: keyed by every input, and refused (saying why) when the key, size or
