@@ -25,6 +25,7 @@
 #include "sandboxer/node_check.h"
 #include "sandboxer/pods.h"
 #include "sandboxer/shim_service.h"
+#include "sandboxer/vm_launcher.h"
 
 namespace {
 
@@ -164,8 +165,8 @@ int main(int argc, char** argv) {
   if (flags.check) return sandboxer::CheckNode(*cfg, stdout);
   const sigset_t signals = BlockSignals();
 
-  const bool kvm = cfg->accel == "kvm" || (cfg->accel == "auto" && sandboxer::KvmWorks());
-  const bool huge_pages = cfg->guest_huge_pages == "on" || (cfg->guest_huge_pages == "auto" && kvm);
+  const bool huge_pages = cfg->guest_huge_pages == "on" ||
+                          (cfg->guest_huge_pages == "auto" && sandboxer::UsesKvm(*cfg));
   auto backend = sandboxer::LibvirtBackend::Open({.uri = cfg->libvirt_uri,
                                                   .embed_root = cfg->libvirt_root,
                                                   .share_server = cfg->share_server,

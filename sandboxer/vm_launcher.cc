@@ -9,12 +9,14 @@
 
 namespace peapod::sandboxer {
 
-bool VmLauncher::UseKvm() const {
-  if (cfg_.accel == "kvm") return true;
-  if (cfg_.accel == "tcg") return false;
+bool UsesKvm(const Config& cfg) {
+  if (cfg.accel == "kvm") return true;
+  if (cfg.accel == "tcg") return false;
   static const bool works = KvmWorks();  // auto: asked once
   return works;
 }
+
+bool VmLauncher::UseKvm() const { return UsesKvm(cfg_); }
 
 VmSpec VmLauncher::BaseSpec(const std::string& domain, const std::string& run_dir,
                             const std::string& state_dir, unsigned vcpus,

@@ -18,6 +18,10 @@
 
 namespace peapod::sandboxer {
 
+// Whether VMs run under KVM for the configured accel ("kvm", "tcg", or "auto": KVM if /dev/kvm
+// works, asked once per process).
+bool UsesKvm(const Config& cfg);
+
 class VmLauncher {
  public:
   VmLauncher(const Config& cfg, VmBackend* backend, Network* net, Storage* storage,

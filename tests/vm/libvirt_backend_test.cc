@@ -143,15 +143,6 @@ TEST_F(LibvirtBackendTest, AKilledQemuIsNoticedWithinTwoSeconds) {
   EXPECT_NE(::kill(vm->pid, 0), 0);
 }
 
-// QEMU's resident memory, KiB.
-long RssKib(int pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-  for (std::string l; std::getline(f, l);) {
-    if (l.rfind("VmRSS:", 0) == 0) return std::stol(l.substr(6));
-  }
-  return -1;
-}
-
 // The first word after `key` on its line of /proc/<pid>/<file> ("" when there is none).
 std::string ProcField(int pid, const std::string& file, const std::string& key) {
   std::ifstream f("/proc/" + std::to_string(pid) + "/" + file);
@@ -163,6 +154,12 @@ std::string ProcField(int pid, const std::string& file, const std::string& key) 
     return word;
   }
   return "";
+}
+
+// QEMU's resident memory, KiB (-1: unknown).
+long RssKib(int pid) {
+  std::string kib = ProcField(pid, "status", "VmRSS:");
+  return kib.empty() ? -1 : std::stol(kib);
 }
 
 // Free page reporting (the domain's virtio balloon, the guest's virtio_balloon module): memory a
