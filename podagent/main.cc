@@ -115,11 +115,16 @@ int main(int argc, char** argv) {
     if (!loaded.ok()) Fatal(pid1, loaded.error());
     spdlog::info("agent: loaded {} modules", *loaded);
     if (auto r = agent::LoopbackUp(); !r.ok()) spdlog::warn("agent: {}", r.error().ToString());
-    if (auto r = agent::MountReadOnly(copts.crun); r.ok()) {
-      spdlog::info("agent: {} is mounted read-only: crun runs without copying itself first",
+    if (auto r = agent::ServeFromReadOnlyRamfs(copts.crun, "/run/peapod-crun"); !r.ok()) {
+      spdlog::warn("agent: {}", r.error().ToString());
+    }
+    if (auto skips = agent::CrunSkipsItsCopy(copts.crun); skips.ok() && *skips) {
+      spdlog::info("agent: {} is on a read-only ramfs: crun runs without copying itself first",
                    copts.crun);
     } else {
-      spdlog::warn("agent: {}; crun copies itself before each command", r.error().ToString());
+      spdlog::warn(
+          "agent: crun copies itself before each command ({})",
+          skips.ok() ? "its binary is on a writable or shmem mount" : skips.error().ToString());
     }
   } else {
     if (!cgroup_root && ::geteuid() == 0) {

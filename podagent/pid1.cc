@@ -7,10 +7,12 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/sendfile.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -140,17 +142,62 @@ Result<void> LeaveInitramfs() {
   return Ok();
 }
 
-Result<void> MountReadOnly(const std::string& path) {
-  if (::mount(path.c_str(), path.c_str(), nullptr, MS_BIND, nullptr) < 0) {
-    return Error::Errno(fmt::format("bind-mount {} onto itself", path));
+Result<void> ServeFromReadOnlyRamfs(const std::string& path, const std::string& dir) {
+  UniqueFd src(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+  if (!src) return Error::Errno(fmt::format("open {}", path));
+  struct stat st {};
+  if (::fstat(src.get(), &st) < 0) return Error::Errno(fmt::format("stat {}", path));
+  if (!S_ISREG(st.st_mode)) return Error::Invalid("{} is not a file", path);
+  if (::mkdir(dir.c_str(), 0755) < 0 && errno != EEXIST) {
+    return Error::Errno(fmt::format("mkdir {}", dir));
   }
+  if (::mount("ramfs", dir.c_str(), "ramfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0) {
+    return Error::Errno(fmt::format("mount a ramfs on {}", dir));
+  }
+  bool bound = false;
+  auto fail = [&](Error err) -> Result<void> {
+    if (bound) ::umount2(path.c_str(), MNT_DETACH);
+    ::umount2(dir.c_str(), MNT_DETACH);
+    return err;
+  };
+  const std::string copy = dir + "/" + path.substr(path.rfind('/') + 1);
+  {
+    UniqueFd dst(::open(copy.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0755));
+    if (!dst) return fail(Error::Errno(fmt::format("create {}", copy)));
+    off_t off = 0;
+    while (off < st.st_size) {
+      ssize_t n = ::sendfile(dst.get(), src.get(), &off, static_cast<size_t>(st.st_size - off));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return fail(Error::Errno(fmt::format("copy {} into {}", path, copy)));
+    }
+  }
+  if (::mount(nullptr, dir.c_str(), nullptr, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
+              nullptr) < 0) {
+    return fail(Error::Errno(fmt::format("make the ramfs on {} read-only", dir)));
+  }
+  if (::mount(copy.c_str(), path.c_str(), nullptr, MS_BIND, nullptr) < 0) {
+    return fail(Error::Errno(fmt::format("bind-mount {} over {}", copy, path)));
+  }
+  bound = true;
   if (::mount(nullptr, path.c_str(), nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV,
               nullptr) < 0) {
-    auto err = Error::Errno(fmt::format("make the bind mount of {} read-only", path));
-    ::umount2(path.c_str(), MNT_DETACH);
-    return err;
+    return fail(Error::Errno(fmt::format("make the bind mount over {} read-only", path)));
+  }
+  // The original, now under the bind, holds the only other copy in the guest's RAM.
+  if (::ftruncate(src.get(), 0) < 0) {
+    spdlog::warn("agent: could not empty the initramfs copy of {}: {}", path, std::strerror(errno));
   }
   return Ok();
+}
+
+Result<bool> CrunSkipsItsCopy(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return Error::Errno(fmt::format("open {}", path));
+  constexpr int kCrunSeals = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;
+  int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals >= 0) return seals == kCrunSeals;
+  struct statfs sfs {};
+  return ::fstatfs(fd.get(), &sfs) == 0 && (sfs.f_flags & ST_RDONLY) != 0;
 }
 
 Result<void> PrivateCgroup2() {

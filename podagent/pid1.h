@@ -46,11 +46,19 @@ Result<void> LeaveInitramfs();
 
 // crun (1.8) binds its binary read-only onto a temporary file (or, failing that, copies it into
 // a sealed memfd) and execs that before every command, so a container cannot write the binary
-// through /proc/<crun>/exe (CVE-2019-5736) — unless the binary is already on a read-only
-// mount. The agent bind-mounts `path` onto itself read-only: the binary is no more writable
-// through crun than before, and each crun command is one exec instead of two (a second dynamic
-// link under TCG).
-Result<void> MountReadOnly(const std::string& path);
+// through /proc/<crun>/exe (CVE-2019-5736). It skips that only when its binary is not a shmem
+// file and is on a read-only mount: a read-only bind on the initramfs does not do (the
+// initramfs is tmpfs, which answers F_GET_SEALS, and crun then never looks at the mount).
+// Under TCG the guard is two or three execs and a copy of the binary per crun command.
+//
+// Copies the file at `path` into a ramfs mounted at `dir` (ramfs has no seals), makes that
+// ramfs read-only, bind-mounts the copy over `path` read-only, and empties the original (its
+// pages go back to the guest). On failure nothing is left mounted and `path` is as it was.
+Result<void> ServeFromReadOnlyRamfs(const std::string& path, const std::string& dir);
+
+// crun 1.8's own test, asked of `path`: true when crun run from it skips copying itself (a
+// fully sealed memfd, or not a shmem file and on a read-only mount).
+Result<bool> CrunSkipsItsCopy(const std::string& path);
 
 // Routes exit statuses of every exited child (PID 1 inherits all orphans; a local agent is a
 // child subreaper) to reaper, from a signalfd on the loop; stops (powers off as PID 1) on

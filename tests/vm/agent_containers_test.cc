@@ -117,10 +117,12 @@ TEST_F(AgentContainersTest, TwoContainersShareOneKernelWithTheirOwnPidNamespaces
   }
   EXPECT_EQ(out1[3], "00000000");
   EXPECT_EQ(out2[3], "00000000");
-  // crun's binary is on a read-only mount, so crun does not copy and re-execute itself first
-  // (its CVE-2019-5736 guard), and the containers above ran with it.
-  EXPECT_NE(vm_->Console().find("/usr/bin/crun is mounted read-only"), std::string::npos)
+  // crun's binary is on a read-only ramfs, so crun does not copy and re-execute itself first
+  // (its CVE-2019-5736 guard): the agent asks of the binary what crun asks (seals, then a
+  // read-only mount) and logs the answer, and the containers above ran with it.
+  EXPECT_NE(vm_->Console().find("/usr/bin/crun is on a read-only ramfs"), std::string::npos)
       << vm_->Console();
+  EXPECT_EQ(vm_->Console().find("crun copies itself before each command"), std::string::npos);
   // A volume from the pod's 9p share, bind-mounted into a container: both ways.
   {
     std::ofstream(share_ + "/vol/from-host") << "written on the host\n";
