@@ -23,6 +23,8 @@ pkgs=(
   # VM and guest tooling (issues 5 and 6 use them; cheap to have from day one)
   qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu erofs-utils crun
   cpio xz-utils zstd busybox-static iproute2 iputils-ping kmod
+  # vm-images/crun.sh: the guest's crun, built from Debian's source without systemd, static
+  dpkg-dev gperf libyajl-dev libseccomp-dev libcap-dev libgcrypt20-dev libgpg-error-dev
   # containerd 1.6 (classic CRI and plain ctr paths), runc (the baseline runtime), CNI plugins
   # for the CRI tests' pod network
   containerd runc containernetworking-plugins

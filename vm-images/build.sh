@@ -9,8 +9,9 @@
 #   cmdline     the kernel command line to boot with
 #   initrd.img  an uncompressed newc cpio, holding:
 #   /init                      peapod-agent (PID 1)
-#   /usr/bin/crun              crun from the Debian package, with every shared library it and
-#   /lib/..., /lib64/...       the agent need (their ldd closure)
+#   /usr/bin/crun              crun built from the Debian package's source, static and without
+#                              systemd (vm-images/crun.sh says why)
+#   /lib/..., /lib64/...       every shared library the agent needs (its ldd closure)
 #   /lib/modules/<ver>/...     the modules the guest needs and their dependencies
 #   /etc/peapod/modules        those modules, in load order (the agent loads them with
 #                              finit_module; there is no modprobe or udev in the guest)
@@ -67,7 +68,7 @@ extract_vmlinux() {
   [[ "$(od -An -tx1 -N4 "$out" | tr -d ' ')" == "7f454c46" ]] || die "could not extract vmlinux from $img"
 }
 [[ -x "$agent" ]] || die "agent binary '$agent' does not exist or is not executable"
-crun=$(command -v crun) || die "crun is not installed (scripts/install-deps.sh installs it)"
+crun=$("$here/crun.sh") || die "no crun for the guest (vm-images/crun.sh failed, above)"
 command -v depmod >/dev/null || die "depmod is missing (Debian package kmod)"
 command -v cpio >/dev/null || die "cpio is missing (Debian package cpio)"
 command -v xz >/dev/null || die "xz is missing (Debian package xz-utils)"
@@ -80,8 +81,7 @@ key=$(
   {
     echo "$kpkg"
     apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}'
-    dpkg-query -W -f='${Version}' crun
-    sha256sum "$agent" "$here/build.sh" | awk '{print $1}'
+    sha256sum "$agent" "$crun" "$here/build.sh" | awk '{print $1}'
     printf '%s\n' "${modules[@]}" "${ondemand[@]}" "$cmdline"
   } | sha256sum | cut -c1-16
 )
@@ -150,6 +150,8 @@ else
   strip --strip-unneeded "$root/init"  # debug info stays in the build tree
   install -m 0755 "$crun" "$root/usr/bin/crun"
   for bin in "$agent" "$crun"; do
+    # A static binary has no closure (ldd fails on it).
+    readelf -l "$bin" | grep -q INTERP || continue
     ldd "$bin" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
       mkdir -p "$root$(dirname "$lib")"
       cp -L "$lib" "$root$lib"

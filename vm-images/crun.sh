@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds the crun that runs inside the guest: Debian's own source for the crun package this
+# host has installed (same version, same Debian patches), configured without systemd and
+# linked statically. Prints the binary's path.
+#
+#   vm-images/crun.sh
+#
+# Why not the packaged binary: under TCG a program's start-up is paid in emulated page faults
+# and first-run code, and Debian's crun loads 11 shared libraries (libsystemd brings lzma, zstd,
+# lz4, gcrypt and gpg-error). The guest has no systemd, so that support is dead weight there.
+# In a TCG guest `crun --version` took 15 ms packaged and 4-5 ms static, as long as a static
+# program that does nothing (docs/guest-image.md; docs/performance.md for container start).
+#
+# The source comes through apt from the host's own Debian mirrors (deb-src entries made from
+# its deb entries, in a private apt directory), so apt checks it against the signed Sources
+# index. The result is cached in $PEAPOD_CRUN_CACHE (default /var/cache/peapod/crun) under the
+# package version and this script's hash. PEAPOD_GUEST_CRUN=/path/to/crun skips all of this
+# and puts that binary in the guest instead (the packaged /usr/bin/crun works, only slower).
+set -euo pipefail
+
+die() { echo "vm-images/crun: $*" >&2; exit 1; }
+
+if [[ -n "${PEAPOD_GUEST_CRUN:-}" ]]; then
+  [[ -x "$PEAPOD_GUEST_CRUN" ]] || die "PEAPOD_GUEST_CRUN=$PEAPOD_GUEST_CRUN is not an executable file"
+  printf '%s\n' "$PEAPOD_GUEST_CRUN"
+  exit 0
+fi
+
+ver=$(dpkg-query -W -f='${Version}' crun 2>/dev/null) ||
+  die "the crun package is not installed (scripts/install-deps.sh installs it)"
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${PEAPOD_CRUN_CACHE:-/var/cache/peapod/crun}
+dir="$cache/$ver-$(sha256sum "$here/crun.sh" | cut -c1-12)"
+if [[ -x "$dir/crun" ]]; then
+  printf '%s\n' "$dir/crun"
+  exit 0
+fi
+for tool in dpkg-source gperf pkg-config; do
+  command -v "$tool" >/dev/null || die "$tool is missing (scripts/install-deps.sh installs it)"
+done
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+chmod 755 "$work"
+
+# A private apt directory whose sources are the host's deb entries as deb-src.
+apt="$work/apt"
+mkdir -p "$apt/sources.list.d" "$apt/lists/partial" "$apt/cache/archives/partial"
+: > "$apt/sources.list"
+if [[ -f /etc/apt/sources.list ]]; then
+  sed -nE 's/^[[:space:]]*deb([[:space:]])/deb-src\1/p' /etc/apt/sources.list > "$apt/sources.list"
+fi
+for f in /etc/apt/sources.list.d/*.sources; do
+  [[ -f "$f" ]] || continue
+  sed -E 's/^Types:.*/Types: deb-src/' "$f" > "$apt/sources.list.d/$(basename "$f")"
+done
+for f in /etc/apt/sources.list.d/*.list; do
+  [[ -f "$f" ]] || continue
+  sed -nE 's/^[[:space:]]*deb([[:space:]])/deb-src\1/p' "$f" > "$apt/sources.list.d/$(basename "$f")"
+done
+opts=(-q -o "Dir::Etc::SourceList=$apt/sources.list" -o "Dir::Etc::SourceParts=$apt/sources.list.d"
+      -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
+echo "vm-images/crun: fetching Debian's source of crun $ver (once, cached in $cache)" >&2
+apt-get "${opts[@]}" update >&2 || die "apt-get update of the deb-src lists failed"
+(cd "$work" && apt-get "${opts[@]}" source --download-only "crun=$ver" >&2) ||
+  die "apt-get source crun=$ver failed (is that version still on the mirror?)"
+(cd "$work" && dpkg-source -x crun_*.dsc src >&2) || die "dpkg-source -x failed"
+
+# Static: crun's libraries from their -dev packages' archives (yajl's is libyajl_s.a).
+mkdir -p "$work/lib"
+ln -s "$(pkg-config --variable=libdir yajl 2>/dev/null || echo /usr/lib/x86_64-linux-gnu)/libyajl_s.a" \
+  "$work/lib/libyajl.a"
+(
+  cd "$work/src"
+  ./configure -q --disable-systemd --disable-criu --disable-dl >&2
+  # The whole tree first (generated headers, libocispec), then crun linked again statically.
+  { make -j"$(nproc)" && rm -f crun &&
+    make crun LDFLAGS="-all-static -L$work/lib" LIBS="-lseccomp -lgcrypt -lgpg-error -lcap -lyajl"
+  } >"$work/make.log" 2>&1 || { grep -v warning "$work/make.log" | tail -20 >&2; exit 1; }
+) || die "building crun $ver failed (build log above)"
+! readelf -l "$work/src/crun" | grep -q INTERP || die "the crun built is not statically linked"
+"$work/src/crun" --version >/dev/null || die "the crun built does not run"
+mkdir -p "$dir"
+strip -o "$dir/crun.tmp" "$work/src/crun"
+mv "$dir/crun.tmp" "$dir/crun"
+printf '%s\n' "$dir/crun"
