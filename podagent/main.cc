@@ -113,7 +113,8 @@ int main(int argc, char** argv) {
     if (auto r = agent::MountBasics(); !r.ok()) Fatal(pid1, r.error());
     auto loaded = agent::LoadModules(kModuleList);
     if (!loaded.ok()) Fatal(pid1, loaded.error());
-    spdlog::info("agent: loaded {} modules", *loaded);
+    spdlog::info("agent: loaded {} modules; emptied their files ({} KiB)", *loaded,
+                 agent::FreeLoadedModuleFiles(kModuleList, "/etc/peapod") / 1024);
     if (auto r = agent::LoopbackUp(); !r.ok()) spdlog::warn("agent: {}", r.error().ToString());
     if (auto r = agent::ServeFromReadOnlyRamfs(copts.crun, "/run/peapod-crun"); !r.ok()) {
       spdlog::warn("agent: {}", r.error().ToString());

@@ -21,8 +21,11 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
+#include <set>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 
@@ -31,6 +34,13 @@
 namespace peapod::agent {
 
 namespace {
+
+// Whether the file is in the guest's RAM (the initramfs is tmpfs; ramfs too), not on a disk
+// or the pod's share.
+bool InRam(int fd) {
+  struct statfs st {};
+  return ::fstatfs(fd, &st) == 0 && (st.f_type == TMPFS_MAGIC || st.f_type == RAMFS_MAGIC);
+}
 
 struct MountSpec {
   const char* source;
@@ -88,6 +98,33 @@ Result<int> LoadModules(const std::string& list_path) {
     ++loaded;
   }
   return loaded;
+}
+
+uint64_t FreeLoadedModuleFiles(const std::string& list_path, const std::string& lists_dir) {
+  auto read_list = [](const std::string& path) {
+    std::vector<std::string> out;
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) {
+      if (!line.empty() && line[0] != '#') out.push_back(line);
+    }
+    return out;
+  };
+  std::set<std::string> on_demand;
+  const std::string prefix = std::filesystem::path(list_path).filename().string() + ".";
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(lists_dir, ec)) {
+    if (e.path().filename().string().rfind(prefix, 0) != 0) continue;
+    for (auto& m : read_list(e.path().string())) on_demand.insert(m);
+  }
+  uint64_t freed = 0;
+  for (const auto& m : read_list(list_path)) {
+    if (on_demand.count(m)) continue;
+    UniqueFd fd(::open(m.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW));
+    struct stat st {};
+    if (!fd || ::fstat(fd.get(), &st) < 0 || !S_ISREG(st.st_mode) || !InRam(fd.get())) continue;
+    if (::ftruncate(fd.get(), 0) == 0) freed += static_cast<uint64_t>(st.st_size);
+  }
+  return freed;
 }
 
 Result<std::optional<int>> LoadModulesFor(const std::string& name) {
@@ -168,7 +205,8 @@ Result<void> ServeFromReadOnlyRamfs(const std::string& path, const std::string& 
     while (off < st.st_size) {
       ssize_t n = ::sendfile(dst.get(), src.get(), &off, static_cast<size_t>(st.st_size - off));
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return fail(Error::Errno(fmt::format("copy {} into {}", path, copy)));
+      if (n < 0) return fail(Error::Errno(fmt::format("copy {} into {}", path, copy)));
+      if (n == 0) return fail(Error::Internal("{} got shorter while it was copied", path));
     }
   }
   if (::mount(nullptr, dir.c_str(), nullptr, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
@@ -179,12 +217,13 @@ Result<void> ServeFromReadOnlyRamfs(const std::string& path, const std::string& 
     return fail(Error::Errno(fmt::format("bind-mount {} over {}", copy, path)));
   }
   bound = true;
-  if (::mount(nullptr, path.c_str(), nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV,
-              nullptr) < 0) {
+  if (::mount(nullptr, path.c_str(), nullptr,
+              MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) < 0) {
     return fail(Error::Errno(fmt::format("make the bind mount over {} read-only", path)));
   }
-  // The original, now under the bind, holds the only other copy in the guest's RAM.
-  if (::ftruncate(src.get(), 0) < 0) {
+  // The original, now under the bind, holds the only other copy in the guest's RAM. Only a file
+  // in RAM is emptied: the path may name one on a disk or a share, which must stay as it is.
+  if (InRam(src.get()) && ::ftruncate(src.get(), 0) < 0) {
     spdlog::warn("agent: could not empty the initramfs copy of {}: {}", path, std::strerror(errno));
   }
   return Ok();
@@ -193,6 +232,8 @@ Result<void> ServeFromReadOnlyRamfs(const std::string& path, const std::string& 
 Result<bool> CrunSkipsItsCopy(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return Error::Errno(fmt::format("open {}", path));
+  // crun's third way (an environment variable and a file with no links) cannot apply to a file
+  // opened by its path.
   constexpr int kCrunSeals = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;
   int seals = ::fcntl(fd.get(), F_GET_SEALS);
   if (seals >= 0) return seals == kCrunSeals;

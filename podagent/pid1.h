@@ -16,6 +16,10 @@ Result<void> MountBasics();
 // Loads every module listed (one path per line, dependencies first) with finit_module.
 // Already-loaded modules are fine. Returns how many were loaded.
 Result<int> LoadModules(const std::string& list_path);
+// Empties the module files of list `list_path` once they are loaded (the initramfs holds them in
+// the guest's RAM, and a loaded module is never read again), except those another list in
+// `lists_dir` (modules.<name>, loaded on demand) names too. Returns the bytes freed.
+uint64_t FreeLoadedModuleFiles(const std::string& list_path, const std::string& lists_dir);
 // Loads the image's list for `name` (/etc/peapod/modules.<name>, a module or an alias) if it
 // has one: how many modules were loaded, or nullopt when there is no such list.
 Result<std::optional<int>> LoadModulesFor(const std::string& name);

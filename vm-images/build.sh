@@ -151,7 +151,8 @@ else
   install -m 0755 "$crun" "$root/usr/bin/crun"
   for bin in "$agent" "$crun"; do
     # A static binary has no closure (ldd fails on it).
-    readelf -l "$bin" | grep -q INTERP || continue
+    hdr=$(readelf -lW "$bin") || die "$bin is not an ELF program readelf can read"
+    [[ "$hdr" == *"program interpreter"* ]] || continue
     ldd "$bin" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
       mkdir -p "$root$(dirname "$lib")"
       cp -L "$lib" "$root$lib"
