@@ -56,8 +56,9 @@ Result<void> LeaveInitramfs();
 // Under TCG the guard is two or three execs and a copy of the binary per crun command.
 //
 // Copies the file at `path` into a ramfs mounted at `dir` (ramfs has no seals), makes that
-// ramfs read-only, bind-mounts the copy over `path` read-only, and empties the original (its
-// pages go back to the guest). On failure nothing is left mounted and `path` is as it was.
+// ramfs read-only, bind-mounts the copy over `path` read-only, and empties the original when
+// it is in RAM (its pages go back to the guest; a file on a disk or a share stays as it is).
+// On failure nothing is left mounted and `path` is as it was.
 Result<void> ServeFromReadOnlyRamfs(const std::string& path, const std::string& dir);
 
 // crun 1.8's own test, asked of `path`: true when crun run from it skips copying itself (a

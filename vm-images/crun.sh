@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the crun that runs inside the guest: Debian's own source for the crun package this
-# host has installed (same version, same Debian patches), configured without systemd and
-# linked statically. Prints the binary's path.
+# host has installed (same version, same Debian patches), configured without systemd, built
+# with Debian's hardening flags and linked static-pie. Prints the binary's path.
 #
 #   vm-images/crun.sh
 #
@@ -14,7 +14,7 @@
 # The source comes through apt from the host's own Debian mirrors (deb-src entries made from
 # its deb entries, in a private apt directory), so apt checks it against the signed Sources
 # index. The result is cached in $PEAPOD_CRUN_CACHE (default /var/cache/peapod/crun) under the
-# package version and this script's hash. PEAPOD_GUEST_CRUN=/path/to/crun skips all of this
+# package version and a hash of this script and of the versions of what is linked in. PEAPOD_GUEST_CRUN=/path/to/crun skips all of this
 # and puts that binary in the guest instead (the packaged /usr/bin/crun works, only slower).
 set -euo pipefail
 
