@@ -589,6 +589,12 @@ void AddPodStorages(v1::CreateSandboxRequest& sb, bool scratch) {
     disk->set_driver(v1::Storage::SCSI);
     disk->set_source("0:0");
     disk->set_fstype("ext4");
+    // mkfs leaves the inode tables to be zeroed after mount (lazy_itable_init): without this
+    // the guest's ext4lazyinit thread writes them for minutes after every pod start, ~18 SCSI
+    // requests a second in an otherwise idle pod. The tables stay unzeroed, which ext4 (and
+    // e2fsck) handle through the groups' uninitialized flags; the disk is the pod's alone and
+    // is thrown away with it.
+    disk->add_options("noinit_itable");
     disk->set_mount_point(kGuestScratchDir);
   }
 }
