@@ -60,6 +60,17 @@ Result<void> MountOne(const MountSpec& m) {
   return Ok();
 }
 
+// The module paths of an image's list (one per line; blank lines and '#' comments skipped).
+Result<std::vector<std::string>> ReadModuleList(const std::string& list_path) {
+  std::ifstream list(list_path);
+  if (!list) return Error::Errno(fmt::format("open module list {}", list_path));
+  std::vector<std::string> paths;
+  for (std::string line; std::getline(list, line);) {
+    if (!line.empty() && line[0] != '#') paths.push_back(std::move(line));
+  }
+  return paths;
+}
+
 }  // namespace
 
 Result<void> MountBasics() {
@@ -83,12 +94,9 @@ Result<void> MountBasics() {
 }
 
 Result<int> LoadModules(const std::string& list_path) {
-  std::ifstream list(list_path);
-  if (!list) return Error::Errno(fmt::format("open module list {}", list_path));
+  PP_ASSIGN_OR_RETURN(auto paths, ReadModuleList(list_path));
   int loaded = 0;
-  std::string path;
-  while (std::getline(list, path)) {
-    if (path.empty() || path[0] == '#') continue;
+  for (const auto& path : paths) {
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd) return Error::Errno(fmt::format("open module {}", path));
     if (::syscall(SYS_finit_module, fd.get(), "", 0) < 0) {
@@ -102,12 +110,8 @@ Result<int> LoadModules(const std::string& list_path) {
 
 uint64_t FreeLoadedModuleFiles(const std::string& list_path, const std::string& lists_dir) {
   auto read_list = [](const std::string& path) {
-    std::vector<std::string> out;
-    std::ifstream in(path);
-    for (std::string line; std::getline(in, line);) {
-      if (!line.empty() && line[0] != '#') out.push_back(line);
-    }
-    return out;
+    auto paths = ReadModuleList(path);
+    return paths.ok() ? std::move(*paths) : std::vector<std::string>();
   };
   std::set<std::string> on_demand;
   const std::string prefix = std::filesystem::path(list_path).filename().string() + ".";

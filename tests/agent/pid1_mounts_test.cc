@@ -24,6 +24,7 @@
 
 #include <gtest/gtest.h>
 
+#include "common/base/mountinfo.h"
 #include "common/base/unique_fd.h"
 #include "podagent/pid1.h"
 
@@ -84,12 +85,8 @@ std::string Skips(const std::string& path) {
 }
 
 bool IsMountPoint(const std::string& path) {
-  std::ifstream in("/proc/self/mountinfo");
-  for (std::string line; std::getline(in, line);) {
-    std::istringstream f(line);
-    std::string id, parent, dev, root, mnt;
-    f >> id >> parent >> dev >> root >> mnt;
-    if (mnt == path) return true;
+  for (const auto& m : ReadMountTable()) {
+    if (m.path == path) return true;
   }
   return false;
 }
@@ -120,6 +117,7 @@ TEST_F(Pid1MountsTest, CrunOnARamfsSkipsItsCopyWhereATmpfsBindDoesNot) {
     auto r = ServeFromReadOnlyRamfs(bin, root + "/ramfs");
     out["serve"] = r.ok() ? "ok" : r.error().ToString();
     out["ramfs"] = Skips(bin);
+    out["bin_mounted"] = IsMountPoint(bin) ? "yes" : "no";
     std::ifstream in(bin);
     std::stringstream content;
     content << in.rdbuf();
@@ -145,6 +143,7 @@ TEST_F(Pid1MountsTest, CrunOnARamfsSkipsItsCopyWhereATmpfsBindDoesNot) {
   EXPECT_EQ(out["tmpfs_ro_bind"], "no");
   EXPECT_EQ(out["serve"], "ok");
   EXPECT_EQ(out["ramfs"], "yes");
+  EXPECT_EQ(out["bin_mounted"], "yes");
   EXPECT_EQ(out["content"], "same");
   EXPECT_EQ(out["write"], std::strerror(EROFS));
   EXPECT_EQ(out["write_ramfs"], std::strerror(EROFS));
