@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -192,6 +193,56 @@ Result<void> CheckTemplateUnchanged(const VmSpec& spec, int fd) {
   }
   return Ok();
 }
+
+// Wakes a thread that waits for a migration to or from a state file when QEMU reports the
+// migration's progress (its MIGRATION event, which libvirt asks QEMU for at start): asking QEMU
+// every few ms instead costs it and libvirt CPU that a burst of restores is short of (QEMU's
+// monitor reads a command one byte per read).
+class MigrationEvents {
+ public:
+  MigrationEvents(virConnectPtr conn, virDomainPtr dom) : conn_(conn) {
+    auto* hold = new std::shared_ptr<State>(state_);
+    id_ = virConnectDomainQemuMonitorEventRegister(
+        conn, dom, "MIGRATION",
+        [](virConnectPtr, virDomainPtr, const char*, long long, unsigned int, const char*,
+           void* opaque) {
+          auto& st = *static_cast<std::shared_ptr<State>*>(opaque);
+          std::lock_guard<std::mutex> l(st->mu);
+          ++st->events;
+          st->cv.notify_all();
+        },
+        hold, [](void* p) { delete static_cast<std::shared_ptr<State>*>(p); }, 0);
+    if (id_ < 0) {
+      spdlog::warn("libvirt: QEMU migration events: {}; polling instead",
+                   LibvirtError("register").message());
+    }
+  }
+  ~MigrationEvents() {
+    if (id_ >= 0) virConnectDomainQemuMonitorEventDeregister(conn_, id_);
+  }
+  MigrationEvents(const MigrationEvents&) = delete;
+  MigrationEvents& operator=(const MigrationEvents&) = delete;
+
+  // Returns once an event came since the last call, or after at most `most` (10 ms when
+  // events could not be had).
+  void Wait(std::chrono::milliseconds most) {
+    if (id_ < 0) most = std::chrono::milliseconds(10);
+    std::unique_lock<std::mutex> l(state_->mu);
+    state_->cv.wait_for(l, most, [&] { return state_->events != seen_; });
+    seen_ = state_->events;
+  }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    uint64_t events = 0;
+  };
+  virConnectPtr conn_;
+  std::shared_ptr<State> state_ = std::make_shared<State>();
+  uint64_t seen_ = 0;
+  int id_ = -1;
+};
 
 void FreeReapCtx(void* opaque) {
   auto* ctx = static_cast<ReapCtx*>(opaque);
@@ -418,25 +469,32 @@ Result<void> LibvirtBackend::RestoreState(const std::string& name, int fd) {
   virDomainPtr dom = virDomainLookupByName(conn_, name.c_str());
   if (!dom) return LibvirtError("look up VM " + name);
   auto done = [&]() -> Result<void> {
+    MigrationEvents events(conn_, dom);
     PP_TRY(MigrateThroughFd(dom, "migrate-incoming", fd));
     // QEMU loads the state, then stays paused (libvirt's start-up "cont" came while it was
     // waiting) until we continue it. A bad file makes QEMU exit: the monitor call then fails.
+    // QEMU is asked again when it reports the migration's progress, and every 200 ms anyway.
     std::string last;
-    for (int i = 0; i < 3000; ++i) {
-      PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-status"}}));
-      last = JsonString(st, "status");
-      if (last == "running") return Ok();
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
       PP_ASSIGN_OR_RETURN(auto mig, Qmp(dom, {{"execute", "query-migrate"}}));
       std::string m = JsonString(mig, "status");
       if (m == "failed" || m == "cancelled") {
         std::string why = JsonString(mig, "error-desc");
         return Error::Internal("loading the state failed: {}", why.empty() ? m : why);
       }
-      if (m == "completed" && last == "paused") {
-        if (virDomainResume(dom) < 0) return LibvirtError("resume VM " + name);
-        continue;
+      if (m == "completed") {
+        PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-status"}}));
+        last = JsonString(st, "status");
+        if (last == "running") return Ok();
+        if (last == "paused") {
+          if (virDomainResume(dom) < 0) return LibvirtError("resume VM " + name);
+          continue;
+        }
+      } else {
+        last = "migration " + m;
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      events.Wait(std::chrono::milliseconds(200));
     }
     spdlog::warn("libvirt: {}: still {} after 30 s", name, last);
     return Error::Make(Code::kDeadlineExceeded, "the template did not load within 30 s");
@@ -453,8 +511,10 @@ Result<void> LibvirtBackend::SaveState(const std::string& name, const std::strin
     if (virDomainSuspend(dom) < 0) return LibvirtError("pause VM " + name);
     UniqueFd out(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
     if (!out) return Error::Errno("create " + path);
+    MigrationEvents events(conn_, dom);
     PP_TRY(MigrateThroughFd(dom, "migrate", out.get()));
-    for (int i = 0; i < 12000; ++i) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (std::chrono::steady_clock::now() < deadline) {
       PP_ASSIGN_OR_RETURN(auto st, Qmp(dom, {{"execute", "query-migrate"}}));
       std::string status = JsonString(st, "status");
       if (status == "completed") {
@@ -465,7 +525,7 @@ Result<void> LibvirtBackend::SaveState(const std::string& name, const std::strin
         std::string why = JsonString(st, "error-desc");
         return Error::Internal("saving the state failed: {}", why.empty() ? status : why);
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      events.Wait(std::chrono::milliseconds(200));
     }
     return Error::Make(Code::kDeadlineExceeded, "saving the state took over 120 s");
   }();
