@@ -24,11 +24,11 @@ TEST(DomainXmlTest, DescribesTheGuest) {
   auto xml = DomainXml(Good());
   ASSERT_TRUE(xml.ok()) << xml.error().ToString();
   for (const char* want :
-       {"<domain type=\"qemu\" xmlns:qemu=", "<name>peapod-abc</name>", "<memory unit=\"MiB\">768</memory>",
-        "<vcpu>2</vcpu>", "machine=\"q35\"", "<kernel>/img/vmlinux</kernel>",
-        "<initrd>/img/initrd.img</initrd>", "<cmdline>console=ttyS0 quiet</cmdline>",
-        "path=\"/run/peapod/pods/abc/vm-agent.sock\"", "name=\"io.peapod.agent.0\"",
-        "model=\"virtio-scsi\"", "<target dir=\"peapod-share\"/>",
+       {"<domain type=\"qemu\" xmlns:qemu=", "<name>peapod-abc</name>",
+        "<memory unit=\"MiB\">768</memory>", "<vcpu>2</vcpu>", "machine=\"q35\"",
+        "<kernel>/img/vmlinux</kernel>", "<initrd>/img/initrd.img</initrd>",
+        "<cmdline>console=ttyS0 quiet</cmdline>", "path=\"/run/peapod/pods/abc/vm-agent.sock\"",
+        "name=\"io.peapod.agent.0\"", "model=\"virtio-scsi\"", "<target dir=\"peapod-share\"/>",
         "<on_poweroff>destroy</on_poweroff>",
         "<memballoon model=\"virtio\" freePageReporting=\"on\"/>",
         // O_APPEND, so that the sandboxer can cut the log while QEMU writes it.
