@@ -161,6 +161,26 @@ def descendants(table, root):
     return out
 
 
+def fresh_memory_ms(mib=32):
+    """Wall ms to write one byte into each 4 KiB page of `mib` MiB of fresh anonymous memory
+    (no huge pages): what a page fault costs on this host right now. On a host that is itself
+    a VM whose free memory goes back to its own host (a balloon with free page reporting), a
+    page it has not backed yet costs several times one it has, and every pod's guest RAM and
+    QEMU heap are such pages."""
+    import mmap
+    size = mib << 20
+    m = mmap.mmap(-1, size)
+    try:
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+        t0 = time.monotonic()
+        for off in range(0, size, 4096):
+            m[off] = 1
+        return round((time.monotonic() - t0) * 1000, 1)
+    finally:
+        m.close()
+
+
 def meminfo():
     m = {}
     with open("/proc/meminfo") as f:
@@ -1020,6 +1040,7 @@ class Bench:
         base_avail = meminfo()["MemAvailable"]
         base_pss = self.our_pss_mib()
         rows, pods, why = [], [], f"reached {limit} pods"
+        fresh_before = fresh_memory_ms()
         for i in range(limit):
             if meminfo()["MemAvailable"] < guard_kib:
                 why = f"memory guard: MemAvailable below {guard_kib // 1024} MiB"
@@ -1033,6 +1054,7 @@ class Bench:
             st = self.start_steps(pod) or {}
             m = meminfo()
             rows.append({"pods": i + 1, "start_ms": round(ms, 1),
+                         "fresh_memory_ms": fresh_memory_ms(),
                          "sandboxer_ms": st.get("total"), "boot_to_agent_ms": st.get("boot_to_agent"),
                          "mem_available_drop_mib": round((base_avail - m["MemAvailable"]) / 1024, 1),
                          "our_pss_mib": round(self.our_pss_mib() - base_pss, 1),
@@ -1053,11 +1075,13 @@ class Bench:
         self.results["density"] = {
             "pods": rows, "max_pods": len(rows), "stopped_because": why,
             "settled_after_10s": settled,
+            "fresh_memory_ms_before": fresh_before,
             "per_pod_settled_mib": round(settled["mem_available_drop_mib"] / len(rows), 1) if rows else None,
             "remove_all_ms": round(rm_ms, 1),
             "what": "crictl runp --runtime peapod, one pod after another (no containers), "
                     "host MemAvailable drop and the PSS of our sandboxer + QEMUs + shims since "
-                    "before the first pod"}
+                    "before the first pod; fresh_memory_ms: the host's cost of faulting in 32 MiB "
+                    "of new anonymous memory, before the first pod and after each"}
 
     # ------------------------------------------------------------ callgrind
 
