@@ -434,6 +434,7 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
     PP_ASSIGN_OR_RETURN(server, StartShareServer(ss));
     ReapWhenExits(spec.name + " share server", server, /*our_child=*/true);
   }
+  auto t0 = std::chrono::steady_clock::now();
   virDomainPtr dom = virDomainCreateXML(conn_, xml.c_str(), VIR_DOMAIN_NONE);
   if (!dom) {
     auto e = LibvirtError("start VM " + spec.name);
@@ -451,7 +452,11 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
     spdlog::warn("libvirt: {}", pid.error().ToString());
   }
   if (!spec.restore_from.empty()) {
+    auto t1 = std::chrono::steady_clock::now();
     auto r = RestoreState(spec.name, template_fd.get());
+    auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+    spdlog::info("libvirt: {}: QEMU started in {:.0f} ms, its state loaded in {:.0f} ms",
+                 spec.name, ms(t1 - t0), ms(std::chrono::steady_clock::now() - t1));
     // Checked again once loaded: a file written while QEMU read it is not what was hashed.
     if (r.ok()) r = CheckTemplateUnchanged(spec, template_fd.get());
     if (!r.ok()) {
