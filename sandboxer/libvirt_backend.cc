@@ -455,8 +455,8 @@ Result<VmInfo> LibvirtBackend::Start(const VmSpec& spec_in) {
     auto t1 = std::chrono::steady_clock::now();
     auto r = RestoreState(spec.name, template_fd.get());
     auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
-    spdlog::info("libvirt: {}: QEMU started in {:.0f} ms, its state loaded in {:.0f} ms",
-                 spec.name, ms(t1 - t0), ms(std::chrono::steady_clock::now() - t1));
+    spdlog::info("libvirt: {}: QEMU started in {:.0f} ms, its state loaded in {:.0f} ms", spec.name,
+                 ms(t1 - t0), ms(std::chrono::steady_clock::now() - t1));
     // Checked again once loaded: a file written while QEMU read it is not what was hashed.
     if (r.ok()) r = CheckTemplateUnchanged(spec, template_fd.get());
     if (!r.ok()) {

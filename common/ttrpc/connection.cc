@@ -51,21 +51,26 @@ Result<void> Connection::Send(uint32_t stream_id, uint8_t type, uint8_t flags,
   return SendFrame(stream_id, type, flags, std::move(frame));
 }
 
-Result<void> Connection::SendFrame(uint32_t stream_id, uint8_t type, uint8_t flags,
-                                   std::string frame) {
-  if (frame.size() < kHeaderSize) return Error::Invalid("a ttrpc frame needs its header's room");
-  size_t payload = frame.size() - kHeaderSize;
-  if (payload > kMaxMessageSize) return TooLarge(payload);
+Result<void> Connection::CanQueue(size_t frame_bytes) const {
+  if (frame_bytes - kHeaderSize > kMaxMessageSize) return TooLarge(frame_bytes - kHeaderSize);
   if (closed_ || close_after_flush_) {
     return Error(Code::kUnavailable, "ttrpc connection is closed");
   }
-  if (max_queued_ != kNoQueueCap && queued_bytes() + frame.size() > max_queued_) {
+  if (max_queued_ != kNoQueueCap && queued_bytes() + frame_bytes > max_queued_) {
     // The peer is not reading: refuse rather than hold its backlog without bound.
     return Error::Make(Code::kResourceExhausted,
                        "ttrpc peer is not reading: {} bytes queued, a frame of {} would pass the "
                        "limit of {}",
-                       queued_bytes(), frame.size(), max_queued_);
+                       queued_bytes(), frame_bytes, max_queued_);
   }
+  return Ok();
+}
+
+Result<void> Connection::SendFrame(uint32_t stream_id, uint8_t type, uint8_t flags,
+                                   std::string frame) {
+  if (frame.size() < kHeaderSize) return Error::Invalid("a ttrpc frame needs its header's room");
+  size_t payload = frame.size() - kHeaderSize;
+  PP_TRY(CanQueue(frame.size()));
   EncodeHeader(FrameHeader{static_cast<uint32_t>(payload), stream_id, type, flags}, frame.data());
   queued_ += frame.size();
   out_.push_back(std::move(frame));
@@ -75,6 +80,94 @@ Result<void> Connection::SendFrame(uint32_t stream_id, uint8_t type, uint8_t fla
   // nothing will deliver (a shim's call to a sandboxer killed a moment ago hung for minutes).
   if (closed_) return Error(Code::kUnavailable, "ttrpc connection closed while sending");
   return Ok();
+}
+
+Result<void> Connection::SendParts(uint32_t stream_id, uint8_t type, uint8_t flags,
+                                   std::span<const std::string_view> parts) {
+  if (parts.size() + 1 > static_cast<size_t>(kMaxIov)) {
+    return Error::Invalid("a ttrpc frame in {} parts: at most {}", parts.size(), kMaxIov - 1);
+  }
+  size_t payload = 0;
+  for (auto p : parts) payload += p.size();
+  PP_TRY(CanQueue(kHeaderSize + payload));
+  // The frame as pieces: the header with the small parts that follow it copied behind it (a
+  // virtio-serial port queues each piece of a writev as a buffer of its own, with a
+  // notification each), then the caller's other parts; `done` bytes of it are written.
+  constexpr size_t kSmall = 64;
+  char head[kHeaderSize + 4 * kSmall];
+  EncodeHeader(FrameHeader{static_cast<uint32_t>(payload), stream_id, type, flags}, head);
+  size_t head_size = kHeaderSize;
+  auto part = parts.begin();
+  for (; part != parts.end() && part->size() <= kSmall && head_size + part->size() <= sizeof(head);
+       ++part) {
+    if (!part->empty()) std::memcpy(head + head_size, part->data(), part->size());
+    head_size += part->size();
+  }
+  std::string_view pieces[kMaxIov];
+  size_t count = 0;
+  pieces[count++] = std::string_view(head, head_size);
+  for (; part != parts.end(); ++part) {
+    if (!part->empty()) pieces[count++] = *part;
+  }
+  size_t total = kHeaderSize + payload;
+  size_t done = 0;
+  // Behind queued frames it waits its turn; otherwise the fd takes what it can now.
+  while (out_.empty() && done < total) {
+    iovec iov[kMaxIov];
+    int iovcnt = 0;
+    size_t skip = done;
+    for (size_t i = 0; i < count; ++i) {
+      if (skip >= pieces[i].size()) {
+        skip -= pieces[i].size();
+        continue;
+      }
+      iov[iovcnt].iov_base = const_cast<char*>(pieces[i].data()) + skip;
+      iov[iovcnt].iov_len = pieces[i].size() - skip;
+      ++iovcnt;
+      skip = 0;
+    }
+    ssize_t n = WriteV(iov, iovcnt);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) break;
+      Close(Error::Errno("ttrpc write"));
+      return Error(Code::kUnavailable, "ttrpc connection closed while sending");
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (done < total) {
+    std::string rest;
+    rest.reserve(total - done);
+    size_t skip = done;
+    for (size_t i = 0; i < count; ++i) {
+      if (skip >= pieces[i].size()) {
+        skip -= pieces[i].size();
+        continue;
+      }
+      rest.append(pieces[i].substr(skip));
+      skip = 0;
+    }
+    queued_ += rest.size();
+    out_.push_back(std::move(rest));
+  }
+  Flush();
+  if (closed_) return Error(Code::kUnavailable, "ttrpc connection closed while sending");
+  return Ok();
+}
+
+ssize_t Connection::WriteV(iovec* iov, int iovcnt) {
+  // sendmsg(MSG_NOSIGNAL): a peer that went away is an error on this connection, not a
+  // SIGPIPE for the whole process. Channels that are not sockets (a virtio-serial port)
+  // take writev().
+  if (is_socket_) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(iovcnt);
+    ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
+    if (n >= 0 || errno != ENOTSOCK) return n;
+    is_socket_ = false;
+  }
+  return ::writev(fd_.get(), iov, iovcnt);
 }
 
 void Connection::Flush() {
@@ -91,22 +184,7 @@ void Connection::Flush() {
       ++iovcnt;
       skip = 0;
     }
-    // sendmsg(MSG_NOSIGNAL): a peer that went away is an error on this connection, not a
-    // SIGPIPE for the whole process. Channels that are not sockets (a virtio-serial port)
-    // take writev().
-    ssize_t n;
-    if (is_socket_) {
-      msghdr msg{};
-      msg.msg_iov = iov;
-      msg.msg_iovlen = static_cast<size_t>(iovcnt);
-      n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
-    } else {
-      n = ::writev(fd_.get(), iov, iovcnt);
-    }
-    if (n < 0 && is_socket_ && errno == ENOTSOCK) {
-      is_socket_ = false;
-      continue;
-    }
+    ssize_t n = WriteV(iov, iovcnt);
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN) break;

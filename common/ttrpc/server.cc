@@ -2,6 +2,9 @@
 
 #include <sys/socket.h>
 
+#include <cstring>
+#include <span>
+
 #include <spdlog/spdlog.h>
 
 #include "ttrpc/request.pb.h"
@@ -58,23 +61,34 @@ std::string EncodeResponse(const Result<std::string>& result) {
   return out;
 }
 
-std::string EncodeOkResponseFrame(std::initializer_list<std::string_view> parts) {
-  size_t size = 0;
-  for (auto p : parts) size += p.size();
+size_t EncodeOkResponsePrefix(size_t size, char* out) {
   // Response{status: {} (field 1, empty), payload (field 2, bytes)}, as protobuf writes it.
   char len[10];
   size_t len_size = EncodeVarint(size, len);
   size_t message = 2 + (size ? 1 + len_size + size : 0);
-  if (message > kMaxMessageSize) return {};
-  std::string frame;
-  frame.reserve(kHeaderSize + message);
-  frame.append(kHeaderSize, '\0');
-  frame.append("\x0a\x00", 2);
+  if (message > kMaxMessageSize) return 0;
+  size_t n = 0;
+  out[n++] = '\x0a';
+  out[n++] = '\x00';
   if (size) {
-    frame.push_back('\x12');
-    frame.append(len, len_size);
-    for (auto p : parts) frame.append(p);
+    out[n++] = '\x12';
+    std::memcpy(out + n, len, len_size);
+    n += len_size;
   }
+  return n;
+}
+
+std::string EncodeOkResponseFrame(std::initializer_list<std::string_view> parts) {
+  size_t size = 0;
+  for (auto p : parts) size += p.size();
+  char prefix[kOkResponsePrefixMax];
+  size_t n = EncodeOkResponsePrefix(size, prefix);
+  if (n == 0) return {};
+  std::string frame;
+  frame.reserve(kHeaderSize + n + size);
+  frame.append(kHeaderSize, '\0');
+  frame.append(prefix, n);
+  for (auto p : parts) frame.append(p);
   return frame;
 }
 
@@ -84,16 +98,35 @@ void Responder::operator()(Result<std::string> payload) const {
 }
 
 void Responder::Reply(std::initializer_list<std::string_view> parts) const {
-  Answer([&] {
-    std::string frame = EncodeOkResponseFrame(parts);
-    if (!frame.empty()) return frame;
-    size_t size = 0;
-    for (auto p : parts) size += p.size();
-    return std::string(kHeaderSize, '\0') + TooLargeResponse(size);
+  constexpr size_t kMaxParts = 8;
+  size_t size = 0;
+  for (auto p : parts) size += p.size();
+  char prefix[kOkResponsePrefixMax];
+  size_t n = EncodeOkResponsePrefix(size, prefix);
+  if (n == 0 || parts.size() > kMaxParts) {
+    return Answer([&] {
+      std::string frame = EncodeOkResponseFrame(parts);
+      if (!frame.empty()) return frame;
+      return std::string(kHeaderSize, '\0') + TooLargeResponse(size);
+    });
+  }
+  // The Response's prefix, then the caller's bytes, from where they are (Connection::SendParts).
+  std::string_view pieces[kMaxParts + 1];
+  size_t count = 0;
+  pieces[count++] = std::string_view(prefix, n);
+  for (auto p : parts) pieces[count++] = p;
+  AnswerWith([&](Connection& c) {
+    return c.SendParts(state_->stream_id, kTypeResponse, 0,
+                       std::span<const std::string_view>(pieces, count));
   });
 }
 
 void Responder::Answer(const std::function<std::string()>& frame) const {
+  AnswerWith(
+      [&](Connection& c) { return c.SendFrame(state_->stream_id, kTypeResponse, 0, frame()); });
+}
+
+void Responder::AnswerWith(const std::function<Result<void>(Connection&)>& send) const {
   State& s = *state_;
   if (s.answered) return;
   s.answered = true;
@@ -101,7 +134,7 @@ void Responder::Answer(const std::function<std::string()>& frame) const {
   if (s.deadline_timer != 0) s.loop->CancelTimer(s.deadline_timer);
   auto conn = s.conn.lock();
   if (!conn || conn->c->closed()) return;
-  if (auto r = conn->c->SendFrame(s.stream_id, kTypeResponse, 0, frame()); !r.ok()) {
+  if (auto r = send(*conn->c); !r.ok()) {
     spdlog::debug("ttrpc: response on stream {} not sent: {}", s.stream_id, r.error().ToString());
   }
   s.server->Finish(conn, s.stream_id);

@@ -56,6 +56,8 @@ class Responder {
   struct State;
   // Sends the frame (made only if the answer still goes somewhere) and ends the call.
   void Answer(const std::function<std::string()>& frame) const;
+  // The same, the frame sent by send on the call's connection.
+  void AnswerWith(const std::function<Result<void>(Connection&)>& send) const;
   explicit Responder(std::shared_ptr<State> s) : state_(std::move(s)) {}
   std::shared_ptr<State> state_;
 };
@@ -72,6 +74,10 @@ std::string EncodeResponse(const Result<std::string>& result);
 // The same Response for a successful payload made of parts, laid out after kHeaderSize bytes
 // of room for the frame header (Connection::SendFrame); empty if the payload is too large.
 std::string EncodeOkResponseFrame(std::initializer_list<std::string_view> parts);
+// What such a Response has before a payload of size bytes (at most kOkResponsePrefixMax
+// bytes, written to out); 0 if the Response would be too large.
+constexpr size_t kOkResponsePrefixMax = 13;
+size_t EncodeOkResponsePrefix(size_t size, char* out);
 
 class Server {
  public:

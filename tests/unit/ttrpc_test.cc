@@ -495,6 +495,66 @@ TEST_F(ConnectionLimitsTest, SendPastTheHardCapIsRefusedAndTheQueueDrains) {
   lt_.Sync([&] { conn_->SetOnDrain(nullptr); });
 }
 
+// A frame in parts goes out straight from the caller's memory while nothing is queued; what the
+// peer does not take yet is copied, so the caller's bytes may change once the call returns,
+// and a later frame waits behind it.
+TEST_F(ConnectionLimitsTest, AFrameInPartsIsWrittenFromTheCallersBytesAndItsRestQueued) {
+  auto frame = [](uint32_t id, std::string_view payload) {
+    std::string f(kHeaderSize, '\0');
+    EncodeHeader(FrameHeader{static_cast<uint32_t>(payload.size()), id, kTypeResponse, 0},
+                 f.data());
+    return f + std::string(payload);
+  };
+  // Small: all of it written at once, nothing queued; empty parts add nothing.
+  std::string small = "abc";
+  size_t queued = 1;
+  ASSERT_TRUE(lt_.Sync([&] {
+    std::string_view parts[] = {"x", "", small, "yz"};
+    auto r = conn_->SendParts(1, kTypeResponse, 0, parts);
+    queued = conn_->queued_bytes();
+    return r.ok();
+  }));
+  EXPECT_EQ(queued, 0u);
+  std::string want = frame(1, "xabcyz");
+  std::string got(want.size(), '\0');
+  ASSERT_TRUE(ReadExact(peer_.get(), got.data(), got.size()).ok());
+  EXPECT_EQ(got, want);
+
+  // Larger than the socket takes: the rest is queued, a copy; the next frame comes after it.
+  std::string big(3 << 20, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 13 + i / 4096);
+  std::string expect = frame(3, big) + frame(5, "after");
+  ASSERT_TRUE(lt_.Sync([&] {
+    std::string_view parts[] = {std::string_view(big).substr(0, 1000),
+                                std::string_view(big).substr(1000)};
+    auto r = conn_->SendParts(3, kTypeResponse, 0, parts);
+    queued = conn_->queued_bytes();
+    std::fill(big.begin(), big.end(), 'z');  // the caller's bytes are its own again
+    std::string_view next[] = {"after"};
+    return r.ok() && conn_->SendParts(5, kTypeResponse, 0, next).ok();
+  }));
+  EXPECT_GT(queued, 0u);
+  EXPECT_LT(queued, expect.size() - 5 - kHeaderSize);
+  got.assign(expect.size(), '\0');
+  ASSERT_TRUE(ReadExact(peer_.get(), got.data(), got.size()).ok());
+  EXPECT_TRUE(got == expect) << "the peer got other bytes than the frames sent";
+  ASSERT_TRUE(WaitFor([&] { return conn_->queued_bytes() == 0; }));
+
+  // The same limits as Send: too large a payload, or a closed connection, sends nothing.
+  std::string huge(kMaxMessageSize + 1, 'h');
+  std::string_view too_large[] = {huge};
+  auto refused = lt_.Sync([&] { return conn_->SendParts(7, kTypeResponse, 0, too_large); });
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), Code::kResourceExhausted);
+  auto closed = lt_.Sync([&] {
+    conn_->Close();
+    std::string_view parts[] = {"late"};
+    return conn_->SendParts(9, kTypeResponse, 0, parts);
+  });
+  ASSERT_FALSE(closed.ok());
+  EXPECT_EQ(closed.error().code(), Code::kUnavailable);
+}
+
 TEST_F(ConnectionLimitsTest, APausedConnectionDeliversNothingUntilResumed) {
   lt_.Sync([&] { conn_->PauseReading(); });
   for (uint32_t i = 0; i < 3; ++i) {
