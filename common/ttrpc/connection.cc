@@ -111,48 +111,51 @@ Result<void> Connection::SendParts(uint32_t stream_id, uint8_t type, uint8_t fla
   }
   size_t total = kHeaderSize + payload;
   size_t done = 0;
+  // Calls fn with each piece's bytes from `done` on.
+  auto rest_of_frame = [&](auto fn) {
+    size_t skip = done;
+    for (size_t i = 0; i < count; ++i) {
+      if (skip >= pieces[i].size()) {
+        skip -= pieces[i].size();
+        continue;
+      }
+      fn(pieces[i].substr(skip));
+      skip = 0;
+    }
+  };
   // Behind queued frames it waits its turn; otherwise the fd takes what it can now.
   while (out_.empty() && done < total) {
     iovec iov[kMaxIov];
     int iovcnt = 0;
-    size_t skip = done;
-    for (size_t i = 0; i < count; ++i) {
-      if (skip >= pieces[i].size()) {
-        skip -= pieces[i].size();
-        continue;
-      }
-      iov[iovcnt].iov_base = const_cast<char*>(pieces[i].data()) + skip;
-      iov[iovcnt].iov_len = pieces[i].size() - skip;
-      ++iovcnt;
-      skip = 0;
-    }
-    ssize_t n = WriteV(iov, iovcnt);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN) break;
-      Close(Error::Errno("ttrpc write"));
-      return Error(Code::kUnavailable, "ttrpc connection closed while sending");
-    }
-    done += static_cast<size_t>(n);
+    rest_of_frame([&](std::string_view p) {
+      iov[iovcnt++] = iovec{const_cast<char*>(p.data()), p.size()};
+    });
+    auto n = WriteSome(iov, iovcnt);
+    if (!n) return Error(Code::kUnavailable, "ttrpc connection closed while sending");
+    if (*n == 0) break;
+    done += *n;
   }
   if (done < total) {
     std::string rest;
     rest.reserve(total - done);
-    size_t skip = done;
-    for (size_t i = 0; i < count; ++i) {
-      if (skip >= pieces[i].size()) {
-        skip -= pieces[i].size();
-        continue;
-      }
-      rest.append(pieces[i].substr(skip));
-      skip = 0;
-    }
+    rest_of_frame([&](std::string_view p) { rest.append(p); });
     queued_ += rest.size();
     out_.push_back(std::move(rest));
   }
   Flush();
   if (closed_) return Error(Code::kUnavailable, "ttrpc connection closed while sending");
   return Ok();
+}
+
+std::optional<size_t> Connection::WriteSome(iovec* iov, int iovcnt) {
+  for (;;) {
+    ssize_t n = WriteV(iov, iovcnt);
+    if (n >= 0) return static_cast<size_t>(n);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return 0;
+    Close(Error::Errno("ttrpc write"));
+    return std::nullopt;
+  }
 }
 
 ssize_t Connection::WriteV(iovec* iov, int iovcnt) {
@@ -184,15 +187,11 @@ void Connection::Flush() {
       ++iovcnt;
       skip = 0;
     }
-    ssize_t n = WriteV(iov, iovcnt);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN) break;
-      Close(Error::Errno("ttrpc write"));
-      return;
-    }
-    Consume(static_cast<size_t>(n));
-    wrote = wrote || n > 0;
+    auto n = WriteSome(iov, iovcnt);
+    if (!n) return;
+    if (*n == 0) break;
+    Consume(*n);
+    wrote = true;
   }
   if (closed_) return;
   if (out_.empty()) {

@@ -13,6 +13,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -91,6 +92,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Flush();
   // One writev (sendmsg on a socket, so that a peer gone is not a SIGPIPE); -1 with errno.
   ssize_t WriteV(iovec* iov, int iovcnt);
+  // WriteV until it writes or cannot now: the bytes written, 0 when the fd takes none now,
+  // nullopt when the write failed and the connection is closed.
+  std::optional<size_t> WriteSome(iovec* iov, int iovcnt);
   Result<void> CanQueue(size_t frame_bytes) const;
   void UpdateInterest();
   void Consume(size_t n);  // n bytes of the queue were written
