@@ -88,7 +88,8 @@ std::optional<uint64_t> OffsetOf(const Req& req) {
 }
 
 // Answers a ReadStreamResponse{data = 1, eof = 2} written by hand around the stream's bytes,
-// which are copied once, into the frame: a pod's stdout is the largest thing the guest sends.
+// which go to the channel from the stream's buffer (Responder::Reply): a pod's stdout is the
+// largest thing the guest sends.
 void ReplyStreamData(const ttrpc::Responder& r, std::string_view data, bool eof) {
   char head[11];
   size_t n = 0;

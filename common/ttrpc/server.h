@@ -42,9 +42,10 @@ class Responder {
   void operator()(Result<std::string> payload) const;
   void operator()(std::string payload) const { (*this)(Result<std::string>(std::move(payload))); }
   void operator()(Error error) const { (*this)(Result<std::string>(std::move(error))); }
-  // A successful answer whose payload is the concatenation of parts, copied once, straight
-  // into the frame (a stream's data is not copied into a message, then a Response, then a
-  // frame: under TCG each copy is paid in the guest's emulated CPU).
+  // A successful answer whose payload is the concatenation of parts, written to the connection
+  // from where they are (Connection::SendParts; copied only into the write queue, for what the
+  // connection does not take at once): a stream's data is not copied into a message, a
+  // Response and a frame first, and under TCG each copy is paid in the guest's emulated CPU.
   void Reply(std::initializer_list<std::string_view> parts) const;
   bool answered() const;
   // True while an answer would still reach the caller: not answered (nor timed out by the
