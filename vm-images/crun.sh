@@ -14,8 +14,9 @@
 # The source comes through apt from the host's own Debian mirrors (deb-src entries made from
 # its deb entries, in a private apt directory), so apt checks it against the signed Sources
 # index. The result is cached in $PEAPOD_CRUN_CACHE (default /var/cache/peapod/crun) under the
-# package version and a hash of this script and of the versions of what is linked in. PEAPOD_GUEST_CRUN=/path/to/crun skips all of this
-# and puts that binary in the guest instead (the packaged /usr/bin/crun works, only slower).
+# package version and a hash of this script and of the versions of what is linked in.
+# PEAPOD_GUEST_CRUN=/path/to/crun skips all of this and puts that binary in the guest instead
+# (the packaged /usr/bin/crun works, only slower).
 set -euo pipefail
 
 die() { echo "vm-images/crun: $*" >&2; exit 1; }

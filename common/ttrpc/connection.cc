@@ -45,10 +45,8 @@ Connection::~Connection() {
 
 Result<void> Connection::Send(uint32_t stream_id, uint8_t type, uint8_t flags,
                               std::string_view payload) {
-  if (payload.size() > kMaxMessageSize) return TooLarge(payload.size());
-  std::string frame(kHeaderSize + payload.size(), '\0');
-  if (!payload.empty()) std::memcpy(frame.data() + kHeaderSize, payload.data(), payload.size());
-  return SendFrame(stream_id, type, flags, std::move(frame));
+  std::string_view parts[] = {payload};
+  return SendParts(stream_id, type, flags, parts);
 }
 
 Result<void> Connection::CanQueue(size_t frame_bytes) const {

@@ -45,19 +45,19 @@ class Connection : public std::enable_shared_from_this<Connection> {
                                                     FrameCallback on_frame, CloseCallback on_close);
   ~Connection();
 
-  // Queues one frame. A payload over kMaxMessageSize, or a frame that would take the queue past
-  // max_queued_bytes(), is refused with kResourceExhausted and nothing is queued; a closed
-  // connection gives kUnavailable.
+  // Sends one frame: written at once as far as the fd takes it, the rest queued. A payload over
+  // kMaxMessageSize, or a frame that would take the queue past max_queued_bytes(), is refused
+  // with kResourceExhausted and nothing is sent; a closed connection gives kUnavailable.
   Result<void> Send(uint32_t stream_id, uint8_t type, uint8_t flags, std::string_view payload);
-  // The same for a frame laid out by the caller: kHeaderSize bytes this fills in, then the
-  // payload. It spares Send's copy of the payload (stream data: every copy costs the guest's
-  // emulated CPU under TCG).
-  Result<void> SendFrame(uint32_t stream_id, uint8_t type, uint8_t flags, std::string frame);
   // The same for a payload in pieces the caller owns, valid only during the call: with nothing
   // queued, the frame goes to the fd straight from them (writev), and only what the fd did not
-  // take is copied into the queue. A stream's answer then costs the guest one copy fewer.
+  // take is copied into the queue (stream data: every copy costs the guest's emulated CPU
+  // under TCG).
   Result<void> SendParts(uint32_t stream_id, uint8_t type, uint8_t flags,
                          std::span<const std::string_view> parts);
+  // The same for a frame the caller already laid out in a string: kHeaderSize bytes this fills
+  // in, then the payload; the string itself is queued.
+  Result<void> SendFrame(uint32_t stream_id, uint8_t type, uint8_t flags, std::string frame);
   // Closes now; queued output is dropped. on_close runs with the given reason.
   void Close(Error reason = Error(Code::kCancelled, "connection closed locally"));
   // Stops reading, flushes what is queued, then closes.
